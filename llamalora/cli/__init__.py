@@ -1,0 +1,1 @@
+"""The `llamalora` command line: thin Typer commands over the core modules."""

@@ -1,0 +1,35 @@
+"""Where output goes: results to stdout, everything else (progress, warnings, errors) to stderr."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+
+# Rich resolves sys.stdout/sys.stderr at write time, so CliRunner's captured streams work.
+out = Console(highlight=False, soft_wrap=False)
+err = Console(stderr=True, highlight=False)
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]Warning:[/] {message}", markup=True)
+
+
+def info(message: str) -> None:
+    err.print(message, markup=False)
+
+
+@contextlib.contextmanager
+def spinner(text: str) -> Iterator[Callable[[str], None]]:
+    """A transient spinner on stderr while something loads; silent when stderr is no terminal.
+
+    Yields a function that replaces the spinner's text.
+    """
+    if not err.is_terminal or os.environ.get("LLAMALORA_QUIET"):
+        yield lambda _text: None
+        return
+    with err.status(text) as status:
+        yield lambda new: status.update(new)
+

@@ -1,0 +1,23 @@
+"""Option types shared by the commands, with the old script's underscore spellings as aliases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DataPathArg = Annotated[Path, typer.Argument(
+    help="Training data: JSONL, or a JSON file holding one array of records.",
+    show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout instead "
+                                                      "of tables.")]
+MaxSeqLenOpt = Annotated[int, typer.Option(
+    "--max-seq-length", "--max_seq_length", min=16,
+    help="Longest training sequence in tokens; longer records are cut.")]
+TokenizerOpt = Annotated[str, typer.Option(
+    "--tokenizer", help="Hub id or local folder of the tokenizer; falls back to the bundled "
+                        "Llama 3.2 tokenizer when a Llama id can't be loaded.")]
+SkipInvalidOpt = Annotated[bool, typer.Option(
+    "--skip-invalid", help="Leave invalid records out (and say how many) instead of refusing "
+                           "the file.")]

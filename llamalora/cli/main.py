@@ -1,0 +1,48 @@
+"""The `llamalora` Typer app: registers one command per file and maps errors in `main()`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from llamalora import __version__
+from llamalora.cli import stats as stats_cmd
+from llamalora.cli import validate as validate_cmd
+from llamalora.cli._errors import report_error, set_debug
+
+app = typer.Typer(
+    name="llamalora",
+    help="Check data, train LoRA adapters on an 8-bit Llama 3.2 (11B Vision) base, and chat.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    # Plain Click help: the old script's underscore aliases make option names too wide for
+    # Rich's boxed tables.
+    rich_markup_mode=None,
+)
+app.command(epilog=validate_cmd.EXAMPLES)(validate_cmd.validate)
+app.command(epilog=stats_cmd.EXAMPLES)(stats_cmd.stats)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llamalora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    set_debug(debug)
+
+
+def main() -> None:
+    """Console-script entry point; errors that escape a command still end in one line."""
+    try:
+        app()
+    except Exception as exc:  # commands map their own; this catches import-time failures
+        raise SystemExit(report_error(exc)) from None

@@ -1,0 +1,46 @@
+"""Shared fixtures: an isolated home for caches, and small data files the tests write."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    # Never touch the real cache or the hub from tests.
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("LLAMALORA_HOME", str(home / "llamalora"))
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+def write_jsonl(path: Path, records: list, *, raw_lines: list[str] | None = None) -> Path:
+    """Writes records as JSONL (or raw lines verbatim when given)."""
+    lines = raw_lines if raw_lines is not None else [
+        json.dumps(r, ensure_ascii=False) for r in records]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+GOOD = [
+    {"instruction": "다음 건설 용어를 설명하세요.", "input": "거푸집",
+     "output": "콘크리트를 부어 원하는 모양으로 굳히기 위한 임시 틀입니다."},
+    {"instruction": "Define the construction term.", "input": "rebar",
+     "output": "A steel bar embedded in concrete to carry tension."},
+    {"instruction": "양생이란 무엇인가요?", "output": "타설한 콘크리트가 충분한 강도를 내도록 "
+     "온도와 습도를 유지하는 과정입니다.", "system": "건설 용어 도우미입니다."},
+]
+
+
+@pytest.fixture
+def good_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "good.jsonl", GOOD)
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

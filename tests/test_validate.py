@@ -1,0 +1,219 @@
+"""The validator: one test per error and warning code, each asserting the exact line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llamalora.data import ERROR_CODES, WARNING_CODES, load_examples, validate_file
+from llamalora.errors import DataError, UsageError
+
+from conftest import GOOD, write_jsonl
+
+OK = json.dumps(GOOD[0], ensure_ascii=False)
+
+
+def _check(tmp_path, second_line: str | bytes, code: str, *, field="unset", line=2):
+    path = tmp_path / "d.jsonl"
+    body = second_line if isinstance(second_line, bytes) else second_line.encode()
+    path.write_bytes(OK.encode() + b"\n" + body + b"\n" + OK.replace("거푸집", "철근").encode()
+                     + b"\n")
+    report = validate_file(path)
+    found = [p for p in report.errors + report.warnings if p.code == code]
+    assert found, (code, [p.to_dict() for p in report.errors + report.warnings])
+    assert found[0].line == line
+    if field != "unset":
+        assert found[0].field == field
+    return report, found[0]
+
+
+@pytest.mark.parametrize("record, field, words", [
+    ({"instruction": "a", "output": 42}, "output", "a number"),
+    ({"instruction": "a", "output": None}, "output", "null"),
+    ({"instruction": "a", "output": ["x", "y"]}, "output", "a list"),
+    ({"instruction": "a", "output": {"t": 1}}, "output", "an object"),
+    ({"instruction": "a", "output": True}, "output", "a boolean"),
+    ({"instruction": 3, "output": "b"}, "instruction", "a number"),
+    ({"instruction": "a", "input": [], "output": "b"}, "input", "a list"),
+])
+def test_wrong_type_says_which(tmp_path, record, field, words):
+    report, problem = _check(tmp_path, json.dumps(record), "wrong_type", field=field)
+    assert words in problem.message
+    assert report.records == 3 and report.records_ok == 2
+
+
+def test_invalid_utf8(tmp_path):
+    _check(tmp_path, b'{"instruction": "\xff", "output": "b"}', "invalid_utf8", field=None)
+
+
+def test_invalid_json_has_message_and_column(tmp_path):
+    _, p = _check(tmp_path, '{"instruction": "a", "output": }', "invalid_json", field=None)
+    assert "column 32" in p.message and "Expecting value" in p.message
+
+
+def test_not_object(tmp_path):
+    _check(tmp_path, '["instruction", "output"]', "not_object", field=None)
+
+
+def test_missing_field_hints_at_alias(tmp_path):
+    _, p = _check(tmp_path, '{"instruction": "a", "answer": "b"}', "missing_field",
+                  field="output")
+    assert "`answer`" in p.message
+
+
+def test_missing_instruction(tmp_path):
+    _check(tmp_path, '{"output": "b"}', "missing_field", field="instruction")
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"instruction": "  ", "output": "b"}, "instruction"),
+    ({"instruction": "a", "output": "\n\t"}, "output"),
+])
+def test_empty_field(tmp_path, record, field):
+    _check(tmp_path, json.dumps(record), "empty_field", field=field)
+
+
+def test_image_missing_and_unreadable(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image at all")
+    _check(tmp_path, '{"instruction": "a", "output": "b", "image": "nope.png"}', "image_missing",
+           field="image")
+    _check(tmp_path, '{"instruction": "a", "output": "b", "images": ["bad.png"]}',
+           "image_unreadable", field="images")
+
+
+def test_good_image_passes(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "ok.png")
+    report = validate_file(write_jsonl(tmp_path / "d.jsonl", [
+        {"instruction": "what?", "output": "red", "image": "ok.png"}]))
+    assert report.ok and report.records_ok == 1
+
+
+@pytest.mark.parametrize("record, words", [
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+     "alternate"),
+    ({"messages": [{"role": "user", "content": "a"}]}, "last turn"),
+    ({"messages": [{"role": "bot", "content": "a"}]}, "'bot'"),
+    ({"messages": [{"role": "user", "content": "<image>a"}, {"role": "assistant", "content": "b"}],
+      "images": []}, "placeholder"),
+    ({"messages": "hi"}, "non-empty list"),
+])
+def test_bad_messages(tmp_path, record, words):
+    _, p = _check(tmp_path, json.dumps(record), "bad_messages")
+    assert words in p.message
+
+
+def test_messages_non_string_content_is_wrong_type(tmp_path):
+    rec = {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "b"}]}
+    _check(tmp_path, json.dumps(rec), "wrong_type", field="messages[0].content")
+
+
+def test_no_records(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n  \n\n")
+    report = validate_file(path)
+    assert [p.code for p in report.errors] == ["no_records"]
+    assert report.errors[0].line is None
+    assert report.warning_counts["blank_line"] == 3
+
+
+def test_bom_blank_line_unknown_field_duplicate_special_token(tmp_path):
+    path = tmp_path / "w.jsonl"
+    dup = json.dumps(GOOD[1])
+    path.write_bytes(b"\xef\xbb\xbf" + OK.encode() + b"\r\n\r\n" + dup.encode() + b"\r\n"
+                     + b'{"instruction": "a", "output": "b", "note": 1}\r\n' + dup.encode()
+                     + b'\r\n{"instruction": "a<|eot_id|>", "output": "b"}\r\n')
+    report = validate_file(path)
+    assert report.ok and report.records == 5 and report.records_ok == 5
+    got = {(p.code, p.line, p.field) for p in report.warnings}
+    assert got == {("bom", 1, None), ("blank_line", 2, None), ("unknown_field", 4, "note"),
+                   ("duplicate", 5, None), ("special_token", 6, None)}
+    assert "line 3" in next(p for p in report.warnings if p.code == "duplicate").message
+
+
+def test_every_code_is_tested():
+    # Keeps this file honest when a code is added.
+    source = open(__file__, encoding="utf-8").read()
+    for code in ERROR_CODES + WARNING_CODES:
+        assert f'"{code}"' in source, code
+
+
+def test_json_array_lines_are_where_records_start(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a",\n'
+                    '   "output": 7},\n  {"output": "x"}\n]\n')
+    report = validate_file(path)
+    assert [(p.line, p.code) for p in report.errors] == [(3, "wrong_type"), (5, "missing_field")]
+    assert report.records == 3 and report.records_ok == 1
+
+
+def test_json_array_syntax_error_line(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('[\n {"instruction": "a", "output": "b"}\n {"instruction": "c"}\n]')
+    report = validate_file(path)
+    assert [(p.line, p.code) for p in report.errors] == [(3, "invalid_json")]
+
+
+def test_missing_file_and_folder_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        validate_file(tmp_path / "nope.jsonl")
+    with pytest.raises(UsageError, match="folder"):
+        validate_file(tmp_path)
+
+
+def test_fix_writes_clean_copy_and_keeps_input(tmp_path):
+    path = tmp_path / "in.jsonl"
+    raw = (b"\xef\xbb\xbf" + OK.encode() + b"\r\n"
+           + b'{"instruction": "n", "output": 42, "input": null}\r\n\r\n'
+           + b'{"instruction": "t", "output": true}\r\n'
+           + b'{"instruction": "l", "output": ["a", "b"]}\r\n'
+           + OK.encode() + b"\r\n")
+    path.write_bytes(raw)
+    out = tmp_path / "out.jsonl"
+    report = validate_file(path, fix_out=out)
+    assert path.read_bytes() == raw
+    assert report.fixed_records == 3 and report.dropped_lines == [5, 6]
+    clean = validate_file(out)
+    assert clean.ok and not clean.warnings and clean.records == 3
+    lines = out.read_text(encoding="utf-8").split("\n")
+    assert json.loads(lines[1]) == {"instruction": "n", "output": "42", "input": ""}
+    assert json.loads(lines[2])["output"] == "true"
+    assert b"\r" not in out.read_bytes()
+
+
+def test_fix_refuses_the_input_as_output(tmp_path, good_file):
+    with pytest.raises(UsageError, match="new file"):
+        validate_file(good_file, fix_out=good_file)
+
+
+def test_load_examples_refuses_with_line_numbers(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", GOOD + [{"instruction": "x", "output": 1}])
+    with pytest.raises(DataError, match="line 4"):
+        load_examples(path)
+    examples, report = load_examples(path, skip_invalid=True)
+    assert len(examples) == 3 and report.records == 4
+
+
+def test_examples_carry_the_conversation(tmp_path, good_file):
+    examples, _ = load_examples(good_file)
+    assert examples[0].messages == [("user", "다음 건설 용어를 설명하세요.\n거푸집"),
+                                    ("assistant", GOOD[0]["output"])]
+    assert examples[2].system == "건설 용어 도우미입니다."
+    assert [e.line for e in examples] == [1, 2, 3]
+
+
+def test_messages_record_images_become_image_tokens(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rec = {"messages": [{"role": "system", "content": "s"},
+                        {"role": "user", "content": "<image>what?"},
+                        {"role": "assistant", "content": "black"},
+                        {"role": "user", "content": "sure?"},
+                        {"role": "assistant", "content": "yes"}], "images": ["a.png"]}
+    examples, _ = load_examples(write_jsonl(tmp_path / "m.jsonl", [rec]))
+    ex = examples[0]
+    assert ex.system == "s" and ex.images == [tmp_path / "a.png"]
+    assert ex.messages[0] == ("user", "<|image|>what?") and len(ex.messages) == 4
