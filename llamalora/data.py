@@ -26,6 +26,7 @@ ERROR_CODES = (
 WARNING_CODES = ("bom", "blank_line", "unknown_field", "duplicate", "special_token")
 
 INSTRUCTION_FIELDS = {"instruction", "input", "output", "system", "image", "images"}
+_PLAIN_FIELDS = {"instruction", "input", "output", "system"}
 MESSAGES_FIELDS = {"messages", "images", "image", "system"}
 # Names other tools use for the answer; a record with one of these but no `output` gets a hint.
 OUTPUT_ALIASES = ("response", "answer", "completion", "target", "chosen")
@@ -401,6 +402,16 @@ def _check_messages(obj: dict, line: int, problems: list[Problem], base_dir: Pat
 def check_record(obj: object, line: int, base_dir: Path, problems: list[Problem],
                  check_images: bool = True) -> Example | None:
     """Checks one parsed record, appending problems; returns the Example when it has no error."""
+    # Fast path for the common clean instruction record: same checks, fewer calls (validate's
+    # speed target is 2x a bare json.loads loop).
+    if type(obj) is dict and obj.keys() <= _PLAIN_FIELDS:
+        instruction, output = obj.get("instruction"), obj.get("output")
+        input_text, system = obj.get("input", ""), obj.get("system", "")
+        if (type(instruction) is str and type(output) is str and type(input_text) is str
+                and type(system) is str and instruction.strip() and output.strip()
+                and "<|" not in instruction + input_text + output + system):
+            return Example(line, system or None,
+                           [("user", user_text(instruction, input_text)), ("assistant", output)])
     if not isinstance(obj, dict):
         problems.append(Problem(line, None, "not_object",
                                 f"each record must be a JSON object, got {_type_name(obj)}",
@@ -504,13 +515,14 @@ def _scan(path: Path, *, on_example: Callable[[Example], None] | None, check_ima
                                             f"exact duplicate of line {duplicate_of}"))
                 else:
                     duplicate_of = None
-            for p in problems:
-                keep(p)
+            if problems:
+                for p in problems:
+                    keep(p)
             if example is None:
                 if out is not None:
                     report.dropped_lines.append(item.line)
                 continue
-            if not any(p.is_error for p in problems):
+            if not problems or not any(p.is_error for p in problems):
                 report.records_ok += 1
             if out is not None:
                 if duplicate_of is not None:

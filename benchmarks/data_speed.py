@@ -1,0 +1,107 @@
+"""Wall time of `validate` and `stats` against bare baselines, whole process each.
+
+    python3 benchmarks/data_speed.py            # 300,000 records for validate, 20,000 for stats
+
+validate is compared with a bare `json.loads` loop over the same file; stats with bare batched
+tokenization (`tokenizers`, encode_batch_fast) of the same training texts. Each command runs
+`--repeat` times; the best time counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llamalora.data import load_examples  # noqa: E402
+from llamalora.template import render_segments  # noqa: E402
+
+
+def make_file(path: Path, n: int, seed: int = 0) -> None:
+    """A realistic mix: the sample glossary's records, varied so none repeats."""
+    base = [json.loads(line) for line in (ROOT / "data" / "sample.jsonl").read_text().splitlines()]
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            rec = dict(rng.choice(base))
+            rec["instruction"] = f"{rec['instruction']} ({i})"
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def best_of(cmd: list[str], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+BARE_JSON = """
+import json, sys
+n = 0
+with open(sys.argv[1], 'rb') as f:
+    for line in f:
+        if line.strip():
+            json.loads(line)
+            n += 1
+print(n)
+"""
+
+BARE_TOKENIZE = """
+import json, sys
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(sys.argv[2])
+texts = json.load(open(sys.argv[1], encoding='utf-8'))
+total = 0
+for i in range(0, len(texts), 2000):
+    total += sum(len(e.ids) for e in tok.encode_batch_fast(texts[i:i + 2000],
+                                                           add_special_tokens=False))
+print(total)
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--validate-records", type=int, default=300_000)
+    ap.add_argument("--stats-records", type=int, default=20_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    py = sys.executable
+    tok_file = ROOT / "llamalora" / "assets" / "llama3_2_tokenizer" / "tokenizer.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        big, small = tmp / "big.jsonl", tmp / "small.jsonl"
+        make_file(big, args.validate_records)
+        make_file(small, args.stats_records, seed=1)
+        examples, _ = load_examples(small)
+        texts = tmp / "texts.json"
+        texts.write_text(json.dumps(["".join(t for t, _ in render_segments(e.system, e.messages))
+                                     for e in examples], ensure_ascii=False))
+        rows = [
+            ("validate", best_of([py, "-m", "llamalora", "validate", str(big), "--json"],
+                                 args.repeat),
+             "json.loads loop", best_of([py, "-c", BARE_JSON, str(big)], args.repeat)),
+            ("stats", best_of([py, "-m", "llamalora", "stats", str(small), "--tokenizer",
+                               "bundled", "--json"], args.repeat),
+             "batched tokenization", best_of([py, "-c", BARE_TOKENIZE, str(texts),
+                                              str(tok_file)], args.repeat)),
+        ]
+    result = []
+    for name, t, base_name, base in rows:
+        print(f"{name:<9} {t:7.2f} s   {base_name:<22} {base:7.2f} s   ratio {t / base:.2f}x")
+        result.append({"command": name, "seconds": round(t, 3), "baseline": base_name,
+                       "baseline_seconds": round(base, 3), "ratio": round(t / base, 3)})
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
