@@ -8,10 +8,16 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session")
+def _session_home(tmp_path_factory) -> Path:
+    # One cache per test session: the tiny model is built once and shared.
+    return tmp_path_factory.mktemp("home")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory, monkeypatch):
+def _isolated_home(_session_home, monkeypatch):
     # Never touch the real cache or the hub from tests.
-    home = tmp_path_factory.mktemp("home")
+    home = _session_home
     monkeypatch.setenv("LLAMALORA_HOME", str(home / "llamalora"))
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -33,3 +33,28 @@ def spinner(text: str) -> Iterator[Callable[[str], None]]:
     with err.status(text) as status:
         yield lambda new: status.update(new)
 
+
+
+def quiet_libraries() -> None:
+    """Keeps transformers/bitsandbytes chatter (load bars, deprecation notes) off stderr, so what
+    remains there is ours. `--debug` leaves them on."""
+    import logging
+    import warnings
+
+    from llamalora.cli._errors import debug_enabled
+
+    if debug_enabled():
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|peft|torch)")
+    for name in ("bitsandbytes", "transformers", "peft", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass

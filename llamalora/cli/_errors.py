@@ -45,3 +45,7 @@ def handle_errors(command):
             raise typer.Exit(report_error(exc)) from None
 
     return wrapper
+
+
+def debug_enabled() -> bool:
+    return _state["debug"]

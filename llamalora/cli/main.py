@@ -8,6 +8,7 @@ import typer
 
 from llamalora import __version__
 from llamalora.cli import stats as stats_cmd
+from llamalora.cli import train as train_cmd
 from llamalora.cli import validate as validate_cmd
 from llamalora.cli._errors import report_error, set_debug
 
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 app.command(epilog=validate_cmd.EXAMPLES)(validate_cmd.validate)
 app.command(epilog=stats_cmd.EXAMPLES)(stats_cmd.stats)
+app.command(epilog=train_cmd.EXAMPLES)(train_cmd.train)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,172 @@
+"""From checked records to training batches: token ids, loss masks, and length-grouped order.
+
+Tokenization goes through `template.render_segments` and `tokenizer.encode_segments`, as stats
+does, so the truncation train reports is the one stats predicted.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamalora.data import Example
+from llamalora.stats import measure
+from llamalora.template import IMAGE, render_segments
+from llamalora.tokenizer import encode_segments
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN_ID = 128256  # <|image|> in the Llama 3.2 Vision tokenizer
+
+
+@dataclass
+class Tokenized:
+    """One record ready for training: ids, labels (-100 where there is no loss), images."""
+
+    line: int
+    input_ids: list[int]
+    labels: list[int]
+    images: list[Path] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class TruncationSummary:
+    """What cutting records at max_seq_length did; train reports it in the plan."""
+
+    mode: str
+    max_seq_length: int
+    records_over: int = 0
+    response_tokens_lost: int = 0
+    records_dropped: int = 0  # over the limit with --truncation drop, or left with no response
+    dropped_lines: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "max_seq_length": self.max_seq_length,
+                "records_over": self.records_over,
+                "response_tokens_lost": self.response_tokens_lost,
+                "records_dropped": self.records_dropped,
+                "dropped_lines": self.dropped_lines[:100]}
+
+
+def tokenize_examples(tokenizer, examples: list[Example], *, max_seq_length: int,
+                      train_on_prompt: bool = False, truncation: str = "truncate",
+                      chunk: int = 2000) -> tuple[list[Tokenized], TruncationSummary]:
+    """Tokenizes records and builds their labels.
+
+    Labels are -100 on the prompt (unless `train_on_prompt`) and always on `<|image|>`, which
+    lies outside the language model's output classes. Records longer than `max_seq_length` are
+    cut (`truncation="truncate"`) or left out ("drop"); a cut record left with no response token
+    is left out too, since it would train on nothing.
+    """
+    if truncation not in ("truncate", "drop"):
+        raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
+    image_id = tokenizer.token_to_id(IMAGE)
+    summary = TruncationSummary(truncation, max_seq_length)
+    out: list[Tokenized] = []
+    for start in range(0, len(examples), chunk):
+        part = examples[start:start + chunk]
+        encoded = encode_segments(tokenizer, [render_segments(e.system, e.messages) for e in part])
+        for example, segments in zip(part, encoded):
+            ids: list[int] = []
+            labels: list[int] = []
+            for seg_ids, is_response in segments:
+                ids.extend(seg_ids)
+                labels.extend(seg_ids if (is_response or train_on_prompt)
+                              else [IGNORE_INDEX] * len(seg_ids))
+            if image_id is not None:
+                labels = [IGNORE_INDEX if t == image_id else t for t in labels]
+            if len(ids) > max_seq_length:
+                summary.records_over += 1
+                _, response, kept = measure(segments, max_seq_length)
+                if truncation == "drop" or kept == 0:
+                    summary.records_dropped += 1
+                    summary.dropped_lines.append(example.line)
+                    summary.response_tokens_lost += response
+                    continue
+                summary.response_tokens_lost += response - kept
+                ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+            out.append(Tokenized(example.line, ids, labels, list(example.images)))
+    return out, summary
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches of record indices, grouped by length, in a seeded random order.
+
+    Records are shuffled, then sorted by length within windows of 32 batches, so each batch pads
+    little while the order still varies from epoch to epoch. The same (seed, epoch) always gives
+    the same batches, which is what makes `--resume` repeat an uninterrupted run exactly.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 32
+    batches: list[list[int]] = []
+    for i in range(0, len(order), window):
+        group = sorted(order[i:i + window], key=lambda j: -lengths[j])
+        batches.extend(group[k:k + batch_size] for k in range(0, len(group), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, eval indices): a seeded split holding out `fraction` of the records."""
+    if fraction <= 0:
+        return list(range(n)), []
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(n * fraction))
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def collate(items: list[Tokenized], pad_id: int):
+    """Pads a batch to its longest record (right padding). Returns torch tensors."""
+    import torch
+
+    longest = max(len(t) for t in items)
+    ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), longest), dtype=torch.long)
+    for row, t in enumerate(items):
+        n = len(t)
+        ids[row, :n] = torch.tensor(t.input_ids)
+        labels[row, :n] = torch.tensor(t.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def add_vision_inputs(batch: dict, image_lists: list[list[Path]], image_processor,
+                      image_token_id: int = IMAGE_TOKEN_ID) -> dict:
+    """Adds Mllama's image inputs to a collated batch, in place: pixel values (tiles), aspect
+    ratios, and the cross-attention mask that lets each text token see the images before it.
+
+    Rows without an image get a blank one (the processor wants one per row); the mask keeps
+    every token of such a row from attending to it.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense, get_cross_attention_token_mask)
+
+    if not any(image_lists):
+        return batch
+    rows = []
+    for paths in image_lists:
+        loaded = []
+        for p in paths:
+            with Image.open(p) as im:
+                loaded.append(im.convert("RGB"))
+        rows.append(loaded or [Image.new("RGB", (32, 32))])
+    feats = image_processor(images=rows, return_tensors="pt")
+    sparse = [get_cross_attention_token_mask(row.tolist(), image_token_id)
+              for row in batch["input_ids"]]
+    dense = convert_sparse_cross_attention_mask_to_dense(
+        sparse, num_tiles=feats.pop("num_tiles"), max_num_tiles=image_processor.max_image_tiles,
+        length=batch["input_ids"].shape[1])
+    batch.update(pixel_values=feats["pixel_values"], aspect_ratio_ids=feats["aspect_ratio_ids"],
+                 aspect_ratio_mask=feats["aspect_ratio_mask"],
+                 cross_attention_mask=torch.from_numpy(np.asarray(dense)))
+    return batch

@@ -1,0 +1,511 @@
+"""Loading Llama 3.2 Vision (Mllama) for LoRA training, and a tiny random model for CPU runs.
+
+Two views of the same checkpoint:
+
+* text only (`with_vision=False`): `AutoModelForCausalLM` builds `MllamaForCausalLM`, whose
+  decoder is `model.layers.*`; the vision weights in the checkpoint are left unread.
+* with images (`with_vision=True`): `MllamaForConditionalGeneration`, with the decoder at
+  `model.language_model.layers.*` next to `model.vision_model` and `model.multi_modal_projector`.
+
+The base stays frozen; LoRA goes on the language model only. The vision tower and projector are
+never quantized and run without autograd, so images cost no activation memory for backward.
+
+bitsandbytes and peft are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from llamalora.config import LORA_TARGETS, QUANT_CHOICES
+from llamalora.errors import ConfigError, MissingExtraError, ModelError
+
+TINY_MODEL = "tiny"
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
+
+# Bump the version when the tiny architecture or its init changes, so old caches are not reused.
+_TINY_DIRNAME = "tiny-mllama-v1"
+_TINY_MARKER = "llamalora_tiny.json"  # written last: a folder without it is not a tiny model
+_VISION_PARTS = ("vision_model", "multi_modal_projector")
+_QUANT_HINT = "pip install 'llamalora[quant]' (or pass --quant none)"
+
+# The tiny model. The text side has the real vocabulary (so the bundled tokenizer's ids all
+# embed) and one cross-attention layer between two self-attention layers; the vision side is
+# the real class at 28x28 px tiles (4 patches of 14 px), up to 2 tiles per image.
+_TINY_IMAGE_SIZE = 28
+_TINY_MAX_TILES = 2
+_TINY_TEXT = {
+    "vocab_size": 128256, "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 3, "cross_attention_layers": [1],
+    "num_attention_heads": 4, "num_key_value_heads": 2,
+    "max_position_embeddings": 131072,
+    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192},
+    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "pad_token_id": 128004,
+    "tie_word_embeddings": False,
+}
+_TINY_VISION = {
+    "hidden_size": 32, "intermediate_size": 64, "attention_heads": 2,
+    "num_hidden_layers": 2, "num_global_layers": 1,
+    "image_size": _TINY_IMAGE_SIZE, "patch_size": 14, "max_num_tiles": _TINY_MAX_TILES,
+    # Must equal the image processor's order for max_image_tiles=2: (1,1), (1,2), (2,1).
+    "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1]],
+    # The vision output concatenates the last layer with these layers' outputs.
+    "intermediate_layers_indices": [0, 1], "vision_output_dim": 32 * 3,
+}
+# With the base frozen, a logit is at most |lm_head row| * |final-norm output| ~ std * hidden.
+# At the default init (0.02) that is ~1.3 for hidden 64, so no adapter could push the loss on
+# a 128k vocabulary below ~10.6; 0.5 lets LoRA memorize a few records in ~100 steps.
+_TINY_LM_HEAD_STD = 0.5
+# Mllama initializes the cross-attention gates to 0 (tanh(0) = 0 switches the image path off);
+# a nonzero gate makes images change the tiny model's output, as they do the 11B's.
+_TINY_CROSS_ATTN_GATE = 0.5
+# Llama 3.2 Vision's preprocessor_config.json, written by hand in the hub's format (not by a
+# transformers class) so every transformers 5.x reads it, with or without torchvision.
+_TINY_PREPROCESSOR = {
+    "do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True,
+    "do_resize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_processor_type": "MllamaImageProcessor",
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "max_image_tiles": _TINY_MAX_TILES,
+    "processor_class": "MllamaProcessor", "resample": 2, "rescale_factor": 1 / 255,
+    "size": {"height": _TINY_IMAGE_SIZE, "width": _TINY_IMAGE_SIZE},
+}
+
+
+# --- the tiny model ---------------------------------------------------------------------------
+
+def llamalora_home() -> Path:
+    """`$LLAMALORA_HOME`, else `~/.cache/llamalora`."""
+    env = os.environ.get("LLAMALORA_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "llamalora"
+
+
+def tiny_model_dir(cache_dir: str | Path | None = None) -> Path:
+    """The folder of the tiny random-weight Mllama model, built on first use.
+
+    The folder is an ordinary Hugging Face model folder (config, safetensors weights, generation
+    config, tokenizer, image processor config), loadable by `from_pretrained` as either
+    `MllamaForConditionalGeneration` or `MllamaForCausalLM`. Its weights are random but fixed
+    (seed 0), so two builds are byte-identical on one software stack.
+
+    Args:
+        cache_dir: Folder that holds `tiny-mllama-v1/`; defaults to `llamalora_home()`.
+
+    Returns:
+        The path of the complete folder.
+
+    Raises:
+        ModelError: The folder can't be written.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else llamalora_home()
+    target = root / _TINY_DIRNAME
+    if (target / _TINY_MARKER).is_file():
+        return target
+    tmp = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        # Built beside the target and renamed in one step, so a crash leaves no half folder.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{_TINY_DIRNAME}.", dir=root))
+        _build_tiny(tmp)
+        if target.exists() and not (target / _TINY_MARKER).is_file():
+            shutil.rmtree(target)  # not ours or from an old layout: rebuild it
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process finished first (the target is now a non-empty folder).
+            if not (target / _TINY_MARKER).is_file():
+                raise
+    except OSError as exc:
+        raise ModelError(f"cannot write the tiny model to {target} ({exc}); set LLAMALORA_HOME "
+                         "to a writable folder") from exc
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _tiny_config():
+    from transformers import MllamaConfig
+
+    return MllamaConfig(text_config=dict(_TINY_TEXT), vision_config=dict(_TINY_VISION),
+                        image_token_index=128256)
+
+
+def _build_tiny(folder: Path) -> None:
+    from transformers import GenerationConfig, MllamaForConditionalGeneration
+
+    from llamalora.tokenizer import bundled_tokenizer_dir
+
+    # Fork the CPU generator so building leaves the caller's random state alone; fp32 init so
+    # the weights don't depend on the caller's default dtype.
+    previous_dtype = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(0)
+        torch.set_default_dtype(torch.float32)
+        try:
+            model = MllamaForConditionalGeneration(_tiny_config())
+            with torch.no_grad():
+                model.lm_head.weight.normal_(0.0, _TINY_LM_HEAD_STD)
+                for layer in model.model.language_model.layers:
+                    if hasattr(layer, "cross_attn_attn_gate"):
+                        layer.cross_attn_attn_gate.fill_(_TINY_CROSS_ATTN_GATE)
+                        layer.cross_attn_mlp_gate.fill_(_TINY_CROSS_ATTN_GATE)
+        finally:
+            torch.set_default_dtype(previous_dtype)
+    model.generation_config = GenerationConfig(
+        bos_token_id=128000, eos_token_id=[128001, 128008, 128009], pad_token_id=128004)
+    # bf16 on disk like the real checkpoint (and half the size); loading casts to compute dtype.
+    model.to(torch.bfloat16).save_pretrained(str(folder), safe_serialization=True)
+    # The bundled files are copied unchanged: their format is the hub's, which every
+    # transformers 5.x reads, and their license notice must travel with them.
+    for name in ("tokenizer.json", "tokenizer_config.json", "NOTICE"):
+        source = bundled_tokenizer_dir() / name
+        if source.is_file():
+            shutil.copyfile(source, folder / name)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(_TINY_PREPROCESSOR, indent=2) + "\n", encoding="utf-8")
+    marker = {"name": TINY_MODEL, "layout": _TINY_DIRNAME,
+              "note": "random weights for trying the pipeline; the model knows nothing"}
+    (folder / _TINY_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
+# --- loading the base model -------------------------------------------------------------------
+
+def load_model_for_training(name_or_path: str, *, quant: str = "8bit", with_vision: bool = False,
+                            device: str | None = None, gradient_checkpointing: bool = False):
+    """Loads a frozen base model ready for LoRA.
+
+    The base is quantized as asked except the vision tower, projector and lm_head; every base
+    weight is frozen; layer norms keep the load dtype (no blanket fp32 upcast, which mixes
+    bf16 and fp32 on GPU). The vision tower and projector run under `torch.no_grad()`.
+
+    Args:
+        name_or_path: Hub id, local folder, or `"tiny"`.
+        quant: `"8bit"` (LLM.int8), `"4bit"` (NF4, double quantization) or `"none"`.
+        with_vision: Load `MllamaForConditionalGeneration` (needed for records with images)
+            instead of the text-only `MllamaForCausalLM`.
+        device: Torch device string; default: this process's GPU (`LOCAL_RANK` under torchrun)
+            if CUDA is available, else the CPU.
+        gradient_checkpointing: Recompute activations in backward (non-reentrant).
+
+    Returns:
+        `(model, info)`; info has `quant`, `compute_dtype` (e.g. "bfloat16"), `device`,
+        `model_class`, `params_total` (unquantized count) and `base_model` (the resolved folder
+        or hub id).
+
+    Raises:
+        ConfigError: Unknown `quant` or unusable `device`.
+        MissingExtraError: `quant` needs bitsandbytes and it is not installed.
+        ModelError: The model can't be found, read or quantized.
+    """
+    if quant not in QUANT_CHOICES:
+        raise ConfigError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
+    path = str(tiny_model_dir()) if name_or_path == TINY_MODEL else name_or_path
+    target = _resolve_device(device)
+    dtype = _compute_dtype(target)
+    config = _load_config(path)
+    if with_vision and getattr(config, "model_type", None) != "mllama":
+        raise ModelError(f"--model {name_or_path} is a {getattr(config, 'model_type', '?')} model;"
+                         " records with images need a Llama 3.2 Vision (mllama) model")
+
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"config": config, "dtype": dtype, "device_map": {"": str(target)},
+              "output_loading_info": True}
+    quant_config = _quantization_config(quant, dtype)
+    if quant_config is not None:
+        kwargs["quantization_config"] = quant_config
+    if with_vision:
+        from transformers import MllamaForConditionalGeneration as model_cls
+    else:
+        model_cls = AutoModelForCausalLM
+    # The text-only class leaves the checkpoint's vision weights unread; transformers reports
+    # each as UNEXPECTED in a long table. Missing weights are checked below instead.
+    quiet = _drop_load_report() if not with_vision else contextlib.nullcontext()
+    try:
+        with quiet:
+            model, loading = model_cls.from_pretrained(path, **kwargs)
+    except ImportError as exc:
+        raise MissingExtraError(f"loading with --quant {quant} failed: {_first_line(exc)}; "
+                                f"{_QUANT_HINT}") from exc
+    except Exception as exc:  # hub, file and quantization errors come in many types
+        raise ModelError(_explain_load_error(name_or_path, path, exc)) from exc
+    missing = sorted(loading.get("missing_keys") or [])
+    if missing:
+        raise ModelError(f"--model {name_or_path}: {len(missing)} weights are missing from the "
+                         f"checkpoint (e.g. {missing[0]}); its files don't match its config")
+    _check_vision_unquantized(model)
+
+    params_total = _count_params(model)
+    _prepare_for_training(model, gradient_checkpointing)
+    info = {"quant": quant, "compute_dtype": str(dtype).removeprefix("torch."),
+            "device": str(target), "model_class": type(model).__name__,
+            "params_total": params_total, "base_model": path}
+    return model, info
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from exc
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for, but CUDA is not available here")
+        if target.index is None:  # a bare "cuda" means this process's GPU under torchrun
+            target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return target
+
+
+def _compute_dtype(target: torch.device) -> torch.dtype:
+    if target.type == "cuda":
+        with torch.cuda.device(target):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPU matmuls in half precision are slow and lossy
+
+
+def _load_config(path: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise ModelError(_explain_load_error(path, path, exc)) from exc
+
+
+def _quantization_config(quant: str, dtype: torch.dtype):
+    if quant == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401  (transformers needs it; fail early with a clear fix)
+    except ImportError as exc:
+        raise MissingExtraError(f"--quant {quant} needs bitsandbytes: {_QUANT_HINT}") from exc
+    except Exception as exc:  # installed but broken (no usable backend for this machine)
+        raise ModelError(f"bitsandbytes could not be imported ({_first_line(exc)}); reinstall "
+                         "it or pass --quant none") from exc
+    from transformers import BitsAndBytesConfig
+
+    # transformers 5 matches skip entries from the start of the module name ("model.vision_model"
+    # covers the tower; a bare "vision_model" would not) or as a suffix; the bare names are kept
+    # for versions that matched substrings. int8's outlier path crashes on the vision tower.
+    skip = ["lm_head", "model.vision_model", "model.multi_modal_projector", *_VISION_PARTS]
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+                              llm_int8_skip_modules=skip)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _drop_load_report():
+    log = logging.getLogger("transformers.modeling_utils")
+    report_filter = _DropLoadReport()
+    log.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        log.removeFilter(report_filter)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _exception_chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _explain_load_error(name: str, path: str, exc: BaseException) -> str:
+    """One line saying why `name` didn't load and what to pass instead."""
+    fallback = "pass --model tiny or a local model folder"
+    local = Path(path).expanduser()
+    # A hub id is "owner/name"; anything else with a separator is meant as a folder.
+    looks_local = (local.exists() or path.startswith((".", "/", "~"))
+                   or (os.sep in path and path.count("/") != 1))
+    if looks_local and not local.exists():
+        return f"--model {name}: no such folder {local}; {fallback}, or a hub id like " \
+               "meta-llama/Llama-3.2-11B-Vision-Instruct"
+    if local.is_dir() and not (local / "config.json").is_file():
+        return f"--model {name}: {local} has no config.json; pass a folder saved with " \
+               "save_pretrained, or --model tiny"
+    names = {type(e).__name__ for e in _exception_chain(exc)}
+    text = " ".join(str(e) for e in _exception_chain(exc)).lower()
+    if names & {"GatedRepoError"} or any(w in text for w in ("gated", "401 client error",
+                                                            "403 client error", "restricted")):
+        return (f"--model {name} is gated: accept its license on https://huggingface.co/{name} "
+                f"and log in with `hf auth login`, or {fallback}")
+    if names & {"RepositoryNotFoundError"} or "not a valid model identifier" in text:
+        return f"--model {name}: no such folder or hub model; check the spelling, or {fallback}"
+    if names & {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError",
+                "ConnectionError", "ConnectTimeout", "ReadTimeout"} or any(
+            w in text for w in ("offline", "connect", "couldn't connect", "timed out")):
+        return (f"--model {name} could not be downloaded (offline?); fetch it first with "
+                f"`hf download {name}` where there is internet, or {fallback}")
+    return f"cannot load --model {name} ({_first_line(exc)}); {fallback}"
+
+
+def _is_vision_name(name: str) -> bool:
+    return any(part in _VISION_PARTS for part in name.split("."))
+
+
+def _is_bnb_layer(module) -> bool:
+    # bnb's layers subclass nn.Linear; matching by name avoids importing bitsandbytes here.
+    return type(module).__module__.startswith("bitsandbytes")
+
+
+def _check_vision_unquantized(model) -> None:
+    bad = [n for n, m in model.named_modules() if _is_bnb_layer(m) and _is_vision_name(n)]
+    if bad:
+        raise ModelError(f"the vision tower was quantized ({bad[0]}); this transformers version "
+                         "ignores llm_int8_skip_modules as used here; pass --quant none")
+
+
+def _count_params(model) -> int:
+    total = 0
+    for p in model.parameters():
+        # A 4-bit weight is stored packed; its quant_state keeps the logical shape.
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        total += int(torch.Size(shape).numel()) if shape is not None else p.numel()
+    return total
+
+
+def _prepare_for_training(model, gradient_checkpointing: bool) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None:
+            config.use_cache = False  # the KV cache is for generation; it only costs memory here
+    if gradient_checkpointing:
+        # Checkpointed blocks need an input that requires grad, or nothing reaches LoRA.
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    inner = getattr(model, "model", None)
+    for part in _VISION_PARTS:
+        module = getattr(inner, part, None)
+        if module is not None:
+            _run_without_autograd(module)
+
+
+def _run_without_autograd(module: torch.nn.Module) -> None:
+    """Makes `module` always run under `torch.no_grad()`.
+
+    The frozen tower needs no gradient, but autograd would still keep its activations for
+    backward (LoRA sits downstream): that ran out of 80 GB with 2 images on an H100.
+    """
+    if getattr(module, "_llamalora_no_grad", False):
+        return
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def no_grad_forward(*args, **kwargs):
+        with torch.no_grad():
+            return forward(*args, **kwargs)
+
+    module.forward = no_grad_forward
+    module._llamalora_no_grad = True
+
+
+# --- LoRA -------------------------------------------------------------------------------------
+
+def lora_target_names(target_modules: str) -> list[str]:
+    """The projection names a `--target-modules` value stands for.
+
+    Args:
+        target_modules: `"all-linear"` or a comma list of names from `LORA_TARGETS`.
+
+    Raises:
+        ConfigError: An unknown or empty list.
+    """
+    text = (target_modules or "").strip()
+    if text == "all-linear":
+        return list(LORA_TARGETS)
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    unknown = [n for n in names if n not in LORA_TARGETS]
+    if unknown or not names:
+        raise ConfigError(f"--target-modules: unknown {', '.join(unknown) or 'empty list'}; use "
+                          f"all-linear or some of {','.join(LORA_TARGETS)}")
+    return names
+
+
+def lora_target_pattern(names: list[str]) -> str:
+    """A regex peft matches against full module names: these projections, language model only.
+
+    Mllama's vision attention has q_proj/k_proj/v_proj/o_proj too; a plain name list would put
+    LoRA there as well.
+    """
+    alternatives = "|".join(re.escape(n) for n in names)
+    excluded = "".join(f"(?!.*{part})" for part in _VISION_PARTS)
+    return rf"^{excluded}.*\.({alternatives})$"
+
+
+def attach_lora(model, *, r: int = 8, alpha: float = 32, dropout: float = 0.05,
+                target_modules: str = DEFAULT_LORA_TARGETS):
+    """Wraps a frozen base model in a peft LoRA model on the language model's projections.
+
+    The plain projection names end up in the returned model's `lora_target_names` attribute
+    (peft's own config holds the regex).
+
+    Args:
+        model: A model from `load_model_for_training`.
+        r: LoRA rank.
+        alpha: LoRA alpha; the update is scaled by alpha / r.
+        dropout: Dropout on the LoRA input.
+        target_modules: `"all-linear"` (q, k, v, o, gate, up, down; never lm_head) or a comma
+            list such as `"q_proj,k_proj,v_proj,o_proj"`.
+
+    Returns:
+        The `peft.PeftModel`; only the LoRA weights require grad.
+
+    Raises:
+        ConfigError: Bad rank, alpha, dropout or target names, or no module matched.
+        MissingExtraError: peft is not installed.
+    """
+    if not (isinstance(r, int) and r > 0):
+        raise ConfigError(f"--lora-rank must be a positive integer, got {r!r}")
+    if not alpha > 0:
+        raise ConfigError(f"--lora-alpha must be positive, got {alpha!r}")
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"--lora-dropout must be in [0, 1), got {dropout!r}")
+    names = lora_target_names(target_modules)
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise MissingExtraError("LoRA needs peft: pip install 'peft>=0.17'") from exc
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                        target_modules=lora_target_pattern(names), task_type="CAUSAL_LM")
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:  # peft: "Target modules ... not found in the base model"
+        raise ConfigError(f"--target-modules {target_modules}: {_first_line(exc)}") from exc
+    lora_in_vision = [n for n, _ in peft_model.named_parameters()
+                      if "lora_" in n and _is_vision_name(n)]
+    if lora_in_vision:  # the pattern above rules this out; guard against peft changing
+        raise ModelError(f"LoRA reached the vision tower ({lora_in_vision[0]})")
+    peft_model.lora_target_names = names
+    return peft_model

@@ -1,0 +1,639 @@
+"""The training recipe: data -> plan -> model -> loop -> save, read top to bottom.
+
+`plan_training` checks and tokenizes the data and estimates memory without loading weights (what
+`--dry-run` shows). `train` runs the whole recipe. Neither prints: progress goes to the `on_event`
+callback as (kind, data) pairs, and problems are raised as llamalora errors.
+
+Data-parallel runs (torchrun / accelerate launch) give each rank its own quantized copy of the
+model; LoRA gradients are summed across ranks by one all-reduce per optimizer step, and only rank 0
+writes files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamalora import __version__
+from llamalora.batching import (Tokenized, TruncationSummary, add_vision_inputs, batch_order,
+                                collate, split_eval, tokenize_examples)
+from llamalora.checkpoint import (CHECKPOINTS, RUN_MARKER, FolderLock, commit_checkpoint,
+                                  last_checkpoint, prepare_output_dir, write_json_atomic)
+from llamalora.config import TrainConfig
+from llamalora.data import load_examples
+from llamalora.errors import ConfigError, LlamaLoraError, ModelError
+
+Event = Callable[[str, dict], None]
+
+
+class TrainingInterrupted(LlamaLoraError):
+    """SIGINT/SIGTERM stopped the run after saving a checkpoint."""
+
+    exit_code = 130
+
+
+@dataclass
+class Plan:
+    """What a run will do, known before any weights load."""
+
+    config: TrainConfig
+    records: int
+    train_records: int
+    eval_records: int
+    with_vision: bool
+    tokens_per_epoch: int
+    steps: int
+    steps_per_epoch: int
+    world_size: int
+    effective_batch: int
+    truncation: TruncationSummary
+    memory_gib: dict[str, float]
+    params: dict[str, int]
+    data_sha256: str
+    model_note: str = ""
+    train: list[Tokenized] = field(default_factory=list, repr=False)
+    eval: list[Tokenized] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"records": self.records, "train_records": self.train_records,
+                "eval_records": self.eval_records, "with_vision": self.with_vision,
+                "tokens_per_epoch": self.tokens_per_epoch, "steps": self.steps,
+                "steps_per_epoch": self.steps_per_epoch, "world_size": self.world_size,
+                "effective_batch": self.effective_batch,
+                "truncation": self.truncation.to_dict(), "estimated_peak_gib": self.memory_gib,
+                "params": self.params, "data_sha256": self.data_sha256,
+                "model_note": self.model_note}
+
+
+# --- the model's files, without weights ----------------------------------------------------
+
+def resolve_model(name: str) -> str:
+    """`tiny` -> the cached tiny model's folder; anything else unchanged."""
+    if name == "tiny":
+        from llamalora.models import tiny_model_dir
+
+        return str(tiny_model_dir())
+    return name
+
+
+def _load_config(model: str):
+    """The model's config, or the 11B architecture's for the default id when offline."""
+    from transformers import AutoConfig
+
+    from llamalora.plan import mllama_default_config
+    from llamalora.tokenizer import DEFAULT_MODEL
+
+    try:
+        return AutoConfig.from_pretrained(model), ""
+    except Exception as exc:
+        if model == DEFAULT_MODEL:
+            return mllama_default_config(), (f"config.json of {model} could not be fetched "
+                                             f"({type(exc).__name__}); the plan uses the 11B "
+                                             "architecture's defaults")
+        raise ModelError(f"cannot read the config of --model {model!r} ({exc}); pass a local "
+                         "folder, `tiny`, or log in for a gated hub model") from exc
+
+
+def load_training_tokenizer(model: str):
+    """The model's fast tokenizer (tokenizers.Tokenizer) and a note if a fallback stood in."""
+    from llamalora.tokenizer import load_tokenizer
+
+    source = load_tokenizer(model)
+    return source.tokenizer, source.fallback_reason or ""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from the torchrun / accelerate environment."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def plan_training(config: TrainConfig) -> Plan:
+    """Checks and tokenizes the data and estimates memory; loads no weights.
+
+    Raises:
+        DataError: Invalid records (refused with validate's line-numbered messages).
+        ConfigError / ModelError: Options or the model can't be used.
+    """
+    from llamalora.plan import count_params, estimate_peak_gib, lora_param_count
+
+    data_path = Path(config.data_path)
+    examples, _ = load_examples(data_path, skip_invalid=config.skip_invalid)
+    with_vision = any(e.images for e in examples)
+    model = resolve_model(config.model)
+    tokenizer, tok_note = load_training_tokenizer(model)
+    tokenized, truncation = tokenize_examples(
+        tokenizer, examples, max_seq_length=config.max_seq_length,
+        train_on_prompt=config.train_on_prompt, truncation=config.truncation)
+    if not tokenized:
+        raise ConfigError(f"no record fits --max-seq-length {config.max_seq_length} with a "
+                          "response left; raise it (see `llamalora stats`)")
+    train_idx, eval_idx = split_eval(len(tokenized), config.eval_fraction, config.seed)
+    train_set = [tokenized[i] for i in train_idx]
+    eval_set = [tokenized[i] for i in eval_idx]
+    _, _, world_size = world()
+    batches = math.ceil(len(train_set) / config.batch_size)
+    per_step = config.gradient_accumulation_steps * world_size
+    steps_per_epoch = math.ceil(batches / per_step)
+    steps = config.max_steps or math.ceil(config.num_train_epochs * batches / per_step)
+
+    model_config, cfg_note = _load_config(model)
+    counts = count_params(model_config, with_vision)
+    targets = config.target_module_list()
+    lora = lora_param_count(counts, config.lora_rank, targets)
+    longest = max(len(t) for t in train_set)
+    response_share = sum(sum(1 for x in t.labels if x != -100) for t in train_set) / max(
+        1, sum(len(t) for t in train_set))
+    memory = {q: estimate_peak_gib(counts, quant=q, batch_size=config.batch_size, seq_len=longest,
+                                   gradient_checkpointing=config.gradient_checkpointing,
+                                   lora_params=lora, response_share=response_share)
+              for q in ("8bit", "4bit", "none")}
+    return Plan(config=config, records=len(examples), train_records=len(train_set),
+                eval_records=len(eval_set), with_vision=with_vision,
+                tokens_per_epoch=sum(len(t) for t in train_set), steps=steps,
+                steps_per_epoch=steps_per_epoch, world_size=world_size,
+                effective_batch=config.batch_size * per_step, truncation=truncation,
+                memory_gib=memory, params={"base": counts.total, "lora": lora},
+                data_sha256=_sha256(data_path), model_note="; ".join(
+                    n for n in (tok_note, cfg_note) if n),
+                train=train_set, eval=eval_set)
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it between optimizer steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    # Linear warm-up, then linear decay to zero (the HF Trainer default the old script used).
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    import torch
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _loss_sum(model, batch: dict):
+    """Summed cross-entropy over the tokens with a label, and their count.
+
+    Logits are computed only at positions whose next token has a label: on prompt-masked data
+    that skips most of the 128k-vocabulary projection, and no [batch, length, vocab] tensor is
+    ever built.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = base.model(**inputs, use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    logits = base.lm_head(hidden[:, :-1][keep])
+    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return loss, torch.count_nonzero(keep)
+
+
+def _to_device(batch: dict, device, dtype) -> dict:
+    out = {}
+    for k, v in batch.items():
+        v = v.to(device)
+        out[k] = v.to(dtype) if v.is_floating_point() else v
+    return out
+
+
+def _all_reduce(tensor, world_size: int):
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _evaluate(model, items: list[Tokenized], config: TrainConfig, ctx: dict) -> float:
+    import torch
+
+    rank, world_size = ctx["rank"], ctx["world_size"]
+    order = sorted(range(len(items)), key=lambda i: len(items[i]))
+    batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    total = torch.zeros(2, dtype=torch.float64, device=ctx["device"])
+    model.eval()
+    with torch.no_grad():
+        for b in batches[rank::world_size]:
+            batch = ctx["make_batch"]([items[i] for i in b])
+            loss, n = _loss_sum(model, batch)
+            total += torch.stack([loss.double(), n.double()])
+    model.train()
+    _all_reduce(total, world_size)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _save_adapter(model, folder: Path) -> None:
+    model.save_pretrained(str(folder), safe_serialization=True)
+    (folder / "README.md").unlink(missing_ok=True)  # peft's empty card; export writes a real one
+
+
+def _save_checkpoint(model, optimizer, scheduler, output_dir: Path, step: int, state: dict,
+                     keep: int) -> Path:
+    import torch
+
+    root = output_dir / CHECKPOINTS
+    root.mkdir(exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _save_adapter(model, tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state()}, tmp / "training_state.pt")
+    commit_checkpoint(tmp, final, state, keep)
+    return final
+
+
+def _metrics_rewind(path: Path, step: int) -> None:
+    """On resume, drop metric lines written after the checkpoint we continue from."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+          on_event: Event | None = None, plan: Plan | None = None) -> dict:
+    """Runs the training recipe and returns the summary written to llamalora.json.
+
+    Raises:
+        DataError, ConfigError, ModelError, OutputExistsError: before any step runs.
+        TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved and `--resume` continues.
+    """
+    import torch
+
+    emit = on_event or (lambda kind, data: None)
+    rank, local_rank, world_size = world()
+    output_dir = Path(config.output_dir)
+    is_main = rank == 0
+
+    # 1. Output folder: refuse to clobber, lock against a second run, find the checkpoint.
+    if is_main:
+        prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
+    lock = FolderLock(output_dir)
+    if is_main:
+        lock.acquire()
+    try:
+        start_ckpt = last_checkpoint(output_dir) if resume else None
+        if resume and start_ckpt is None and is_main:
+            emit("warning", {"message": f"no checkpoint in {output_dir}; starting from step 0"})
+        if start_ckpt is not None:
+            saved = json.loads((start_ckpt / "state.json").read_text())
+            if saved.get("world_size", 1) != world_size:
+                raise ConfigError(f"the checkpoint in {start_ckpt} was made with "
+                                  f"{saved.get('world_size')} process(es), this run has "
+                                  f"{world_size}; resume with the same number of GPUs")
+
+        # 2. Data and plan (validation happens here, before any weights load).
+        plan = plan or plan_training(config)
+        if start_ckpt is not None and saved.get("data_sha256") != plan.data_sha256:
+            raise ConfigError(f"{config.data_path} changed since the checkpoint in {start_ckpt}; "
+                              "resume needs the same data (or start anew with --overwrite)")
+        emit("plan", plan.to_dict())
+
+        # 3. Distributed setup and the model.
+        if world_size > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend)
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        _seed_everything(config.seed)
+        from llamalora.models import attach_lora, load_model_for_training
+
+        emit("status", {"message": f"Loading {config.model} ({config.quant})"})
+        model_path = resolve_model(config.model)
+        model, info = load_model_for_training(
+            model_path, quant=config.quant, with_vision=plan.with_vision, device=str(device),
+            gradient_checkpointing=config.gradient_checkpointing)
+        model = attach_lora(model, r=config.lora_rank, alpha=config.lora_alpha,
+                            dropout=config.lora_dropout, target_modules=config.target_modules)
+        compute_dtype = getattr(torch, info["compute_dtype"])
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        emit("model", {**info, "trainable_params": sum(p.numel() for p in trainable)})
+
+        tokenizer_src = _tokenizer_folder(model_path)
+        pad_id = _pad_id(tokenizer_src)
+        image_processor = _image_processor(model_path) if plan.with_vision else None
+
+        def make_batch(items: list[Tokenized]) -> dict:
+            batch = collate(items, pad_id)
+            if image_processor is not None:
+                add_vision_inputs(batch, [t.images for t in items], image_processor)
+            return _to_device(batch, device, compute_dtype)
+
+        ctx = {"rank": rank, "world_size": world_size, "device": device,
+               "make_batch": make_batch}
+
+        # 4. Optimizer and schedule; restore them on resume.
+        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
+                                      weight_decay=config.weight_decay)
+        warmup = math.ceil(plan.steps * config.warmup_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: _lr_factor(s, plan.steps, warmup))
+        start_step = 0
+        if start_ckpt is not None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            weights = load_file(str(start_ckpt / "adapter_model.safetensors"))
+            set_peft_model_state_dict(model, weights)
+            state = torch.load(start_ckpt / "training_state.pt", weights_only=True,
+                               map_location="cpu")
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"])
+            start_step = saved["step"]
+            emit("status", {"message": f"Resuming from {start_ckpt.name}"})
+        metrics_path = output_dir / "metrics.jsonl"
+        if is_main:
+            if start_ckpt is not None:
+                _metrics_rewind(metrics_path, start_step)
+            else:
+                metrics_path.unlink(missing_ok=True)
+
+        # 5. The loop. Step s consumes micro-batches [s*M, (s+1)*M) of an endless epoch stream,
+        # M = accumulation x world size; rank r takes every world_size-th of them.
+        lengths = [len(t) for t in plan.train]
+        num_batches = math.ceil(len(plan.train) / config.batch_size)
+        per_step = config.gradient_accumulation_steps * world_size
+        total_positions = plan.steps * per_step if config.max_steps else math.ceil(
+            config.num_train_epochs * num_batches)
+        orders: dict[int, list[list[int]]] = {}
+
+        def micro_batches(step: int) -> list[list[int]]:
+            picked = []
+            for k in range(per_step):
+                pos = step * per_step + k
+                if pos >= total_positions or k % world_size != rank:
+                    continue
+                epoch = pos // num_batches
+                if epoch not in orders:
+                    orders.clear()
+                    orders[epoch] = batch_order(lengths, config.batch_size, config.seed, epoch)
+                picked.append(orders[epoch][pos % num_batches])
+            return picked
+
+        stop = _StopFlag()
+        stop.install()
+        model.train()
+        metrics_file = metrics_path.open("a", encoding="utf-8") if is_main else None
+        started = time.perf_counter()
+        real_tokens_total = 0
+        train_time = 0.0
+        last_loss = eval_loss = None
+        eval_every = config.eval_steps or config.save_steps
+        try:
+            for step in range(start_step, plan.steps):
+                t0 = time.perf_counter()
+                picked = micro_batches(step)
+                batches = [make_batch([plan.train[i] for i in b]) for b in picked]
+                counts = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum().item()
+                                                 for b in batches)),
+                                       float(sum(b["attention_mask"].sum().item()
+                                                 for b in batches))], device=device)
+                _all_reduce(counts, world_size)
+                n_targets, n_real = counts.tolist()
+                step_loss = torch.zeros((), dtype=torch.float64, device=device)
+                for batch in batches:
+                    loss, _ = _loss_sum(model, batch)
+                    (loss / max(n_targets, 1)).backward()
+                    step_loss += loss.detach().double()
+                if world_size > 1:
+                    for p in trainable:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                    flat = torch.cat([p.grad.reshape(-1) for p in trainable])
+                    _all_reduce(flat, world_size)
+                    offset = 0
+                    for p in trainable:
+                        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+                        offset += p.numel()
+                _all_reduce(step_loss, world_size)
+                if config.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dt = time.perf_counter() - t0
+                train_time += dt
+                real_tokens_total += int(n_real)
+                last_loss = step_loss.item() / max(n_targets, 1)
+                done = step + 1
+                record = {"step": done, "loss": round(last_loss, 6), "learning_rate": lr,
+                          "tokens": int(n_real), "tokens_per_s": round(n_real / dt, 1),
+                          "epoch": round(done * per_step / num_batches, 4),
+                          "step_time_s": round(dt, 4)}
+                if device.type == "cuda":
+                    record["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                if plan.eval and eval_every and done % eval_every == 0 and done < plan.steps:
+                    eval_loss = _evaluate(model, plan.eval, config, ctx)
+                    record["eval_loss"] = round(eval_loss, 6)
+                if is_main and (done % config.logging_steps == 0 or "eval_loss" in record
+                                or done == plan.steps):
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                emit("step", {**record, "total_steps": plan.steps})
+
+                flag = torch.tensor([1.0 if stop.requested else 0.0], device=device)
+                _all_reduce(flag, world_size)
+                interrupted = flag.item() > 0
+                save_now = (config.save_steps and done % config.save_steps == 0
+                            and done < plan.steps) or (interrupted and done < plan.steps)
+                if save_now and is_main:
+                    path = _save_checkpoint(model, optimizer, scheduler, output_dir, done,
+                                            {"step": done, "world_size": world_size,
+                                             "data_sha256": plan.data_sha256,
+                                             "config": config.to_dict()},
+                                            config.save_total_limit)
+                    emit("checkpoint", {"step": done, "path": str(path)})
+                if interrupted and done < plan.steps:
+                    raise TrainingInterrupted(
+                        f"stopped at step {done}/{plan.steps}; checkpoint saved in "
+                        f"{output_dir / CHECKPOINTS}. Continue with the same command plus "
+                        "--resume")
+            if plan.eval:
+                eval_loss = _evaluate(model, plan.eval, config, ctx)
+                if is_main:
+                    metrics_file.write(json.dumps({"step": plan.steps,
+                                                   "eval_loss": round(eval_loss, 6)}) + "\n")
+                emit("eval", {"step": plan.steps, "eval_loss": eval_loss})
+        finally:
+            stop.restore()
+            if metrics_file is not None:
+                metrics_file.close()
+
+        # 6. Save: adapter, tokenizer (+ processor), then llamalora.json last.
+        summary = {
+            "llamalora_version": __version__, "config": config.to_dict(), "plan": plan.to_dict(),
+            "base_model": info["base_model"], "model_class": info["model_class"],
+            "quant": config.quant, "compute_dtype": info["compute_dtype"],
+            "data_sha256": plan.data_sha256,
+            "final_train_loss": last_loss, "final_eval_loss": eval_loss,
+            "real_tokens_per_s": round(real_tokens_total / train_time, 1) if train_time else None,
+            "steps_run": plan.steps - start_step, "wall_time_s": round(
+                time.perf_counter() - started, 2),
+            "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            if device.type == "cuda" else None,
+            "device": str(device), "world_size": world_size, "versions": _versions(),
+        }
+        if is_main:
+            _save_final(model, output_dir, tokenizer_src, model_path if plan.with_vision else None,
+                        summary, metrics_path)
+        emit("done", summary)
+        return summary
+    finally:
+        lock.release()
+
+
+def _save_final(model, output_dir: Path, tokenizer_src, vision_model_path, summary: dict,
+                metrics_path: Path) -> None:
+    import shutil
+
+    tmp = output_dir / ".final.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _save_adapter(model, tmp)
+    tokenizer_src.save_pretrained(str(tmp))
+    if vision_model_path is not None:
+        _image_processor(vision_model_path).save_pretrained(str(tmp))
+    (output_dir / RUN_MARKER).unlink(missing_ok=True)
+    for f in tmp.iterdir():
+        os.replace(f, output_dir / f.name)
+    tmp.rmdir()
+    plot = _plot_losses(metrics_path, output_dir / "loss.png")
+    summary["loss_plot"] = str(plot) if plot else None
+    write_json_atomic(output_dir / RUN_MARKER, summary)
+
+
+def _plot_losses(metrics_path: Path, out: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None  # loss.png is a convenience; metrics.jsonl has the numbers
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train_pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    eval_pts = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train_pts:
+        ax.plot(*zip(*train_pts), label="train loss")
+    if eval_pts:
+        ax.plot(*zip(*eval_pts), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _tokenizer_folder(model_path: str):
+    """The transformers tokenizer saved next to the adapter (the bundled one for `tiny`)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except Exception as exc:
+        raise ModelError(f"cannot load the tokenizer of {model_path} ({exc})") from exc
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 128004
+
+
+def _image_processor(model_path: str):
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(model_path)
+    except Exception as exc:
+        raise ModelError(f"cannot load the image processor of {model_path} ({exc}); data with "
+                         "images needs a vision model folder") from exc
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
