@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -182,22 +183,19 @@ def _build_tiny(folder: Path) -> None:
 
 # --- loading the base model -------------------------------------------------------------------
 
-def load_model_for_training(name_or_path: str, *, quant: str = "8bit", with_vision: bool = False,
-                            device: str | None = None, gradient_checkpointing: bool = False):
-    """Loads a frozen base model ready for LoRA.
-
-    The base is quantized as asked except the vision tower, projector and lm_head; every base
-    weight is frozen; layer norms keep the load dtype (no blanket fp32 upcast, which mixes
-    bf16 and fp32 on GPU). The vision tower and projector run under `torch.no_grad()`.
+def load_base_model(name_or_path: str, *, quant: str = "8bit", with_vision: bool = False,
+                    device: str | None = None, dtype: str | None = None):
+    """Loads a base model, quantized as asked except the vision tower, projector and lm_head.
 
     Args:
         name_or_path: Hub id, local folder, or `"tiny"`.
         quant: `"8bit"` (LLM.int8), `"4bit"` (NF4, double quantization) or `"none"`.
-        with_vision: Load `MllamaForConditionalGeneration` (needed for records with images)
-            instead of the text-only `MllamaForCausalLM`.
+        with_vision: Load `MllamaForConditionalGeneration` (needed for images) instead of the
+            text-only `MllamaForCausalLM`.
         device: Torch device string; default: this process's GPU (`LOCAL_RANK` under torchrun)
             if CUDA is available, else the CPU.
-        gradient_checkpointing: Recompute activations in backward (non-reentrant).
+        dtype: Weights' dtype name ("bfloat16", ...); default: bf16 on GPUs that support it,
+            fp16 on other GPUs, fp32 on the CPU.
 
     Returns:
         `(model, info)`; info has `quant`, `compute_dtype` (e.g. "bfloat16"), `device`,
@@ -213,7 +211,7 @@ def load_model_for_training(name_or_path: str, *, quant: str = "8bit", with_visi
         raise ConfigError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
     path = str(tiny_model_dir()) if name_or_path == TINY_MODEL else name_or_path
     target = _resolve_device(device)
-    dtype = _compute_dtype(target)
+    dtype = getattr(torch, dtype) if dtype else _compute_dtype(target)
     config = _load_config(path)
     if with_vision and getattr(config, "model_type", None) != "mllama":
         raise ModelError(f"--model {name_or_path} is a {getattr(config, 'model_type', '?')} model;"
@@ -246,13 +244,58 @@ def load_model_for_training(name_or_path: str, *, quant: str = "8bit", with_visi
         raise ModelError(f"--model {name_or_path}: {len(missing)} weights are missing from the "
                          f"checkpoint (e.g. {missing[0]}); its files don't match its config")
     _check_vision_unquantized(model)
-
-    params_total = _count_params(model)
-    _prepare_for_training(model, gradient_checkpointing)
     info = {"quant": quant, "compute_dtype": str(dtype).removeprefix("torch."),
             "device": str(target), "model_class": type(model).__name__,
-            "params_total": params_total, "base_model": path}
+            "params_total": _count_params(model), "base_model": path}
     return model, info
+
+
+def load_model_for_training(name_or_path: str, *, quant: str = "8bit", with_vision: bool = False,
+                            device: str | None = None, gradient_checkpointing: bool = False):
+    """Loads a frozen base model ready for LoRA (see `load_base_model` for the arguments).
+
+    Every base weight is frozen; layer norms keep the load dtype (no blanket fp32 upcast, which
+    mixes bf16 and fp32 on GPU). The vision tower and projector run under `torch.no_grad()`.
+    `gradient_checkpointing` recomputes activations in backward (non-reentrant).
+    """
+    model, info = load_base_model(name_or_path, quant=quant, with_vision=with_vision,
+                                  device=device)
+    _prepare_for_training(model, gradient_checkpointing)
+    return model, info
+
+
+def load_model_for_inference(name_or_path: str, *, quant: str = "8bit",
+                             with_vision: bool = False, device: str | None = None,
+                             dtype: str | None = None):
+    """Loads a frozen base model for generation and export: eval mode, KV cache on.
+
+    See `load_base_model` for the arguments and return value.
+    """
+    model, info = load_base_model(name_or_path, quant=quant, with_vision=with_vision,
+                                  device=device, dtype=dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None:
+            config.use_cache = True
+    model.eval()
+    return model, info
+
+
+def load_image_processor(name_or_path: str):
+    """The model folder's Mllama image processor (tiles, aspect ratios).
+
+    Raises:
+        ModelError: The folder has none.
+    """
+    from transformers import AutoImageProcessor
+
+    path = str(tiny_model_dir()) if name_or_path == TINY_MODEL else name_or_path
+    try:
+        return AutoImageProcessor.from_pretrained(path)
+    except Exception as exc:
+        raise ModelError(f"cannot load the image processor of {name_or_path} ({_first_line(exc)})"
+                         "; images need a Llama 3.2 Vision model folder") from exc
 
 
 def _resolve_device(device: str | None) -> torch.device:
@@ -403,7 +446,14 @@ def _prepare_for_training(model, gradient_checkpointing: bool) -> None:
     if gradient_checkpointing:
         # Checkpointed blocks need an input that requires grad, or nothing reaches LoRA.
         model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.24 renamed gradient_checkpointing_enable (now a deprecated alias) to
+        # activation_checkpointing_enable; older 5.x releases have only the first.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
     inner = getattr(model, "model", None)
     for part in _VISION_PARTS:
         module = getattr(inner, part, None)
@@ -500,7 +550,11 @@ def attach_lora(model, *, r: int = 8, alpha: float = 32, dropout: float = 0.05,
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
                         target_modules=lora_target_pattern(names), task_type="CAUSAL_LM")
     try:
-        peft_model = get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing`; not ours to fix.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                    category=FutureWarning)
+            peft_model = get_peft_model(model, config)
     except ValueError as exc:  # peft: "Target modules ... not found in the base model"
         raise ConfigError(f"--target-modules {target_modules}: {_first_line(exc)}") from exc
     lora_in_vision = [n for n, _ in peft_model.named_parameters()

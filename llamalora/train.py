@@ -367,7 +367,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             torch.cuda.set_device(device)
             torch.cuda.reset_peak_memory_stats(device)
         _seed_everything(config.seed)
-        from llamalora.models import attach_lora, load_model_for_training
+        from llamalora.models import attach_lora, load_image_processor, load_model_for_training
 
         emit("status", {"message": f"Loading {config.model} ({config.quant})"})
         model_path = resolve_model(config.model)
@@ -382,7 +382,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
         tokenizer_src = _tokenizer_folder(model_path)
         pad_id = _pad_id(tokenizer_src)
-        image_processor = _image_processor(model_path) if plan.with_vision else None
+        image_processor = load_image_processor(model_path) if plan.with_vision else None
 
         def make_batch(items: list[Tokenized]) -> dict:
             batch = collate(items, pad_id)
@@ -568,7 +568,9 @@ def _save_final(model, output_dir: Path, tokenizer_src, vision_model_path, summa
     _save_adapter(model, tmp)
     tokenizer_src.save_pretrained(str(tmp))
     if vision_model_path is not None:
-        _image_processor(vision_model_path).save_pretrained(str(tmp))
+        from llamalora.models import load_image_processor
+
+        load_image_processor(vision_model_path).save_pretrained(str(tmp))
     (output_dir / RUN_MARKER).unlink(missing_ok=True)
     for f in tmp.iterdir():
         os.replace(f, output_dir / f.name)
@@ -615,16 +617,6 @@ def _tokenizer_folder(model_path: str):
 
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 128004
-
-
-def _image_processor(model_path: str):
-    from transformers import AutoImageProcessor
-
-    try:
-        return AutoImageProcessor.from_pretrained(model_path)
-    except Exception as exc:
-        raise ModelError(f"cannot load the image processor of {model_path} ({exc}); data with "
-                         "images needs a vision model folder") from exc
 
 
 def _versions() -> dict:

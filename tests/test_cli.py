@@ -25,7 +25,7 @@ def test_root_help_and_version():
     assert r.exit_code == 0 and r.stdout.startswith("llamalora ")
 
 
-@pytest.mark.parametrize("command", ["validate", "stats"])
+@pytest.mark.parametrize("command", ["validate", "stats", "train", "export-adapter", "chat"])
 def test_every_command_has_help(command):
     r = run(command, "--help")
     assert r.exit_code == 0, r.output

@@ -7,6 +7,8 @@ from typing import Annotated
 import typer
 
 from llamalora import __version__
+from llamalora.cli import chat as chat_cmd
+from llamalora.cli import export_adapter as export_cmd
 from llamalora.cli import stats as stats_cmd
 from llamalora.cli import train as train_cmd
 from llamalora.cli import validate as validate_cmd
@@ -25,6 +27,8 @@ app = typer.Typer(
 app.command(epilog=validate_cmd.EXAMPLES)(validate_cmd.validate)
 app.command(epilog=stats_cmd.EXAMPLES)(stats_cmd.stats)
 app.command(epilog=train_cmd.EXAMPLES)(train_cmd.train)
+app.command("export-adapter", epilog=export_cmd.EXAMPLES)(export_cmd.export_adapter)
+app.command(epilog=chat_cmd.EXAMPLES)(chat_cmd.chat)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,99 @@
+"""Reading run folders and putting their LoRA adapters onto a base model.
+
+A text-only run trains `MllamaForCausalLM`, whose layers are named `model.layers.*`; the full
+vision model names the same layers `model.language_model.layers.*`. `apply_adapter` renames the
+adapter's keys to whichever class it is put on, and refuses to go on if any LoRA weight stays
+unloaded (plain peft would only warn and leave the adapter at zero).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamalora.checkpoint import CHECKPOINTS, RUN_MARKER, STATE, last_checkpoint
+from llamalora.errors import ModelError, UsageError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+TEXT_PREFIX = "base_model.model.model.layers."
+VISION_PREFIX = "base_model.model.model.language_model.layers."
+
+
+@dataclass
+class AdapterInfo:
+    """Where an adapter lives and what it was trained on."""
+
+    folder: Path  # the folder holding adapter_model.safetensors
+    run_dir: Path  # the run it belongs to (itself for a finished run or an export)
+    base_model: str
+    quant: str | None  # None when the run's record is gone (a bare adapter folder)
+    run: dict  # llamalora.json, or {} for a bare adapter
+
+
+def find_adapter(path: str | Path) -> AdapterInfo:
+    """Accepts a finished run, a checkpoint inside one, an exported adapter, or a run with only
+    checkpoints (the newest is used).
+
+    Raises:
+        UsageError: No adapter there.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"{path} is not a folder; pass a run folder (train --output-dir) or an "
+                         "exported adapter")
+    if (path / RUN_MARKER).is_file() or (
+            (path / ADAPTER_WEIGHTS).is_file() and not (path / CHECKPOINTS).is_dir()):
+        folder = path  # a finished run, an export, or one checkpoint
+    else:
+        # A run without its finished-run marker was interrupted, maybe mid-save: only its
+        # complete checkpoints are trusted.
+        folder = last_checkpoint(path)
+        if folder is None:
+            raise UsageError(f"{path} holds no finished run, adapter, or complete checkpoint; "
+                             "pass a train --output-dir or an exported adapter")
+    run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder
+    run = {}
+    if (run_dir / RUN_MARKER).is_file():
+        run = json.loads((run_dir / RUN_MARKER).read_text(encoding="utf-8"))
+    elif folder != run_dir and (folder / STATE).is_file():
+        run = json.loads((folder / STATE).read_text(encoding="utf-8"))
+    cfg = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    quant = run.get("quant") or run.get("config", {}).get("quant")
+    return AdapterInfo(folder, run_dir, cfg.get("base_model_name_or_path") or "", quant, run)
+
+
+def rename_keys(state: dict, to_vision: bool) -> dict:
+    """Renames adapter keys between the text-only and the vision model's layer names."""
+    src, dst = (TEXT_PREFIX, VISION_PREFIX) if to_vision else (VISION_PREFIX, TEXT_PREFIX)
+    return {(dst + k[len(src):] if k.startswith(src) else k): v for k, v in state.items()}
+
+
+def is_vision_model(model) -> bool:
+    return any(".language_model.layers." in n for n, _ in model.named_parameters())
+
+
+def apply_adapter(model, folder: Path):
+    """Wraps `model` with the adapter in `folder` (LoRA weights loaded, inference mode).
+
+    Raises:
+        ModelError: The adapter does not fit this model.
+    """
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = LoraConfig.from_pretrained(str(folder))
+    config.inference_mode = True
+    peft_model = get_peft_model(model, config)
+    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    state = rename_keys(state, to_vision=is_vision_model(peft_model))
+    result = set_peft_model_state_dict(peft_model, state)
+    expected = {n for n, _ in peft_model.named_parameters() if "lora_" in n}
+    missing = [k for k in result.missing_keys if k in expected]
+    if result.unexpected_keys or missing:
+        bad = (result.unexpected_keys or missing)[:2]
+        raise ModelError(f"the adapter in {folder} does not fit this base model (e.g. {bad}); "
+                         "pass the --model it was trained on")
+    peft_model.eval()
+    return peft_model

@@ -1,0 +1,192 @@
+"""Talking to a trained adapter: load base + adapter, build prompts with the training template,
+generate with streaming.
+
+Prompts come from `template.render_segments(..., add_generation_prompt=True)` and are tokenized by
+`tokenizer.encode_segments`, exactly as training tokenized its prompts, so train and chat cannot
+drift apart. Generation stops at `<|eot_id|>`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamalora.adapters import AdapterInfo, apply_adapter, find_adapter
+from llamalora.errors import ConfigError, UsageError
+from llamalora.template import IMAGE, render_segments
+from llamalora.tokenizer import encode_segments
+
+STOP_IDS = (128001, 128008, 128009)  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+
+
+@dataclass
+class Reply:
+    """One answer and how fast it came."""
+
+    text: str
+    new_tokens: int
+    first_token_s: float
+    decode_tokens_per_s: float
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+class _Streamer:
+    """transformers' streamer protocol: `put` gets the prompt first, then one token at a time."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.ids: list[int] = []
+        self.printed = ""
+        self.prompt_seen = False
+        self.start = time.perf_counter()
+        self.first_at: float | None = None
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+        self.ids.extend(int(t) for t in value.reshape(-1).tolist() if int(t) not in STOP_IDS)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        # Hold back an incomplete UTF-8 sequence (Korean is 3 bytes a syllable).
+        if text.endswith("\ufffd"):
+            return
+        if self.on_text is not None and len(text) > len(self.printed):
+            self.on_text(text[len(self.printed):])
+        self.printed = text
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.on_text is not None and len(text) > len(self.printed):
+            self.on_text(text[len(self.printed):])
+        self.printed = text
+
+
+@dataclass
+class ChatSession:
+    """A conversation with history. `ask` answers one user turn and keeps it."""
+
+    model: object
+    tokenizer: object  # tokenizers.Tokenizer
+    image_processor: object | None
+    device: object
+    base_model: str
+    adapter: AdapterInfo | None
+    quant: str
+    system: str | None = None
+    history: list[tuple[str, str]] = field(default_factory=list)
+    images: list[Path] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.history.clear()
+        self.images.clear()
+
+    def prompt_ids(self, user: str, image: Path | None = None) -> list[int]:
+        content = (IMAGE + user) if image is not None else user
+        segments = render_segments(self.system, self.history + [("user", content)],
+                                   add_generation_prompt=True)
+        return [t for ids, _ in encode_segments(self.tokenizer, [segments])[0] for t in ids]
+
+    def ask(self, user: str, *, image: str | Path | None = None,
+            options: GenerationOptions | None = None,
+            on_text: Callable[[str], None] | None = None) -> Reply:
+        """Generates the assistant's answer to `user` (streamed through `on_text`)."""
+        import torch
+
+        options = options or GenerationOptions()
+        image_path = Path(image) if image is not None else None
+        if image_path is not None:
+            if self.image_processor is None:
+                raise UsageError("this model has no vision tower; images need the 11B Vision "
+                                 "model (or --model tiny)")
+            if not image_path.is_file():
+                raise UsageError(f"image not found: {image_path}")
+        ids = self.prompt_ids(user, image_path)
+        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids),
+                                                                                 dtype=torch.long)}
+        images = self.images + ([image_path] if image_path else [])
+        if images:
+            from llamalora.batching import add_vision_inputs
+
+            add_vision_inputs(batch, [images], self.image_processor)
+        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        batch = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
+                 for k, v in batch.items()}
+        streamer = _Streamer(self.tokenizer, on_text)
+        sample = options.temperature > 0
+        kwargs = {"do_sample": sample, "max_new_tokens": options.max_new_tokens,
+                  "eos_token_id": list(STOP_IDS), "pad_token_id": 128004, "streamer": streamer}
+        if sample:
+            kwargs.update(temperature=options.temperature, top_p=options.top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            out = self.model.generate(**batch, **kwargs)
+        end = time.perf_counter()
+        new = [t for t in out[0, len(ids):].tolist() if t not in STOP_IDS]
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        first = (streamer.first_at or end) - streamer.start
+        decode_s = end - (streamer.first_at or end)
+        self.history += [("user", (IMAGE + user) if image_path else user), ("assistant", text)]
+        if image_path is not None:
+            self.images.append(image_path)
+        return Reply(text, len(new), first,
+                     (len(new) - 1) / decode_s if decode_s > 0 and len(new) > 1 else 0.0)
+
+
+def open_chat(adapter: str | Path | None, *, model: str | None = None, quant: str | None = None,
+              no_adapter: bool = False, with_vision: bool = False,
+              system: str | None = None) -> ChatSession:
+    """Loads the base model (from the adapter's config unless `model`) and the adapter.
+
+    Args:
+        adapter: A run folder, checkpoint, or exported adapter. May be None with `no_adapter`
+            and `model`.
+        model: Base model override (hub id, folder, or `tiny`).
+        quant: 8bit / 4bit / none; default: the run's.
+        no_adapter: Answer with the base model alone.
+        with_vision: Load the vision tower (needed for images).
+        system: The system message.
+
+    Raises:
+        UsageError, ModelError, ConfigError.
+    """
+    from llamalora.models import load_model_for_inference
+    from llamalora.train import load_training_tokenizer, resolve_model
+
+    info = find_adapter(adapter) if adapter is not None else None
+    base = model or (info.base_model if info else None)
+    if not base:
+        raise UsageError("no base model: pass --adapter DIR from a run, or --model")
+    quant = quant or (info.quant if info else None) or "8bit"
+    base_path = resolve_model(base)
+    loaded, load_info = load_model_for_inference(base_path, quant=quant, with_vision=with_vision)
+    if info is not None and not no_adapter:
+        loaded = apply_adapter(loaded, info.folder)
+    tokenizer, _ = load_training_tokenizer(base_path)
+    image_processor = None
+    if with_vision:
+        from llamalora.models import load_image_processor
+
+        image_processor = load_image_processor(base_path)
+    return ChatSession(model=loaded, tokenizer=tokenizer, image_processor=image_processor,
+                       device=load_info["device"], base_model=base,
+                       adapter=None if no_adapter else info, quant=quant, system=system)

@@ -1,0 +1,65 @@
+"""`llamalora export-adapter`: a clean adapter folder, a merged model, or a bare state dict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llamalora.cli._console import info, out, quiet_libraries
+from llamalora.cli._errors import handle_errors
+from llamalora.cli._options import JsonOpt
+from llamalora.errors import UsageError
+
+EXAMPLES = """Examples:
+
+  llamalora export-adapter runs/demo --out adapter/
+
+  llamalora export-adapter out/ --out merged/ --merge --dtype bf16
+
+  llamalora export-adapter out/checkpoints/step-000100 --state-dict lora_adapter_state_dict.pt
+"""
+
+
+@handle_errors
+def export_adapter(
+    run: Annotated[Path, typer.Argument(help="A finished run, a checkpoint inside one, or an "
+                                             "adapter folder.", show_default=False)],
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Folder to write (refused if it exists, unless --overwrite).",
+        show_default=False)] = None,
+    merge: Annotated[bool, typer.Option(
+        "--merge", help="Merge LoRA into the base weights (loaded in --dtype, never "
+                        "quantized) and save a standalone model.")] = False,
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help="bf16, fp16 or fp32: weights of the merged model, and the precision of "
+                        "the check.")] = "bf16",
+    state_dict: Annotated[Path | None, typer.Option(
+        "--state-dict", help="Write only the adapter's state dict (torch.save) to this .pt "
+                             "file.", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing target.")
+                         ] = False,
+    no_verify: Annotated[bool, typer.Option(
+        "--no-verify", help="Skip reloading the export and comparing logits.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export a trained adapter: PEFT folder, merged model, or state dict."""
+    if state_dict is None and out_dir is None:
+        raise UsageError("pass --out DIR (or --state-dict FILE.pt)")
+    if state_dict is not None and (merge or out_dir is not None):
+        raise UsageError("--state-dict writes one file; use it without --out and --merge")
+    quiet_libraries()
+    from llamalora.export import export_adapter as run_export
+
+    result = run_export(run, out_dir, merge=merge, dtype=dtype, state_dict=state_dict,
+                        overwrite=overwrite, verify=not no_verify,
+                        on_event=lambda kind, data: info(data.get("message", "")))
+    if json_out:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    out.print(f"Wrote {result.kind} to {result.out} ({result.bytes_written / 2**20:.1f} MiB)")
+    if result.max_logit_diff is not None:
+        info(f"Reloaded and compared on a probe prompt: max logit difference "
+             f"{result.max_logit_diff:.3g} (tolerance {result.tolerance:.3g})")

@@ -1,0 +1,273 @@
+"""Exporting a run: a clean PEFT adapter folder, a merged standalone model, or a bare state dict.
+
+Every export is checked after writing: what was written is loaded back the way a user would load it
+(plain peft, plain transformers, or torch.load) and compared with the model it came from.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamalora.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterInfo, apply_adapter,
+                                find_adapter, rename_keys)
+from llamalora.errors import ModelError, OutputExistsError, UsageError
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Max |logit difference| allowed, relative to the largest |logit| (at least 1). bf16 keeps 8 bits
+# of mantissa: one rounding step near a logit of 24 is 0.125, and a merge reorders the sums.
+TOLERANCE = {"bf16": 2e-2, "fp16": 5e-3, "fp32": 1e-4}
+PROBE = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n다음 건설 용어를 설명하세요.\n"
+         "거푸집<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "preprocessor_config.json", "processor_config.json")
+
+
+@dataclass
+class ExportResult:
+    """What was written and how well it matched on the probe prompt."""
+
+    out: Path
+    kind: str  # adapter | merged | state_dict
+    files: list[str] = field(default_factory=list)
+    max_logit_diff: float | None = None
+    tolerance: float | None = None  # absolute: the dtype's relative tolerance x logit_scale
+    logit_scale: float | None = None  # the largest |logit| on the probe prompt (at least 1)
+    bytes_written: int = 0
+
+    def to_dict(self) -> dict:
+        return {"out": str(self.out), "kind": self.kind, "files": self.files,
+                "max_logit_diff": self.max_logit_diff, "tolerance": self.tolerance,
+                "logit_scale": self.logit_scale,
+                "bytes_written": self.bytes_written}
+
+
+def _check_target(out: Path, overwrite: bool, is_file: bool = False) -> None:
+    if out.exists():
+        if is_file and out.is_dir():
+            raise UsageError(f"{out} is a folder; --state-dict takes a file path")
+        if not overwrite and (is_file or any(out.iterdir())):
+            raise OutputExistsError(f"{out} exists; pass --overwrite to replace it, or "
+                                    "another path")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp.rename(out)
+
+
+def _model_card(info: AdapterInfo, both_names: bool) -> str:
+    run, cfg = info.run, info.run.get("config", {})
+    lines = [
+        "---", "library_name: peft", f"base_model: {info.base_model}", "tags: [lora, llamalora]",
+        "---", "", "# LoRA adapter trained with llamalora", "",
+        f"- Base model: `{info.base_model}` (quantization during training: {info.quant or '?'})",
+        f"- Data: `{cfg.get('data_path', '?')}` (sha256 `{run.get('data_sha256', '?')}`)",
+        f"- LoRA: r={cfg.get('lora_rank', '?')}, alpha={cfg.get('lora_alpha', '?')}, "
+        f"dropout={cfg.get('lora_dropout', '?')}, modules={cfg.get('target_modules', '?')}",
+        f"- Final train loss: {run.get('final_train_loss')}; eval loss: "
+        f"{run.get('final_eval_loss')}",
+        f"- Steps: {run.get('plan', {}).get('steps', '?')}, max length "
+        f"{cfg.get('max_seq_length', '?')}, learning rate {cfg.get('learning_rate', '?')}",
+        "", "## Load it", "", "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, MllamaForConditionalGeneration",
+        f'base = AutoModelForCausalLM.from_pretrained("{info.base_model}")  # text only, or:',
+        f'# base = MllamaForConditionalGeneration.from_pretrained("{info.base_model}")',
+        'model = PeftModel.from_pretrained(base, "<this folder>")', "```", "",
+        "Prompts use the Llama 3 chat format the adapter was trained on; `llamalora chat "
+        "--adapter <this folder>` builds them for you.",
+    ]
+    if both_names:
+        lines += ["", "The weights file holds each LoRA weight under both layer names "
+                  "(`model.layers.*` of the text-only model and `model.language_model.layers.*` "
+                  "of the vision model), so it loads onto either class."]
+    return "\n".join(lines) + "\n"
+
+
+def _probe_logits(model, tokenizer, device):
+    import torch
+
+    ids = torch.tensor([tokenizer.encode(PROBE, add_special_tokens=False).ids], device=device)
+    with torch.inference_mode():
+        return model(input_ids=ids).logits.float().cpu()
+
+
+def _diff(a, b) -> tuple[float, float]:
+    scale = max(1.0, a.abs().max().item())
+    return (a - b).abs().max().item(), scale
+
+
+def export_adapter(run: str | Path, out: str | Path, *, merge: bool = False, dtype: str = "bf16",
+                   state_dict: str | Path | None = None, overwrite: bool = False,
+                   verify: bool = True,
+                   on_event: Callable[[str, dict], None] | None = None) -> ExportResult:
+    """Exports the adapter of a run (or a checkpoint inside one).
+
+    Args:
+        run: The run folder, a checkpoint, or an adapter folder.
+        out: Target folder (ignored with `state_dict`).
+        merge: Merge LoRA into bf16/fp16 base weights and save a standalone model.
+        dtype: bf16, fp16 or fp32: the merged weights' dtype, and the check's precision.
+        state_dict: Write only the adapter state dict (torch.save) to this file.
+        overwrite: Replace an existing target.
+        verify: Reload what was written and compare logits on a probe prompt.
+
+    Raises:
+        UsageError, OutputExistsError, ModelError.
+    """
+    emit = on_event or (lambda kind, data: None)
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    info = find_adapter(run)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(info.folder / ADAPTER_WEIGHTS))
+
+    if state_dict is not None:
+        import torch
+
+        target = Path(state_dict)
+        _check_target(target, overwrite, is_file=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        torch.save(weights, tmp)
+        tmp.replace(target)
+        loaded = torch.load(target, weights_only=True)
+        same = loaded.keys() == weights.keys() and all(
+            torch.equal(loaded[k], weights[k]) for k in weights)
+        if not same:
+            raise ModelError(f"{target} did not read back equal to the adapter")
+        return ExportResult(target, "state_dict", [target.name], 0.0, 0.0,
+                            target.stat().st_size)
+
+    out = Path(out)
+    _check_target(out, overwrite)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        if merge:
+            result = _export_merged(info, tmp, out, dtype, verify, emit)
+        else:
+            # Each weight under both layer names (safetensors wants separate storage for each).
+            both = dict(weights)
+            for to_vision in (True, False):
+                both.update({k: v.clone() for k, v in rename_keys(weights, to_vision).items()
+                             if k not in both})
+            save_file(both, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            shutil.copy2(info.folder / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
+            for name in TOKENIZER_FILES:
+                if (info.run_dir / name).is_file():
+                    shutil.copy2(info.run_dir / name, tmp / name)
+            (tmp / "README.md").write_text(_model_card(info, both_names=True), encoding="utf-8")
+            result = ExportResult(out, "adapter")
+            if verify:
+                emit("status", {"message": "Checking the export: plain peft vs the run's adapter"})
+                (result.max_logit_diff, result.tolerance,
+                 result.logit_scale) = _verify_adapter(info, tmp, dtype)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.out = out
+    result.files = sorted(p.name for p in out.iterdir())
+    result.bytes_written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return result
+
+
+def _load_base(info: AdapterInfo, dtype: str, with_vision: bool):
+    from llamalora.models import load_model_for_inference
+    from llamalora.train import resolve_model
+
+    return load_model_for_inference(resolve_model(info.base_model), quant="none",
+                                    with_vision=with_vision, dtype=DTYPES[dtype])
+
+
+def _trained_with_vision(info: AdapterInfo) -> bool:
+    return bool(info.run.get("plan", {}).get("with_vision"))
+
+
+def _verify_adapter(info: AdapterInfo, folder: Path, dtype: str) -> tuple[float, float, float]:
+    """Logits of base + the run's adapter vs base + plain `PeftModel.from_pretrained(folder)`."""
+    from peft import PeftModel
+
+    from llamalora.train import load_training_tokenizer, resolve_model
+
+    tokenizer, _ = load_training_tokenizer(resolve_model(info.base_model))
+    base, load_info = _load_base(info, dtype, _trained_with_vision(info))
+    reference = apply_adapter(base, info.folder)
+    expected = _probe_logits(reference, tokenizer, load_info["device"])
+    base = reference.unload()  # the same base weights, adapter removed
+    exported = PeftModel.from_pretrained(base, str(folder))
+    got = _probe_logits(exported, tokenizer, load_info["device"])
+    diff, scale = _diff(expected, got)
+    tol = TOLERANCE[dtype] * scale
+    if diff > tol:
+        raise ModelError(f"the exported adapter gives different logits (max diff {diff:.3g} > "
+                         f"{tol:.3g}); the export was not written")
+    return diff, tol, scale
+
+
+def _export_merged(info: AdapterInfo, tmp: Path, out: Path, dtype: str, verify: bool,
+                   emit) -> ExportResult:
+    import torch
+    from transformers import AutoModelForCausalLM, MllamaForConditionalGeneration
+
+    from llamalora.plan import count_params
+    from llamalora.train import _load_config, load_training_tokenizer, resolve_model
+
+    # The merge always goes into the full vision model, text-only runs too: the result is a
+    # complete Mllama checkpoint that AutoModelForCausalLM (text) and
+    # MllamaForConditionalGeneration (images) both load, like the original.
+    trained_with_vision = _trained_with_vision(info)
+    base_path = resolve_model(info.base_model)
+    config, _ = _load_config(base_path)
+    with_vision = getattr(config, "model_type", None) == "mllama"
+    need = count_params(config, with_vision).total * (4 if dtype == "fp32" else 2)
+    free = shutil.disk_usage(tmp).free
+    emit("status", {"message": f"The merged model needs about {need / 2**30:.2f} GiB on disk "
+                               f"({free / 2**30:.1f} GiB free)"})
+    if need * 1.05 > free:
+        raise UsageError(f"not enough disk for the merged model: needs about "
+                         f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free at {out.parent}")
+    base, load_info = _load_base(info, dtype, with_vision)
+    model = apply_adapter(base, info.folder)
+    tokenizer, _ = load_training_tokenizer(base_path)
+    device = load_info["device"]
+    expected = _probe_logits(model, tokenizer, device) if verify else None
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="5GB")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(base_path).save_pretrained(str(tmp))
+    if with_vision:
+        from llamalora.models import load_image_processor
+
+        load_image_processor(base_path).save_pretrained(str(tmp))
+    card = _model_card(info, both_names=False).replace("library_name: peft", "library_name: "
+                                                       "transformers")
+    (tmp / "README.md").write_text(card.split("## Load it")[0] + (
+        "## Load it\n\nA standalone model with the LoRA merged in; no peft needed:\n\n```python\n"
+        "from transformers import AutoModelForCausalLM, MllamaForConditionalGeneration\n"
+        'model = AutoModelForCausalLM.from_pretrained("<this folder>")  # text only, or:\n'
+        '# model = MllamaForConditionalGeneration.from_pretrained("<this folder>")\n```\n'),
+        encoding="utf-8")
+    result = ExportResult(out, "merged")
+    if verify:
+        del merged, model, base
+        emit("status", {"message": "Checking the export: reloading with plain transformers"})
+        cls = MllamaForConditionalGeneration if trained_with_vision else AutoModelForCausalLM
+        reloaded = cls.from_pretrained(str(tmp), dtype=getattr(torch, DTYPES[dtype])).to(device)
+        got = _probe_logits(reloaded, tokenizer, device)
+        diff, scale = _diff(expected, got)
+        tol = TOLERANCE[dtype] * scale
+        if diff > tol:
+            raise ModelError(f"the merged model gives different logits (max diff {diff:.3g} > "
+                             f"{tol:.3g}); nothing was written")
+        result.max_logit_diff, result.tolerance, result.logit_scale = diff, tol, scale
+    return result
+

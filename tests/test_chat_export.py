@@ -1,0 +1,165 @@
+"""chat and export-adapter on a tiny model trained to memorize a few records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llamalora.cli.main import app
+from llamalora.config import TrainConfig
+from llamalora.train import train
+
+from conftest import write_jsonl
+
+runner = CliRunner()
+MEMO = [
+    {"instruction": "거푸집이란?", "output": "콘크리트를 굳히는 틀."},
+    {"instruction": "What is rebar?", "output": "A steel bar in concrete."},
+    {"instruction": "양생이란?", "output": "습도와 온도를 유지하는 일."},
+]
+
+
+@pytest.fixture(scope="module")
+def memorized(tmp_path_factory, _session_home):
+    """A run that memorized MEMO (text only, bf16-free fp32 on the CPU)."""
+    import os
+
+    os.environ["LLAMALORA_HOME"] = str(_session_home)
+    tmp = tmp_path_factory.mktemp("memo")
+    data = write_jsonl(tmp / "memo.jsonl", MEMO)
+    config = TrainConfig(data_path=str(data), output_dir=str(tmp / "run"), model="tiny",
+                         quant="none", max_seq_length=64, learning_rate=5e-3, warmup_ratio=0.0,
+                         lora_dropout=0.0, save_steps=0, max_steps=150, batch_size=3,
+                         gradient_accumulation_steps=1, target_modules="all-linear",
+                         lora_rank=16, gradient_checkpointing=False)
+    summary = train(config)
+    assert summary["final_train_loss"] < 0.05, summary["final_train_loss"]
+    return tmp / "run"
+
+
+def _chat(*args, input=None):
+    return runner.invoke(app, ["chat", *args], input=input)
+
+
+@pytest.mark.slow
+def test_chat_gives_memorized_answers(memorized):
+    for rec in MEMO:
+        r = _chat("--adapter", str(memorized), "--prompt", rec["instruction"], "--temperature",
+                  "0", "--max-new-tokens", "24")
+        assert r.exit_code == 0, r.output
+        assert r.stdout.strip() == rec["output"]
+
+
+@pytest.mark.slow
+def test_chat_equals_plain_generate(memorized):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = json.loads((memorized / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"])
+    model = PeftModel.from_pretrained(base, str(memorized)).eval()
+    tok = AutoTokenizer.from_pretrained(str(memorized))
+    prompt = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is rebar?"
+              "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids, max_new_tokens=24, do_sample=False,
+                             eos_token_id=[128001, 128008, 128009], pad_token_id=128004)
+    expected = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+    r = _chat("--adapter", str(memorized), "--prompt", "What is rebar?", "--temperature", "0",
+              "--max-new-tokens", "24")
+    assert r.stdout.strip() == expected.strip()
+
+
+@pytest.mark.slow
+def test_interactive_session(memorized):
+    script = "거푸집이란?\n/reset\n/bogus\nWhat is rebar?\n/exit\n"
+    r = _chat("--adapter", str(memorized), "--temperature", "0", "--max-new-tokens", "24",
+              input=script)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == [MEMO[0]["output"], MEMO[1]["output"]]
+    assert "history cleared" in r.stderr and "unknown command" in r.stderr
+
+
+@pytest.mark.slow
+def test_prompt_from_stdin_and_no_adapter(memorized):
+    r = _chat("--adapter", str(memorized), "--prompt", "-", "--temperature", "0",
+              "--max-new-tokens", "24", input="양생이란?\n")
+    assert r.stdout.strip() == MEMO[2]["output"]
+    r = _chat("--adapter", str(memorized), "--prompt", "양생이란?", "--temperature", "0",
+              "--max-new-tokens", "8", "--no-adapter")
+    assert r.exit_code == 0 and r.stdout.strip() != MEMO[2]["output"]
+
+
+def test_chat_needs_an_adapter_or_model():
+    r = _chat("--prompt", "hi")
+    assert r.exit_code == 2 and r.stderr.startswith("Error: pass --adapter")
+
+
+@pytest.mark.slow
+def test_export_adapter_loads_with_plain_peft_on_both_classes(memorized, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, MllamaForConditionalGeneration
+
+    out = tmp_path / "adapter"
+    r = runner.invoke(app, ["export-adapter", str(memorized), "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["max_logit_diff"] <= 1e-4 * result["logit_scale"]  # fp32 on the CPU
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md",
+            "tokenizer.json"} <= set(result["files"])
+    assert "sha256" in (out / "README.md").read_text()
+    base_path = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    from safetensors.torch import load_file
+
+    trained = load_file(str(memorized / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)
+    for cls in (AutoModelForCausalLM, MllamaForConditionalGeneration):
+        model = PeftModel.from_pretrained(cls.from_pretrained(base_path), str(out))
+        loaded = {n.replace(".default", "").replace("model.language_model.", "model."): p
+                  for n, p in model.named_parameters() if "lora_" in n}
+        assert loaded.keys() == trained.keys()
+        assert all(torch.equal(loaded[k], trained[k]) for k in trained)
+    # Nothing is overwritten without --overwrite.
+    r = runner.invoke(app, ["export-adapter", str(memorized), "--out", str(out)])
+    assert r.exit_code == 1 and "--overwrite" in r.stderr
+
+
+@pytest.mark.slow
+def test_text_adapter_answers_with_an_image(memorized, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (50, 40), "green").save(tmp_path / "g.png")
+    r = _chat("--adapter", str(memorized), "--prompt", "What is rebar?", "--image",
+              str(tmp_path / "g.png"), "--temperature", "0", "--max-new-tokens", "12")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip()
+
+
+@pytest.mark.slow
+def test_merged_model_loads_with_plain_transformers(memorized, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    r = runner.invoke(app, ["export-adapter", str(memorized), "--out", str(out), "--merge",
+                            "--dtype", "bf16", "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    # bf16 agreement relative to the largest logit (the tiny model's logits reach ~24).
+    assert result["kind"] == "merged"
+    assert result["max_logit_diff"] <= 2e-2 * result["logit_scale"]
+    assert "needs about" in r.stderr
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_state_dict_export(memorized, tmp_path):
+    target = tmp_path / "lora_adapter_state_dict.pt"
+    r = runner.invoke(app, ["export-adapter", str(memorized), "--state-dict", str(target)])
+    assert r.exit_code == 0, r.output
+    state = torch.load(target, weights_only=True)
+    assert state and all(".lora_" in k for k in state)
