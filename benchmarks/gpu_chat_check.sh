@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On a lent GPU: full-size random 11B, a short 8-bit run, a merged export, then chat timings
+# (llamalora vs plain generate; 8-bit and bf16; adapter unmerged and merged).
+# Usage (repo root, wheels in .whl/): bash benchmarks/gpu_chat_check.sh OUTDIR
+set -euo pipefail
+OUTDIR=${1:-/tmp/gpu-out}
+mkdir -p "$OUTDIR"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+[ -d /tmp/m11b ] || python3 benchmarks/make_random_11b.py /tmp/m11b
+python3 -m llamalora train data/sample.jsonl --model /tmp/m11b --output-dir /tmp/r-chat \
+  --overwrite --quant 8bit --max-steps 4 --save-steps 0
+echo "one-shot chat through the CLI (8-bit, adapter):"
+python3 -m llamalora chat --adapter /tmp/r-chat --prompt "거푸집이란?" --temperature 0 \
+  --max-new-tokens 16 --verbose
+/usr/bin/time -f "export --merge wall %e s" python3 -m llamalora export-adapter /tmp/r-chat \
+  --out /tmp/merged --merge --dtype bf16 --json | tee "$OUTDIR/merge.json"
+python3 benchmarks/chat_speed.py /tmp/r-chat --merged /tmp/merged --quants 8bit none \
+  | tee "$OUTDIR/chat_speed.txt"
