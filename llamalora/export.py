@@ -35,12 +35,13 @@ class ExportResult:
     max_logit_diff: float | None = None
     tolerance: float | None = None  # absolute: the dtype's relative tolerance x logit_scale
     logit_scale: float | None = None  # the largest |logit| on the probe prompt (at least 1)
+    merge_diff: float | None = None  # merged vs unmerged model, before saving (--merge only)
     bytes_written: int = 0
 
     def to_dict(self) -> dict:
         return {"out": str(self.out), "kind": self.kind, "files": self.files,
                 "max_logit_diff": self.max_logit_diff, "tolerance": self.tolerance,
-                "logit_scale": self.logit_scale,
+                "logit_scale": self.logit_scale, "merge_diff": self.merge_diff,
                 "bytes_written": self.bytes_written}
 
 
@@ -238,8 +239,9 @@ def _export_merged(info: AdapterInfo, tmp: Path, out: Path, dtype: str, verify: 
     model = apply_adapter(base, info.folder)
     tokenizer, _ = load_training_tokenizer(base_path)
     device = load_info["device"]
-    expected = _probe_logits(model, tokenizer, device) if verify else None
+    unmerged = _probe_logits(model, tokenizer, device) if verify else None
     merged = model.merge_and_unload()
+    expected = _probe_logits(merged, tokenizer, device) if verify else None
     merged.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="5GB")
     from transformers import AutoTokenizer
 
@@ -258,6 +260,9 @@ def _export_merged(info: AdapterInfo, tmp: Path, out: Path, dtype: str, verify: 
         encoding="utf-8")
     result = ExportResult(out, "merged")
     if verify:
+        # Rounding W + BA to the target dtype moves the logits a little; reported, not refused
+        # (--dtype fp32 keeps it exact).
+        result.merge_diff, _ = _diff(unmerged, expected)
         del merged, model, base
         emit("status", {"message": "Checking the export: reloading with plain transformers"})
         cls = MllamaForConditionalGeneration if trained_with_vision else AutoModelForCausalLM

@@ -118,6 +118,7 @@ def tiny_model_dir(cache_dir: str | Path | None = None) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         # Built beside the target and renamed in one step, so a crash leaves no half folder.
         tmp = Path(tempfile.mkdtemp(prefix=f".{_TINY_DIRNAME}.", dir=root))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would make a shared cache unreadable to others
         _build_tiny(tmp)
         if target.exists() and not (target / _TINY_MARKER).is_file():
             shutil.rmtree(target)  # not ours or from an old layout: rebuild it
@@ -301,7 +302,7 @@ def load_image_processor(name_or_path: str):
 def _resolve_device(device: str | None) -> torch.device:
     if device is None:
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
     try:
         target = torch.device(device)
@@ -311,7 +312,7 @@ def _resolve_device(device: str | None) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} asked for, but CUDA is not available here")
         if target.index is None:  # a bare "cuda" means this process's GPU under torchrun
-            target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return target
 
 

@@ -148,9 +148,12 @@ def test_merged_model_loads_with_plain_transformers(memorized, tmp_path):
                             "--dtype", "bf16", "--json"])
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
-    # bf16 agreement relative to the largest logit (the tiny model's logits reach ~24).
+    # What was written reloads to the same logits as the merged model it came from; merging
+    # into bf16 itself moves them by bf16 rounding (the tiny model's logits reach ~24).
     assert result["kind"] == "merged"
-    assert result["max_logit_diff"] <= 2e-2 * result["logit_scale"]
+    assert result["max_logit_diff"] <= 1e-2
+    assert result["merge_diff"] <= 2e-2 * result["logit_scale"]
+    assert "Merging into bf16 moved" in r.stderr
     assert "needs about" in r.stderr
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert not any("lora" in n for n, _ in model.named_parameters())

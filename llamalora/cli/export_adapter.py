@@ -56,10 +56,13 @@ def export_adapter(
     result = run_export(run, out_dir, merge=merge, dtype=dtype, state_dict=state_dict,
                         overwrite=overwrite, verify=not no_verify,
                         on_event=lambda kind, data: info(data.get("message", "")))
-    if json_out:
-        out.print_json(json.dumps(result.to_dict()))
-        return
-    out.print(f"Wrote {result.kind} to {result.out} ({result.bytes_written / 2**20:.1f} MiB)")
     if result.max_logit_diff is not None:
         info(f"Reloaded and compared on a probe prompt: max logit difference "
              f"{result.max_logit_diff:.3g} (tolerance {result.tolerance:.3g})")
+    if result.merge_diff is not None:
+        info(f"Merging into {dtype} moved the probe logits by at most {result.merge_diff:.3g} "
+             f"(largest logit {result.logit_scale:.3g}); --dtype fp32 keeps the merge exact")
+    if json_out:
+        out.print_json(json.dumps(result.to_dict()))
+    else:
+        out.print(f"Wrote {result.kind} to {result.out} ({result.bytes_written / 2**20:.1f} MiB)")
