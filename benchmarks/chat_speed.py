@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--merged", type=Path)
     ap.add_argument("--quants", nargs="+", default=["8bit", "none"])
+    ap.add_argument("--merged-quants", nargs="+", default=None,
+                    help="Quantizations for the merged model (default: --quants).")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
@@ -77,7 +79,7 @@ def main() -> None:
     rows = []
     setups = [(q, "adapter") for q in args.quants]
     if args.merged:
-        setups += [(q, "merged") for q in args.quants]
+        setups += [(q, "merged") for q in (args.merged_quants or args.quants)]
     for quant, kind in setups:
         t0 = time.perf_counter()
         path = info.base_model if kind == "adapter" else str(args.merged)

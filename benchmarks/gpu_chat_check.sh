@@ -11,10 +11,8 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 [ -d /tmp/m11b ] || python3 benchmarks/make_random_11b.py /tmp/m11b
 python3 -m llamalora train data/sample.jsonl --model /tmp/m11b --output-dir /tmp/r-chat \
   --overwrite --quant 8bit --max-steps 4 --save-steps 0
-echo "one-shot chat through the CLI (8-bit, adapter):"
-python3 -m llamalora chat --adapter /tmp/r-chat --prompt "거푸집이란?" --temperature 0 \
-  --max-new-tokens 16 --verbose
 /usr/bin/time -f "export --merge wall %e s" python3 -m llamalora export-adapter /tmp/r-chat \
   --out /tmp/merged --merge --dtype bf16 --json | tee "$OUTDIR/merge.json"
 python3 benchmarks/chat_speed.py /tmp/r-chat --merged /tmp/merged --quants 8bit none \
+  --merged-quants ${MERGED_QUANTS:-none} --max-new-tokens ${NEW_TOKENS:-32} --repeat 2 \
   | tee "$OUTDIR/chat_speed.txt"
