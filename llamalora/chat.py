@@ -64,6 +64,8 @@ class _Streamer:
             return
         if self.first_at is None:
             self.first_at = time.perf_counter()
+        if self.on_text is None:
+            return  # timing only: no copy to the host, no decoding
         self.ids.extend(int(t) for t in value.reshape(-1).tolist() if int(t) not in STOP_IDS)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         # Hold back an incomplete UTF-8 sequence (Korean is 3 bytes a syllable).
@@ -74,6 +76,8 @@ class _Streamer:
         self.printed = text
 
     def end(self) -> None:
+        if self.on_text is None:
+            return
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if self.on_text is not None and len(text) > len(self.printed):
             self.on_text(text[len(self.printed):])

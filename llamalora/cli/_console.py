@@ -48,7 +48,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|peft|torch)")
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            module=r"(transformers|peft|torch|bitsandbytes)")
     for name in ("bitsandbytes", "transformers", "peft", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
