@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   installs, then runs the main job on data/sample.jsonl with the tiny model
+#   make demo   installs, then validate -> stats -> train -> export -> chat on data/sample.jsonl
+#               with the tiny model (CPU, about a minute)
 #   make test   installs, then runs the CPU test suite (what CI runs)
 PY ?= python3
 # torch 2.13.0 is the CPU build on our dev/CI machines; on a GPU box, install your CUDA torch
@@ -17,6 +18,11 @@ install:
 demo: install
 	llamalora validate $(DATA)
 	llamalora stats $(DATA) --tokenizer bundled
+	llamalora train $(DATA) --model tiny --output-dir $(OUT) --overwrite --num-train-epochs 1 \
+	  --learning-rate 2e-3 --no-gradient-checkpointing
+	llamalora export-adapter $(OUT) --out $(OUT)-adapter --overwrite
+	llamalora chat --adapter $(OUT) --prompt "다음 건설 용어를 설명하세요. 거푸집" \
+	  --temperature 0 --max-new-tokens 32
 
 
 
