@@ -4,7 +4,7 @@
 
 validate is compared with a bare `json.loads` loop over the same file; stats with bare batched
 tokenization (`tokenizers`, encode_batch_fast) of the same training texts. Each command runs
-`--repeat` times; the best time counts.
+`--repeat` times, alternating with its baseline; the best time of each counts.
 """
 
 from __future__ import annotations
@@ -36,13 +36,19 @@ def make_file(path: Path, n: int, seed: int = 0) -> None:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def best_of(cmd: list[str], repeat: int) -> float:
-    times = []
+def _wall(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def best_of_pair(cmd: list[str], baseline: list[str], repeat: int) -> tuple[float, float]:
+    """Best wall time of each, run alternately so machine noise hits both alike."""
+    ours, base = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        ours.append(_wall(cmd))
+        base.append(_wall(baseline))
+    return min(ours), min(base)
 
 
 BARE_JSON = """
@@ -87,16 +93,15 @@ def main() -> None:
         texts.write_text(json.dumps(["".join(t for t, _ in render_segments(e.system, e.messages))
                                      for e in examples], ensure_ascii=False))
         rows = [
-            ("validate", best_of([py, "-m", "llamalora", "validate", str(big), "--json"],
-                                 args.repeat),
-             "json.loads loop", best_of([py, "-c", BARE_JSON, str(big)], args.repeat)),
-            ("stats", best_of([py, "-m", "llamalora", "stats", str(small), "--tokenizer",
-                               "bundled", "--json"], args.repeat),
-             "batched tokenization", best_of([py, "-c", BARE_TOKENIZE, str(texts),
-                                              str(tok_file)], args.repeat)),
+            ("validate", "json.loads loop", *best_of_pair(
+                [py, "-m", "llamalora", "validate", str(big), "--json"],
+                [py, "-c", BARE_JSON, str(big)], args.repeat)),
+            ("stats", "batched tokenization", *best_of_pair(
+                [py, "-m", "llamalora", "stats", str(small), "--tokenizer", "bundled", "--json"],
+                [py, "-c", BARE_TOKENIZE, str(texts), str(tok_file)], args.repeat)),
         ]
     result = []
-    for name, t, base_name, base in rows:
+    for name, base_name, t, base in rows:
         print(f"{name:<9} {t:7.2f} s   {base_name:<22} {base:7.2f} s   ratio {t / base:.2f}x")
         result.append({"command": name, "seconds": round(t, 3), "baseline": base_name,
                        "baseline_seconds": round(base, 3), "ratio": round(t / base, 3)})

@@ -80,7 +80,7 @@ def tokenize_examples(tokenizer, examples: list[Example], *, max_seq_length: int
                 labels = [IGNORE_INDEX if t == image_id else t for t in labels]
             if len(ids) > max_seq_length:
                 summary.records_over += 1
-                _, response, kept = measure(segments, max_seq_length)
+                _, response, kept = measure([(len(i), r) for i, r in segments], max_seq_length)
                 if truncation == "drop" or kept == 0:
                     summary.records_dropped += 1
                     summary.dropped_lines.append(example.line)

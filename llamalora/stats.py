@@ -34,11 +34,11 @@ class LengthRecord:
         return self.prompt + self.response
 
 
-def measure(segments: list[tuple[list[int], bool]], max_seq_length: int) -> tuple[int, int, int]:
-    """(prompt tokens, response tokens, response tokens kept when cut at max_seq_length)."""
+def measure(segments: list[tuple[int, bool]], max_seq_length: int) -> tuple[int, int, int]:
+    """(prompt tokens, response tokens, response tokens kept when cut at max_seq_length), from
+    each segment's (token count, is_response)."""
     prompt = response = kept = pos = 0
-    for ids, is_response in segments:
-        n = len(ids)
+    for n, is_response in segments:
         if is_response:
             response += n
             kept += max(0, min(n, max_seq_length - pos))
@@ -160,7 +160,7 @@ def compute_stats(path: str | Path, tokenizer, *, tokenizer_name: str = "",
 
     def flush() -> None:
         encoded = encode_segments(tokenizer, [render_segments(ex.system, ex.messages)
-                                              for ex in pending])
+                                              for ex in pending], lengths_only=True)
         for ex, segments in zip(pending, encoded):
             lengths.append(LengthRecord(ex.line, *measure(segments, max_seq_length)))
         pending.clear()

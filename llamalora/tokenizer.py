@@ -113,18 +113,20 @@ def bundled_tokenizer_dir() -> Path:
     return BUNDLED_TOKENIZER_DIR
 
 
-def encode_segments(tokenizer, segment_lists: list[list[tuple[str, bool]]]
-                    ) -> list[list[tuple[list[int], bool]]]:
+def encode_segments(tokenizer, segment_lists: list[list[tuple[str, bool]]], *,
+                    lengths_only: bool = False) -> list[list[tuple[list[int] | int, bool]]]:
     """Tokenizes each segment on its own, in one batch, and regroups them per conversation.
 
     This is the tokenization contract shared by stats, train and chat: special tokens in the
     template are parsed, nothing is added (the template holds `<|begin_of_text|>` itself).
+    With `lengths_only`, each segment's token count stands in for its ids (what stats needs;
+    it skips building 40,000 Python lists per 20,000 records).
     """
     flat = [text for segments in segment_lists for text, _ in segments]
     encodings = tokenizer.encode_batch_fast(flat, add_special_tokens=False)
     out, i = [], 0
     for segments in segment_lists:
-        out.append([(encodings[i + k].ids, is_resp) for k, (_, is_resp) in enumerate(segments)])
+        out.append([(len(encodings[i + k]) if lengths_only else encodings[i + k].ids, is_resp)
+                    for k, (_, is_resp) in enumerate(segments)])
         i += len(segments)
     return out
-
