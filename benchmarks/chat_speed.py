@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--quants", nargs="+", default=["8bit", "none"])
     ap.add_argument("--merged-quants", nargs="+", default=None,
                     help="Quantizations for the merged model (default: --quants).")
+    ap.add_argument("--only-merged", action="store_true",
+                    help="Time only the merged model (needs --merged).")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
@@ -77,7 +79,7 @@ def main() -> None:
     info = find_adapter(args.run)
     tokenizer, _ = load_training_tokenizer(info.base_model)
     rows = []
-    setups = [(q, "adapter") for q in args.quants]
+    setups = [] if args.only_merged else [(q, "adapter") for q in args.quants]
     if args.merged:
         setups += [(q, "merged") for q in (args.merged_quants or args.quants)]
     for quant, kind in setups:

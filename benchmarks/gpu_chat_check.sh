@@ -2,12 +2,7 @@
 # On a lent GPU: full-size random 11B, a short 8-bit run, a merged export, then chat timings
 # (llamalora vs plain generate; 8-bit and bf16; adapter unmerged and merged).
 # Usage (repo root, wheels in .whl/): bash benchmarks/gpu_chat_check.sh OUTDIR
-set -euo pipefail
-OUTDIR=${1:-/tmp/gpu-out}
-mkdir -p "$OUTDIR"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source "$(dirname "$0")/gpu_env.sh"
 [ -d /tmp/m11b ] || python3 benchmarks/make_random_11b.py /tmp/m11b
 python3 -m llamalora train data/sample.jsonl --model /tmp/m11b --output-dir /tmp/r-chat \
   --overwrite --quant 8bit --max-steps 4 --save-steps 0

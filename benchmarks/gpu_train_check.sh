@@ -1,12 +1,7 @@
 #!/usr/bin/env bash
 # On a lent GPU: full-size random 11B, then `llamalora train` at 8-bit, text only and with images.
 # Usage (repo root, wheels for bitsandbytes/typer/rich in .whl/): bash benchmarks/gpu_train_check.sh OUTDIR
-set -euo pipefail
-OUTDIR=${1:-/tmp/gpu-out}
-mkdir -p "$OUTDIR"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, peft, bitsandbytes, typer, rich; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, typer.__version__)"
 [ -d /tmp/m11b ] || python3 benchmarks/make_random_11b.py /tmp/m11b

@@ -144,6 +144,9 @@ def _open_checked(path: Path):
         raise UsageError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise UsageError(f"{path} is a folder; pass a .jsonl or .json file")
+    if not path.is_file():
+        # A FIFO or device would block or never end; only regular files are read.
+        raise UsageError(f"{path} is not a regular file; pass a .jsonl or .json file")
     try:
         return path.open("rb")
     except OSError as exc:

@@ -30,7 +30,7 @@ from llamalora.checkpoint import (CHECKPOINTS, RUN_MARKER, FolderLock, commit_ch
                                   last_checkpoint, prepare_output_dir, write_json_atomic)
 from llamalora.config import TrainConfig
 from llamalora.data import load_examples
-from llamalora.errors import ConfigError, LlamaLoraError, ModelError
+from llamalora.errors import ConfigError, LlamaLoraError, ModelError, OutputExistsError
 
 Event = Callable[[str, dict], None]
 
@@ -341,6 +341,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if is_main:
         lock.acquire()
     try:
+        if resume and (output_dir / RUN_MARKER).is_file():
+            raise OutputExistsError(f"the run in {output_dir} already finished; pass "
+                                    "--overwrite to train it again, or another --output-dir")
         start_ckpt = last_checkpoint(output_dir) if resume else None
         if resume and start_ckpt is None and is_main:
             emit("warning", {"message": f"no checkpoint in {output_dir}; starting from step 0"})

@@ -103,7 +103,7 @@ def _adapter(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["none", "8bit"])
+@pytest.mark.parametrize("quant", ["none", "8bit", "4bit"])
 def test_loss_falls_and_adapter_loads_with_plain_peft(tmp_path, quant):
     summary = train(_config(tmp_path, quant=quant, max_steps=25, eval_fraction=0.25,
                             eval_steps=10, gradient_checkpointing=True))
@@ -146,6 +146,8 @@ def test_sigint_then_resume_matches_uninterrupted_run(tmp_path):
     assert not (out / "llamalora.json").exists()
     assert (out / "checkpoints" / "step-000005" / "state.json").is_file()
     train(cut, resume=True)
+    with pytest.raises(OutputExistsError, match="already finished"):
+        train(cut, resume=True)
     a, b = _adapter(tmp_path / "a" / "out"), _adapter(out)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

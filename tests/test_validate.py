@@ -217,3 +217,12 @@ def test_messages_record_images_become_image_tokens(tmp_path):
     ex = examples[0]
     assert ex.system == "s" and ex.images == [tmp_path / "a.png"]
     assert ex.messages[0] == ("user", "<|image|>what?") and len(ex.messages) == 4
+
+
+def test_fifo_is_refused_not_waited_on(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="regular file"):
+        validate_file(fifo)

@@ -1,0 +1,63 @@
+"""Run folders: the lock, --overwrite's limits, and which checkpoints count."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llamalora.adapters import find_adapter
+from llamalora.checkpoint import (FolderLock, commit_checkpoint, last_checkpoint,
+                                  prepare_output_dir)
+from llamalora.errors import OutputExistsError, UsageError
+
+
+def test_second_lock_refused_while_owner_lives(tmp_path):
+    first = FolderLock(tmp_path)
+    first.acquire()
+    with pytest.raises(OutputExistsError, match=f"pid {os.getpid()}"):
+        FolderLock(tmp_path).acquire()
+    first.release()
+    FolderLock(tmp_path).acquire()
+
+
+def test_stale_lock_is_taken(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / ".llamalora.lock").write_text(dead)
+    lock = FolderLock(tmp_path)
+    lock.acquire()
+    assert (tmp_path / ".llamalora.lock").read_text() == str(os.getpid())
+
+
+def test_overwrite_replaces_only_a_run(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000001").mkdir(parents=True)
+    (run / "llamalora.json").write_text("{}")
+    prepare_output_dir(run, overwrite=True, resume=False)
+    assert list(run.iterdir()) == []
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="did not write"):
+        prepare_output_dir(run, overwrite=True, resume=False)
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_half_written_checkpoints_do_not_count(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-step-000009").mkdir(parents=True)  # a save that died before its rename
+    (root / "step-000008").mkdir()  # no state.json: not complete
+    assert last_checkpoint(tmp_path) is None
+    done = root / ".tmp-step-000004"
+    done.mkdir()
+    (done / "adapter_model.safetensors").write_bytes(b"")
+    (done / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "tiny"}))
+    commit_checkpoint(done, root / "step-000004", {"step": 4, "quant": "none"}, keep=2)
+    assert last_checkpoint(tmp_path) == root / "step-000004"
+    # A run folder without its finished-run marker resolves to its last complete checkpoint.
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"partial")
+    assert find_adapter(tmp_path).folder == root / "step-000004"
+    with pytest.raises(UsageError, match="no finished run"):
+        find_adapter(tmp_path / "checkpoints" / "step-000008")
