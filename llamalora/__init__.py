@@ -1,3 +1,3 @@
-"""llamalora: check, train and talk to LoRA fine-tunes of Llama 3.2 (11B Vision) on an 8-bit base."""
+"""llamalora: check data, train LoRA on an 8-bit Llama 3.2 (11B Vision) base, and chat."""
 
 __version__ = "0.1.0"

@@ -14,13 +14,15 @@ from pathlib import Path
 from llamalora.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterInfo, apply_adapter,
                                 find_adapter, rename_keys)
 from llamalora.errors import ModelError, OutputExistsError, UsageError
+from llamalora.template import render_segments
+from llamalora.tokenizer import encode_segments
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Max |logit difference| allowed, relative to the largest |logit| (at least 1). bf16 keeps 8 bits
 # of mantissa: one rounding step near a logit of 24 is 0.125, and a merge reorders the sums.
 TOLERANCE = {"bf16": 2e-2, "fp16": 5e-3, "fp32": 1e-4}
-PROBE = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n다음 건설 용어를 설명하세요.\n"
-         "거푸집<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+# The probe is a chat prompt built like training's, so the check exercises the real format.
+PROBE_QUESTION = "다음 건설 용어를 설명하세요.\n거푸집"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "preprocessor_config.json", "processor_config.json")
 
@@ -92,7 +94,9 @@ def _model_card(info: AdapterInfo, both_names: bool) -> str:
 def _probe_logits(model, tokenizer, device):
     import torch
 
-    ids = torch.tensor([tokenizer.encode(PROBE, add_special_tokens=False).ids], device=device)
+    segments = render_segments(None, [("user", PROBE_QUESTION)], add_generation_prompt=True)
+    ids = [t for seg, _ in encode_segments(tokenizer, [segments])[0] for t in seg]
+    ids = torch.tensor([ids], device=device)
     with torch.inference_mode():
         return model(input_ids=ids).logits.float().cpu()
 
@@ -219,14 +223,14 @@ def _export_merged(info: AdapterInfo, tmp: Path, out: Path, dtype: str, verify: 
     from transformers import AutoModelForCausalLM, MllamaForConditionalGeneration
 
     from llamalora.plan import count_params
-    from llamalora.train import _load_config, load_training_tokenizer, resolve_model
+    from llamalora.train import load_model_config, load_training_tokenizer, resolve_model
 
     # The merge always goes into the full vision model, text-only runs too: the result is a
     # complete Mllama checkpoint that AutoModelForCausalLM (text) and
     # MllamaForConditionalGeneration (images) both load, like the original.
     trained_with_vision = _trained_with_vision(info)
     base_path = resolve_model(info.base_model)
-    config, _ = _load_config(base_path)
+    config, _ = load_model_config(base_path)
     with_vision = getattr(config, "model_type", None) == "mllama"
     need = count_params(config, with_vision).total * (4 if dtype == "fp32" else 2)
     free = shutil.disk_usage(tmp).free

@@ -52,8 +52,8 @@ def count_params(config, with_vision: bool) -> ParamCounts:
             model = MllamaForCausalLM(config.text_config)
     quantizable = other = 0
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and "vision" not in name and "projector" not in name \
-                and not name.endswith("lm_head"):
+        in_text_model = "vision" not in name and "projector" not in name
+        if isinstance(module, torch.nn.Linear) and in_text_model and not name.endswith("lm_head"):
             quantizable += module.weight.numel()
     other = sum(p.numel() for p in model.parameters()) - quantizable
     text = config.text_config

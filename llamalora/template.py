@@ -20,7 +20,7 @@ from __future__ import annotations
 BOS = "<|begin_of_text|>"
 EOT = "<|eot_id|>"
 IMAGE = "<|image|>"
-# What the `messages` record form uses for an image's place in the text (LLaMA-Factory's convention).
+# An image's place in the text of a `messages` record (LLaMA-Factory's convention).
 IMAGE_PLACEHOLDER = "<image>"
 
 
@@ -29,7 +29,7 @@ def _header(role: str) -> str:
 
 
 def user_text(instruction: str, input_text: str = "", n_images: int = 0) -> str:
-    """The user turn of an instruction record: images first, then the instruction, then the input."""
+    """The user turn of an instruction record: images, then the instruction, then the input."""
     text = instruction + (f"\n{input_text}" if input_text else "")
     return IMAGE * n_images + text
 

@@ -85,7 +85,7 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def _load_config(model: str):
+def load_model_config(model: str):
     """The model's config, or the 11B architecture's for the default id when offline."""
     from transformers import AutoConfig
 
@@ -154,7 +154,7 @@ def plan_training(config: TrainConfig) -> Plan:
     steps_per_epoch = math.ceil(batches / per_step)
     steps = config.max_steps or math.ceil(config.num_train_epochs * batches / per_step)
 
-    model_config, cfg_note = _load_config(model)
+    model_config, cfg_note = load_model_config(model)
     counts = count_params(model_config, with_vision)
     targets = config.target_module_list()
     lora = lora_param_count(counts, config.lora_rank, targets)
@@ -499,7 +499,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                           "epoch": round(done * per_step / num_batches, 4),
                           "step_time_s": round(dt, 4)}
                 if device.type == "cuda":
-                    record["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                    peak = torch.cuda.max_memory_allocated(device)
+                    record["gpu_mem_gib"] = round(peak / 2**30, 2)
                 if plan.eval and eval_every and done % eval_every == 0 and done < plan.steps:
                     eval_loss = _evaluate(model, plan.eval, config, ctx)
                     record["eval_loss"] = round(eval_loss, 6)

@@ -31,7 +31,8 @@ HELP = "Commands: /image PATH (attach to the next message), /system TEXT, /reset
 @handle_errors
 def chat(
     adapter: Annotated[Path | None, typer.Option(
-        "--adapter", help="Run folder, checkpoint, or exported adapter.", show_default=False)] = None,
+        "--adapter", help="Run folder, checkpoint, or exported adapter.",
+        show_default=False)] = None,
     model: Annotated[str | None, typer.Option(
         "--model", help="Base model (default: the one the adapter was trained on).",
         show_default=False)] = None,
@@ -47,7 +48,8 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option(
         "--max-new-tokens", min=1, help="Most tokens to generate per answer.")] = 512,
     temperature: Annotated[float, typer.Option(
-        "--temperature", min=0.0, help="Sampling temperature; 0 is greedy and deterministic.")] = 0.7,
+        "--temperature", min=0.0,
+        help="Sampling temperature; 0 is greedy and deterministic.")] = 0.7,
     top_p: Annotated[float, typer.Option(
         "--top-p", min=0.0, max=1.0, help="Nucleus sampling: keep the smallest set of tokens "
                                           "with this much probability.")] = 0.9,

@@ -24,12 +24,12 @@ EXAMPLES = """Examples:
 
   llamalora train --data-path data.jsonl --output-dir out/ --quant 8bit
 
-  llamalora train --data_path data.jsonl --output_dir out/ --num_train_epochs 3 (the old script's flags)
-
   torchrun --nproc-per-node 2 -m llamalora train data.jsonl --output-dir out/
 
-`--model tiny` is a tiny random-weight model for trying the pipeline on a CPU: it produces no
-useful language.
+  llamalora train --data_path data.jsonl --output_dir out/ --num_train_epochs 3
+
+The old script's flags, as in the last example, all still work. `--model tiny` is a tiny
+random-weight model for trying the pipeline on a CPU: it produces no useful language.
 """
 
 
