@@ -41,6 +41,14 @@ class TrainingInterrupted(LlamaLoraError):
     exit_code = 130
 
 
+class SaveError(LlamaLoraError):
+    """A checkpoint or the final adapter could not be written (full disk, permissions)."""
+
+
+class OutOfMemory(LlamaLoraError):
+    """The GPU ran out of memory; the message lists the options that lower it."""
+
+
 @dataclass
 class Plan:
     """What a run will do, known before any weights load."""
@@ -294,19 +302,28 @@ def _save_checkpoint(model, optimizer, scheduler, output_dir: Path, step: int, s
                      keep: int) -> Path:
     import torch
 
+    import shutil
+
     root = output_dir / CHECKPOINTS
-    root.mkdir(exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _save_adapter(model, tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state()}, tmp / "training_state.pt")
-    commit_checkpoint(tmp, final, state, keep)
+    try:
+        root.mkdir(exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _save_adapter(model, tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state()}, tmp / "training_state.pt")
+        commit_checkpoint(tmp, final, state, keep)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = last_checkpoint(output_dir)
+        raise SaveError(f"could not write the checkpoint of step {step} to {root} "
+                        f"({exc.strerror or exc}); "
+                        + (f"{previous} is intact: free space, then rerun with --resume"
+                           if previous else "no earlier checkpoint exists: free space and "
+                           "rerun")) from exc
     return final
 
 
@@ -466,10 +483,14 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 _all_reduce(counts, world_size)
                 n_targets, n_real = counts.tolist()
                 step_loss = torch.zeros((), dtype=torch.float64, device=device)
-                for batch in batches:
-                    loss, _ = _loss_sum(model, batch)
-                    (loss / max(n_targets, 1)).backward()
-                    step_loss += loss.detach().double()
+                try:
+                    for batch in batches:
+                        loss, _ = _loss_sum(model, batch)
+                        (loss / max(n_targets, 1)).backward()
+                        step_loss += loss.detach().double()
+                except torch.OutOfMemoryError as exc:
+                    raise OutOfMemory(_oom_advice(config, plan, done=step, device=device)
+                                      ) from exc
                 if world_size > 1:
                     for p in trainable:
                         if p.grad is None:
@@ -561,20 +582,47 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         lock.release()
 
 
+def _oom_advice(config: TrainConfig, plan: Plan, *, done: int, device) -> str:
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30 \
+        if device.type == "cuda" else None
+    est = plan.memory_gib
+    lower = [q for q in ("4bit", "8bit") if est[q] < est[config.quant]]
+    options = [] if config.gradient_checkpointing else ["--gradient-checkpointing"]
+    options += [f"--quant {q} (estimated {est[q]} GiB)" for q in lower]
+    options += [f"--batch-size {max(1, config.batch_size // 2)} with --gradient-accumulation-steps "
+                f"{config.gradient_accumulation_steps * 2} (same effective batch)",
+                f"a smaller --max-seq-length (now {config.max_seq_length}; see "
+                "`llamalora stats`)"]
+    return (f"out of GPU memory at step {done + 1}"
+            + (f" ({total:.0f} GiB card)" if total else "")
+            + f"; the plan estimated {est[config.quant]} GiB for --quant {config.quant}. "
+            "Lower it with: " + "; ".join(options))
+
+
 def _save_final(model, output_dir: Path, tokenizer_src, vision_model_path, summary: dict,
                 metrics_path: Path) -> None:
     import shutil
 
     tmp = output_dir / ".final.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _save_adapter(model, tmp)
-    tokenizer_src.save_pretrained(str(tmp))
-    if vision_model_path is not None:
-        from llamalora.models import load_image_processor
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _save_adapter(model, tmp)
+        tokenizer_src.save_pretrained(str(tmp))
+        if vision_model_path is not None:
+            from llamalora.models import load_image_processor
 
-        load_image_processor(vision_model_path).save_pretrained(str(tmp))
+            load_image_processor(vision_model_path).save_pretrained(str(tmp))
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = last_checkpoint(output_dir)
+        raise SaveError(f"could not write the final adapter to {output_dir} "
+                        f"({exc.strerror or exc}); nothing there was replaced"
+                        + (f", and {previous} is intact (free space, then --resume repeats the "
+                           "steps after it)" if previous else "")) from exc
     (output_dir / RUN_MARKER).unlink(missing_ok=True)
     for f in tmp.iterdir():
         os.replace(f, output_dir / f.name)

@@ -72,6 +72,7 @@ def train(
     eval_fraction: Annotated[float, _opt("--eval-fraction", help_key="eval_fraction")] = 0.0,
     eval_steps: Annotated[int, _opt("--eval-steps", help_key="eval_steps")] = 0,
     save_steps: Annotated[int, _opt("--save-steps", "--save_steps", help_key="save_steps")] = 100,
+    save_total_limit: Annotated[int, _opt("--save-total-limit", help_key="save_total_limit")] = 2,
     logging_steps: Annotated[int, _opt("--logging-steps", help_key="logging_steps")] = 1,
     seed: Annotated[int, _opt("--seed", help_key="seed")] = 42,
     train_on_prompt: Annotated[bool, _opt("--train-on-prompt", help_key="train_on_prompt")] = False,
@@ -103,7 +104,8 @@ def train(
         gradient_accumulation_steps=grad_accum, max_seq_length=max_seq_length,
         num_train_epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
         warmup_ratio=warmup_ratio, eval_fraction=eval_fraction, eval_steps=eval_steps,
-        save_steps=save_steps, logging_steps=logging_steps, seed=seed,
+        save_steps=save_steps, save_total_limit=save_total_limit, logging_steps=logging_steps,
+        seed=seed,
         train_on_prompt=train_on_prompt, truncation=truncation,
         gradient_checkpointing=gradient_checkpointing, skip_invalid=skip_invalid)
 
