@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamalora.adapters import AdapterInfo, apply_adapter, find_adapter
+from llamalora.data import image_error, read_image
 from llamalora.errors import ConfigError, UsageError
 from llamalora.template import IMAGE, render_segments
 from llamalora.tokenizer import encode_segments
@@ -123,6 +124,11 @@ class ChatSession:
                                  "model (or --model tiny)")
             if not image_path.is_file():
                 raise UsageError(f"image not found: {image_path}")
+            try:
+                read_image(image_path)
+            except Exception as exc:  # PIL raises many types for bad files
+                raise UsageError(f"image cannot be read: {image_path} ({image_error(exc)})"
+                                 ) from exc
         ids = self.prompt_ids(user, image_path)
         batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids),
                                                                                  dtype=torch.long)}

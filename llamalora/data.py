@@ -22,7 +22,7 @@ from llamalora.template import IMAGE, IMAGE_PLACEHOLDER, user_text
 
 ERROR_CODES = (
     "invalid_utf8", "invalid_json", "not_object", "missing_field", "wrong_type", "empty_field",
-    "image_missing", "image_unreadable", "bad_messages", "no_records",
+    "image_missing", "image_unreadable", "bad_messages", "no_records", "record_too_large",
 )
 WARNING_CODES = ("bom", "blank_line", "unknown_field", "duplicate", "special_token")
 
@@ -37,6 +37,15 @@ _SPECIAL_TOKEN_RE = re.compile(r"<\|(?:begin_of_text|end_of_text|eot_id|eom_id|s
                                r"end_header_id|image|python_tag|finetune_right_pad_id|"
                                r"reserved_special_token_\d+)\|>")
 _BOM = b"\xef\xbb\xbf"
+# A record larger than this is refused without being held in memory (a file that is not JSONL,
+# or one line holding a whole data set, would otherwise be read whole).
+MAX_RECORD_BYTES = 32 * 2**20
+# Distinct records remembered for the duplicate check (~100 bytes each): bounds validate's
+# memory on files of tens of millions of records.
+DUPLICATE_TRACK_LIMIT = 1_000_000
+# Larger images are refused unread (a decompression bomb decodes to gigabytes). Mllama resizes
+# every image to at most 4 tiles of 560x560 anyway.
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -166,9 +175,39 @@ def _first_char(path: Path) -> bytes:
     return b""
 
 
+def _lines(f, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, bytes, size) per physical line; bytes is None for a line over `limit`,
+    which is skipped in 1 MiB pieces so it never sits in memory whole."""
+    lineno = 0
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            size = len(raw)
+            while True:
+                piece = f.readline(1 << 20)
+                size += len(piece)
+                if not piece or piece.endswith(b"\n"):
+                    break
+            yield lineno, None, size
+            continue
+        yield lineno, raw, len(raw)
+
+
+def _too_large(line: int, size: int) -> Problem:
+    return Problem(line, None, "record_too_large",
+                   f"record of {size / 2**20:.0f} MiB is over the {MAX_RECORD_BYTES // 2**20} "
+                   "MiB limit (skipped); split it or check that the file is JSONL")
+
+
 def _iter_jsonl(f, warn: Callable[[Problem], None]) -> Iterator[_Item]:
     loads = json.loads
-    for lineno, raw in enumerate(f, 1):
+    for lineno, raw, size in _lines(f, MAX_RECORD_BYTES):
+        if raw is None:
+            yield _Item(lineno, problem=_too_large(lineno, size))
+            continue
         if lineno == 1 and raw.startswith(_BOM):
             raw = raw[3:]
             warn(Problem(1, None, "bom", "the file starts with a byte-order mark; "
@@ -199,63 +238,106 @@ def _iter_jsonl(f, warn: Callable[[Problem], None]) -> Iterator[_Item]:
 
 
 def _iter_json_array(path: Path, warn: Callable[[Problem], None]) -> Iterator[_Item]:
-    # A JSON array is read whole: such files are small in practice, and element start lines
-    # come from the decoder's offsets.
-    with _open_checked(path) as f:
-        data = f.read()
-    if data.startswith(_BOM):
-        data = data[3:]
-        warn(Problem(1, None, "bom", "the file starts with a byte-order mark; "
-                     "--fix writes a copy without it"))
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        yield _Item(line, problem=Problem(
-            line, None, "invalid_utf8",
-            f"not valid UTF-8 (byte {exc.start + 1} of the file); re-save the file as UTF-8"))
-        return
+    """Streams the elements of a top-level JSON array, reading 1 MiB at a time; each element's
+    line is where it starts."""
+    import codecs
+
     decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")()
     ws = re.compile(r"[ \t\n\r]*")
-    pos = ws.match(text, text.index("[") + 1).end()
-    line, counted = 1, 0
+    with _open_checked(path) as f:
+        buf, pos, eof = "", 0, False
+        line, counted = 1, 0  # the line at buf[counted]; offsets asked for only grow
+        consumed_bytes = 0
 
-    def line_at(offset: int) -> int:
-        nonlocal line, counted
-        line += text.count("\n", counted, offset)
-        counted = offset
-        return line
+        def more() -> bool:
+            nonlocal buf, eof, consumed_bytes
+            if eof:
+                return False
+            chunk = f.read(1 << 20)
+            if consumed_bytes == 0 and chunk.startswith(_BOM):
+                chunk = chunk[3:]
+                warn(Problem(1, None, "bom", "the file starts with a byte-order mark; "
+                             "--fix writes a copy without it"))
+            consumed_bytes += len(chunk)
+            eof = not chunk
+            buf += utf8.decode(chunk, final=eof)
+            return not eof
 
-    if text.startswith("]", pos):
-        return
-    while True:
-        start = pos
+        def skip_ws() -> None:
+            nonlocal pos
+            while True:
+                pos = ws.match(buf, pos).end()
+                if pos < len(buf) or not more():
+                    return
+
+        def line_at(offset: int) -> int:
+            nonlocal line, counted
+            if offset > counted:
+                line += buf.count("\n", counted, offset)
+                counted = offset
+            return line
+
+        def invalid(message: str) -> _Item:
+            at = line_at(pos)
+            col = pos - (buf.rfind("\n", 0, pos) + 1) + 1
+            return _Item(at, problem=Problem(at, None, "invalid_json",
+                                             f"invalid JSON: {message} (column {col}); the rest "
+                                             "of the array is unread", _excerpt(buf[pos:pos + 40])))
+
         try:
-            obj, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            yield _Item(exc.lineno, problem=Problem(
-                exc.lineno, None, "invalid_json",
-                f"invalid JSON: {exc.msg} (column {exc.colno}); the rest of the array is unread",
-                _excerpt(text[exc.pos:exc.pos + 40])))
-            return
-        except RecursionError:
-            at = line_at(start)
-            yield _Item(at, problem=Problem(at, None, "invalid_json",
-                                            "invalid JSON: nested too deeply"))
-            return
-        yield _Item(line_at(start), obj=obj, raw=text[start:pos])
-        pos = ws.match(text, pos).end()
-        if text.startswith(",", pos):
-            pos = ws.match(text, pos + 1).end()
-            continue
-        if text.startswith("]", pos) and not text[pos + 1:].strip():
-            return
-        at = line_at(pos)
-        col = pos - (text.rfind("\n", 0, pos) + 1) + 1
-        yield _Item(at, problem=Problem(
-            at, None, "invalid_json",
-            f"invalid JSON: expected ',' or ']' (column {col}); the rest of the array is unread"))
-        return
+            skip_ws()
+            pos += 1  # the "[" that _first_char saw
+            skip_ws()
+            if buf.startswith("]", pos):
+                return
+            while True:
+                start = pos
+                while True:
+                    try:
+                        obj, end = decoder.raw_decode(buf, start)
+                        break
+                    except json.JSONDecodeError as exc:
+                        if len(buf) - start > MAX_RECORD_BYTES:
+                            yield _Item(line_at(start), problem=_too_large(
+                                line_at(start), len(buf) - start))
+                            return
+                        if not more():
+                            pos = exc.pos
+                            yield invalid(exc.msg)
+                            return
+                    except RecursionError:
+                        yield _Item(line_at(start), problem=Problem(
+                            line_at(start), None, "invalid_json",
+                            "invalid JSON: nested too deeply; the rest of the array is unread"))
+                        return
+                if end - start > MAX_RECORD_BYTES:
+                    yield _Item(line_at(start), problem=_too_large(line_at(start), end - start))
+                else:
+                    yield _Item(line_at(start), obj=obj, raw=buf[start:end])
+                pos = end
+                skip_ws()
+                if buf.startswith(",", pos):
+                    pos += 1
+                    skip_ws()
+                elif buf.startswith("]", pos):
+                    pos += 1
+                    skip_ws()
+                    if pos < len(buf):
+                        yield invalid("extra data after the array")
+                    return
+                else:
+                    yield invalid("expected ',' or ']'")
+                    return
+                # Drop what is consumed once it is most of the buffer (amortized O(1)).
+                if pos > (1 << 20):
+                    line_at(pos)
+                    buf, pos, counted = buf[pos:], 0, 0
+        except UnicodeDecodeError:
+            at = line + buf.count("\n", counted)
+            yield _Item(at, problem=Problem(
+                at, None, "invalid_utf8",
+                f"not valid UTF-8 near line {at}; re-save the file as UTF-8"))
 
 
 def _iter_items(path: Path, warn: Callable[[Problem], None]) -> Iterator[_Item]:
@@ -317,6 +399,27 @@ def _image_list(obj: dict, line: int, problems: list[Problem]) -> list[str] | No
     return value
 
 
+def read_image(path: Path) -> None:
+    """Opens and fully decodes an image, as training will; refuses decompression bombs
+    (over MAX_IMAGE_PIXELS) before decoding them."""
+    import warnings
+
+    from PIL import Image  # only for data with images; keeps validate's start fast
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{im.width}x{im.height} pixels is over the "
+                                 f"{MAX_IMAGE_PIXELS:,}-pixel limit")
+            im.load()
+
+
+def image_error(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:120] if text else type(exc).__name__
+
+
 def _check_images(names: list[str], base_dir: Path, line: int, problems: list[Problem],
                   field_name: str) -> list[Path]:
     paths = []
@@ -328,13 +431,10 @@ def _check_images(names: list[str], base_dir: Path, line: int, problems: list[Pr
                                     f"file's folder)", _excerpt(name)))
             continue
         try:
-            from PIL import Image  # only for data with images; keeps validate's start fast
-
-            with Image.open(path) as im:
-                im.verify()
+            read_image(path)
         except Exception as exc:  # PIL raises many types for bad files
             problems.append(Problem(line, field_name, "image_unreadable",
-                                    f"image cannot be read: {name} ({type(exc).__name__})",
+                                    f"image cannot be read: {name} ({image_error(exc)})",
                                     _excerpt(name)))
             continue
         paths.append(path)
@@ -480,6 +580,7 @@ def _scan(path: Path, *, on_example: Callable[[Example], None] | None, check_ima
     report = ValidationReport(path=str(path))
     base_dir = path.parent
     seen: dict[int, int] = {}
+    tracking_stopped = False
 
     def keep(problem: Problem) -> None:
         if problem.is_error:
@@ -517,7 +618,15 @@ def _scan(path: Path, *, on_example: Callable[[Example], None] | None, check_ima
             duplicate_of = None
             if example is not None:
                 digest = hash(item.raw)
-                duplicate_of = seen.setdefault(digest, item.line)
+                if len(seen) < DUPLICATE_TRACK_LIMIT:
+                    duplicate_of = seen.setdefault(digest, item.line)
+                else:
+                    duplicate_of = seen.get(digest, item.line)
+                    if not tracking_stopped:
+                        tracking_stopped = True
+                        keep(Problem(None, None, "duplicate", "duplicate check stopped after "
+                                     f"{DUPLICATE_TRACK_LIMIT:,} distinct records (memory cap); "
+                                     "later records are checked only against those"))
                 if duplicate_of != item.line:
                     problems.append(Problem(item.line, None, "duplicate",
                                             f"exact duplicate of line {duplicate_of}"))

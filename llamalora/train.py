@@ -351,13 +351,17 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     output_dir = Path(config.output_dir)
     is_main = rank == 0
 
-    # 1. Output folder: refuse to clobber, lock against a second run, find the checkpoint.
-    if is_main:
-        prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
+    # 1. Output folder: lock it against a second run first (so --overwrite can never clear a
+    # folder another run is writing), then refuse to clobber, then find the checkpoint.
     lock = FolderLock(output_dir)
     if is_main:
+        if output_dir.exists() and not output_dir.is_dir():
+            raise OutputExistsError(f"{output_dir} is a file; pass a folder to --output-dir")
+        output_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     try:
+        if is_main:
+            prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
         if resume and (output_dir / RUN_MARKER).is_file():
             raise OutputExistsError(f"the run in {output_dir} already finished; pass "
                                     "--overwrite to train it again, or another --output-dir")

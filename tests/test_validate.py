@@ -226,3 +226,85 @@ def test_fifo_is_refused_not_waited_on(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(UsageError, match="regular file"):
         validate_file(fifo)
+
+
+def test_record_too_large_is_skipped_unread(tmp_path, monkeypatch):
+    import llamalora.data as data
+
+    monkeypatch.setattr(data, "MAX_RECORD_BYTES", 1000)
+    big = json.dumps({"instruction": "a", "output": "x" * 5000})
+    _check(tmp_path, big, "record_too_large", field=None)
+    path = tmp_path / "a.json"
+    path.write_text("[\n" + OK + ",\n" + big + ",\n" + OK + "\n]\n", encoding="utf-8")
+    report = validate_file(path)
+    assert [(p.line, p.code) for p in report.errors] == [(3, "record_too_large")]
+
+
+def test_deeply_nested_json_is_an_error_not_a_crash(tmp_path):
+    deep = '{"instruction": "a", "output": ' + "[" * 200_000 + "]" * 200_000 + "}"
+    _, p = _check(tmp_path, deep, "invalid_json", field=None)
+    assert "nested" in p.message
+
+
+def test_truncated_and_oversized_images(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    Image.new("1", (9000, 9000)).save(tmp_path / "bomb.png")  # 81M pixels, a few KB on disk
+    _, p = _check(tmp_path, '{"instruction": "a", "output": "b", "image": "cut.png"}',
+                  "image_unreadable")
+    _, p = _check(tmp_path, '{"instruction": "a", "output": "b", "image": "bomb.png"}',
+                  "image_unreadable")
+    assert "pixel" in p.message
+
+
+def test_large_json_array_streams_with_right_lines(tmp_path):
+    # Over several 1 MiB read chunks: every element keeps its own start line.
+    recs = [{"instruction": f"term {i}", "output": "정의 " * 50} for i in range(3000)]
+    recs[2500]["output"] = 5
+    path = tmp_path / "big.json"
+    path.write_text("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\n]",
+                    encoding="utf-8")
+    assert path.stat().st_size > 2**20
+    report = validate_file(path)
+    assert report.records == 3000
+    assert [(p.line, p.code) for p in report.errors] == [(2502, "wrong_type")]
+
+
+def test_duplicate_tracking_is_capped(tmp_path, monkeypatch):
+    import llamalora.data as data
+
+    monkeypatch.setattr(data, "DUPLICATE_TRACK_LIMIT", 2)
+    recs = [{"instruction": f"t{i}", "output": "o"} for i in range(4)] + [
+        {"instruction": "t0", "output": "o"}, {"instruction": "t3", "output": "o"}]
+    report = validate_file(write_jsonl(tmp_path / "d.jsonl", recs))
+    dups = [(p.line, p.message[:22]) for p in report.warnings if p.code == "duplicate"]
+    assert dups == [(None, "duplicate check stoppe"), (5, "exact duplicate of lin")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("as_array", [False, True])
+def test_validate_memory_stays_flat_on_a_large_file(tmp_path, as_array):
+    import subprocess
+    import sys
+
+    line = json.dumps({"instruction": "다음 건설 용어를 설명하세요.", "input": "거푸집",
+                       "output": "콘크리트를 굳히는 임시 틀입니다. " * 6}, ensure_ascii=False)
+    n = 250_000  # ~100 MB
+    path = tmp_path / ("big.json" if as_array else "big.jsonl")
+    with path.open("w", encoding="utf-8") as f:
+        f.write("[\n" if as_array else "")
+        for i in range(n):
+            f.write(line.replace("설명하세요.", f"설명하세요. {i}"))
+            f.write(",\n" if as_array and i < n - 1 else "\n")
+        f.write("]\n" if as_array else "")
+    assert path.stat().st_size > 90 * 2**20
+    code = ("import resource, sys; from llamalora.data import validate_file; "
+            "r = validate_file(sys.argv[1]); assert r.records == %d and r.ok, r.error_counts; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)" % n)
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                         text=True, check=True)
+    peak_mib = int(out.stdout.strip()) / 1024
+    assert peak_mib < 120, peak_mib  # the file is ~100 MB; memory must not grow with it

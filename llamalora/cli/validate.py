@@ -33,11 +33,13 @@ def validate(
         show_default=False)] = None,
     max_errors: Annotated[int | None, typer.Option(
         "--max-errors", min=1, help="List at most this many errors and warnings each (counts "
-                                    "stay complete); default 50 in tables, all with --json.",
+                                    "stay complete); default 50 in tables, 100,000 with --json.",
         show_default=False)] = None,
 ) -> None:
     """Check a data file and report every bad record with its line number."""
-    limit = max_errors if max_errors is not None else (None if json_out else 50)
+    # --json lists every problem up to 100,000 of each kind (counts stay complete), so a file of
+    # garbage can't make the report itself unbounded.
+    limit = max_errors if max_errors is not None else (100_000 if json_out else 50)
     report = validate_file(path, max_problems=limit, fix_out=fix)
     if json_out:
         out.print_json(json.dumps(report.to_dict(), ensure_ascii=False))
