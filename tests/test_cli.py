@@ -115,3 +115,31 @@ def test_data_commands_import_no_torch(good_file):
             "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("command", [["validate"], ["stats", "--tokenizer", "bundled"],
+                                     ["train", "--dry-run", "--model", "tiny"]])
+@pytest.mark.parametrize("kind", ["missing", "folder", "fifo", "unreadable"])
+def test_unusable_data_paths_exit_2_with_one_line(tmp_path, monkeypatch, command, kind):
+    import os
+    from pathlib import Path
+
+    path = tmp_path / "data.jsonl"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "unreadable":
+        path.write_text('{"instruction": "a", "output": "b"}\n')
+        real_open = Path.open
+
+        def denied(self, *a, **k):
+            if self == path:
+                raise PermissionError(13, "Permission denied")
+            return real_open(self, *a, **k)
+
+        monkeypatch.setattr(Path, "open", denied)  # root can read any file; simulate a denial
+    r = run(command[0], str(path), *command[1:])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("Error:") and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.output

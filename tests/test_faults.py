@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import json
 import random
 import signal
@@ -116,3 +117,27 @@ def test_kill_9_at_random_moments_never_leaves_a_false_good_folder(tmp_path):
             assert (out / "llamalora.json").is_file()
             outcomes.append(state["step"])
     assert outcomes, "every kill landed after the run finished; the test proved nothing"
+
+
+def test_crash_inside_the_final_save_is_not_taken_for_a_finished_run(tmp_path, monkeypatch):
+    """Dies between moving the adapter into place and writing llamalora.json: the folder must
+    resolve to its last complete checkpoint, and --resume must finish it."""
+    real_replace = os.replace
+    moved = []
+
+    def crash_after_first_move(src, dst):
+        if str(src).find(".final.tmp") >= 0:
+            if moved:
+                raise KeyboardInterrupt("simulated kill during the final save")
+            moved.append(dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(train_mod.os, "replace", crash_after_first_move)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path))
+    monkeypatch.setattr(train_mod.os, "replace", real_replace)
+    out = tmp_path / "out"
+    assert moved and not (out / "llamalora.json").exists()
+    assert find_adapter(out).folder == out / "checkpoints" / "step-000004"
+    summary = train(_config(tmp_path), resume=True)
+    assert summary["steps_run"] == 2 and (out / "llamalora.json").is_file()
