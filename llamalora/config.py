@@ -16,6 +16,26 @@ QUANT_CHOICES = ("8bit", "4bit", "none")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def lora_target_names(target_modules: str) -> list[str]:
+    """The projection names a `--target-modules` value stands for.
+
+    Args:
+        target_modules: `"all-linear"` or a comma list of names from `LORA_TARGETS`.
+
+    Raises:
+        ConfigError: An unknown or empty list.
+    """
+    text = (target_modules or "").strip()
+    if text == "all-linear":
+        return list(LORA_TARGETS)
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    unknown = [n for n in names if n not in LORA_TARGETS]
+    if unknown or not names:
+        raise ConfigError(f"--target-modules: unknown {', '.join(unknown) or 'empty list'}; use "
+                          f"all-linear or some of {','.join(LORA_TARGETS)}")
+    return names
+
+
 def _opt(default, help_text: str):
     return field(default=default, metadata={"help": help_text})
 
@@ -75,16 +95,10 @@ class TrainConfig:
                                   f"{getattr(self, name)}")
         if not 0 <= self.eval_fraction < 0.5:
             raise ConfigError(f"--eval-fraction must be in [0, 0.5), got {self.eval_fraction}")
-        targets = self.target_module_list()
-        unknown = [t for t in targets if t not in LORA_TARGETS]
-        if unknown:
-            raise ConfigError(f"--target-modules: unknown {', '.join(unknown)}; use all-linear or "
-                              f"some of {','.join(LORA_TARGETS)}")
+        lora_target_names(self.target_modules)
 
     def target_module_list(self) -> list[str]:
-        if self.target_modules.strip() == "all-linear":
-            return list(LORA_TARGETS)
-        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        return lora_target_names(self.target_modules)
 
     def to_dict(self) -> dict:
         return asdict(self)

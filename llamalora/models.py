@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from llamalora.config import LORA_TARGETS, QUANT_CHOICES
+from llamalora.config import QUANT_CHOICES, lora_target_names
 from llamalora.errors import ConfigError, MissingExtraError, ModelError
 
 TINY_MODEL = "tiny"
@@ -90,6 +90,11 @@ def llamalora_home() -> Path:
     """`$LLAMALORA_HOME`, else `~/.cache/llamalora`."""
     env = os.environ.get("LLAMALORA_HOME")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "llamalora"
+
+
+def resolve_model(name_or_path: str) -> str:
+    """`tiny` -> the cached tiny model's folder (built on first use); anything else unchanged."""
+    return str(tiny_model_dir()) if name_or_path == TINY_MODEL else name_or_path
 
 
 def tiny_model_dir(cache_dir: str | Path | None = None) -> Path:
@@ -210,7 +215,7 @@ def load_base_model(name_or_path: str, *, quant: str = "8bit", with_vision: bool
     """
     if quant not in QUANT_CHOICES:
         raise ConfigError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
-    path = str(tiny_model_dir()) if name_or_path == TINY_MODEL else name_or_path
+    path = resolve_model(name_or_path)
     target = _resolve_device(device)
     dtype = getattr(torch, dtype) if dtype else _compute_dtype(target)
     config = _load_config(path)
@@ -291,7 +296,7 @@ def load_image_processor(name_or_path: str):
     """
     from transformers import AutoImageProcessor
 
-    path = str(tiny_model_dir()) if name_or_path == TINY_MODEL else name_or_path
+    path = resolve_model(name_or_path)
     try:
         return AutoImageProcessor.from_pretrained(path)
     except Exception as exc:
@@ -482,26 +487,6 @@ def _run_without_autograd(module: torch.nn.Module) -> None:
 
 
 # --- LoRA -------------------------------------------------------------------------------------
-
-def lora_target_names(target_modules: str) -> list[str]:
-    """The projection names a `--target-modules` value stands for.
-
-    Args:
-        target_modules: `"all-linear"` or a comma list of names from `LORA_TARGETS`.
-
-    Raises:
-        ConfigError: An unknown or empty list.
-    """
-    text = (target_modules or "").strip()
-    if text == "all-linear":
-        return list(LORA_TARGETS)
-    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    unknown = [n for n in names if n not in LORA_TARGETS]
-    if unknown or not names:
-        raise ConfigError(f"--target-modules: unknown {', '.join(unknown) or 'empty list'}; use "
-                          f"all-linear or some of {','.join(LORA_TARGETS)}")
-    return names
-
 
 def lora_target_pattern(names: list[str]) -> str:
     """A regex peft matches against full module names: these projections, language model only.

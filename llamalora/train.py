@@ -85,12 +85,10 @@ class Plan:
 # --- the model's files, without weights ----------------------------------------------------
 
 def resolve_model(name: str) -> str:
-    """`tiny` -> the cached tiny model's folder; anything else unchanged."""
-    if name == "tiny":
-        from llamalora.models import tiny_model_dir
+    """`tiny` -> the cached tiny model's folder; anything else unchanged (see models)."""
+    from llamalora.models import resolve_model as resolve
 
-        return str(tiny_model_dir())
-    return name
+    return resolve(name)
 
 
 def load_model_config(model: str):

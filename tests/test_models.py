@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from llamalora import models
+from llamalora.config import LORA_TARGETS, lora_target_names
 from llamalora.errors import ConfigError, MissingExtraError, ModelError
 
 IMAGE_TOKEN = 128256
@@ -207,12 +208,12 @@ def test_8bit_on_cpu_quantizes_the_language_model_only(tiny_dir):
 def test_lora_target_names_and_pattern():
     import re
 
-    assert models.lora_target_names("all-linear") == [
+    assert lora_target_names("all-linear") == [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    assert models.lora_target_names(" q_proj, v_proj ,q_proj") == ["q_proj", "v_proj"]
+    assert lora_target_names(" q_proj, v_proj ,q_proj") == ["q_proj", "v_proj"]
     for bad in ("q_proj,lm_head", "", "fc1"):
         with pytest.raises(ConfigError, match="--target-modules"):
-            models.lora_target_names(bad)
+            lora_target_names(bad)
     pattern = models.lora_target_pattern(["q_proj", "o_proj"])
     assert re.fullmatch(pattern, "model.language_model.layers.3.self_attn.q_proj")
     assert re.fullmatch(pattern, "model.layers.1.cross_attn.o_proj")
@@ -231,7 +232,7 @@ def test_lora_skips_vision_and_matches_between_classes(tiny_dir):
                                                  device="cpu")
     text = models.attach_lora(text, target_modules="all-linear")
     vision = models.attach_lora(vision, target_modules="all-linear")
-    assert vision.lora_target_names == list(models.LORA_TARGETS)
+    assert vision.lora_target_names == list(LORA_TARGETS)
     vision_names = _lora_names(vision)
     assert vision_names and all("lora_" in n for n in vision_names)
     assert not any("vision_model" in n or "multi_modal_projector" in n or "lm_head" in n
