@@ -1,0 +1,131 @@
+"""benchmarks/speed.py: its generated data, its resume logic, and a 2-step run of every recipe."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "speed.py"
+
+
+def _load_speed():
+    spec = importlib.util.spec_from_file_location("speed_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+speed = _load_speed()
+
+
+def test_default_data_has_the_promised_mix(tmp_path):
+    from llamalora.tokenizer import load_tokenizer
+
+    stats = speed.make_data(tmp_path / "d.jsonl")
+    lines = (tmp_path / "d.jsonl").read_text(encoding="utf-8").splitlines()
+    assert stats["records"] == len(lines) == 1000 == len(set(lines))  # no record repeats
+    assert 200 <= stats["long_records"] <= 300  # 20-30% long answers
+    assert 5 <= stats["over_max_length"] <= 60  # a few over 512
+    tokenizer = load_tokenizer("bundled").tokenizer
+    lengths = [speed._training_length(tokenizer, json.loads(line)) for line in lines]
+    assert all(20 <= n <= 80 or 200 <= n <= 620 for n in lengths)
+    for word in ("설명", "Define", "Translate", "step by step", "단계별"):  # both languages, all kinds
+        assert any(word in line for line in lines), word
+
+
+def test_default_data_is_deterministic(tmp_path):
+    speed.make_data(tmp_path / "a.jsonl", records=150)
+    speed.make_data(tmp_path / "b.jsonl", records=150)
+    speed.make_data(tmp_path / "c.jsonl", records=150, seed=1)
+    a, b, c = ((tmp_path / f"{x}.jsonl").read_bytes() for x in "abc")
+    assert a == b != c
+
+
+def test_step_batches_are_llamalora_batches():
+    from llamalora.batching import batch_order
+
+    lengths = [5, 90, 7, 300, 40, 41, 12, 60, 8, 200]  # 3 batches of up to 4 per epoch
+    steps = speed.step_batches(lengths, 5, seed=3)
+    assert steps[:3] == batch_order(lengths, 4, 3, 0)
+    assert steps[3:] == batch_order(lengths, 4, 3, 1)[:2]
+
+
+def test_summarize_counts_steps_after_skip():
+    rows = [{"step_time_s": 9.0, "tokens": 10, "loss": 3.0},
+            {"step_time_s": 1.0, "tokens": 100, "loss": 2.0},
+            {"step_time_s": 3.0, "tokens": 300, "loss": 1.0}]
+    s = speed.summarize(rows, skip=1)
+    assert s["steps_counted"] == 2 and s["median_step_s"] == 2.0
+    assert s["real_tokens_per_s"] == 100.0 and s["final_loss"] == 1.0
+    assert speed.summarize(rows, skip=5)["steps_counted"] == 3  # fewer steps than skip: all
+
+
+def test_resume_keeps_successes_and_reruns_failures(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_child(spec, work, log_dir, name):
+        ran.append(name)
+        return {"error": "OutOfMemoryError: boom"} if name == "a" else {"rows": [], "ok": name}
+
+    monkeypatch.setattr(speed, "run_child", fake_child)
+    previous = {"a": {"error": "old failure"}, "b": {"ok": "kept"}, "z": {"ok": "other"},
+                "y": {"error": "not kept"}}
+    specs = {"a": {}, "b": {}, "c": {"after": "a"}, "d": {}}
+    report = {"runs": {}}
+    saved = []
+    speed.run_specs(specs, report, previous, tmp_path, tmp_path, lambda r: saved.append(1))
+    assert ran == ["a", "d"]  # b kept, c skipped because a failed
+    runs = report["runs"]
+    assert runs["b"] == {"ok": "kept"} and runs["z"] == {"ok": "other"} and "y" not in runs
+    assert runs["c"]["error"] == "not run: a failed" and runs["a"]["error"].startswith("OutOf")
+    assert len(saved) == 3  # after each run, not for the kept one
+
+
+def _run_script(tmp_path, *extra) -> tuple[dict, str]:
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, str(SCRIPT), "--model", "tiny", "--device", "cpu", "--records", "40",
+           "--max-seq-length", "192", "--work-dir", str(tmp_path / "work"), "--json-out",
+           str(out), *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(out.read_text()), r.stdout
+
+
+@pytest.mark.slow
+def test_every_speed_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
+    report, table = _run_script(tmp_path, "--steps", "2", "--skip", "1")
+    recipes = report["recipes"]
+    assert list(recipes) == list(speed.SPEED_RECIPES)
+    for name, r in recipes.items():
+        assert "error" not in r, (name, r["error"])
+        assert r["steps_run"] == 2 and r["steps_counted"] == 1
+        assert r["real_tokens_per_s"] > 0 and r["median_step_s"] > 0
+        assert math.isfinite(r["final_loss"]) and r["ratio_to_old"] > 0
+        assert f"| {name} |" in table
+    assert recipes["old"]["ratio_to_old"] == 1.0
+    assert report["same_tokens_per_step"]  # every recipe trained on the same records per step
+    assert recipes["old"]["gradient_checkpointing"] and recipes["llamalora-8bit"]["kernels"]
+    assert report["data_stats"]["records"] == 40
+
+
+@pytest.mark.slow
+def test_numerics_mode_runs_on_the_tiny_model(tmp_path):
+    report, table = _run_script(tmp_path, "--numerics", "--numerics-steps", "2")
+    rows = report["numerics"]
+    assert list(rows) == list(speed.NUMERICS_QUANTS)
+    for quant, r in rows.items():
+        assert "error" not in r, (quant, r["error"])
+        assert r["steps"] == 2 and r["eval_records"] >= 1 and r["eval_tokens"] > 0
+        for key in ("max_rel_loss_diff", "mean_rel_loss_diff", "llamalora_eval_loss",
+                    "plain_peft_eval_loss", "eval_rel_diff"):
+            assert math.isfinite(r[key]), (quant, key)
+        # The adapter gives the same eval loss on plain transformers + peft (fp32 on the CPU).
+        assert r["eval_rel_diff"] < 0.01
+        assert f"| {quant} |" in table
