@@ -368,10 +368,14 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             emit("warning", {"message": f"no checkpoint in {output_dir}; starting from step 0"})
         if start_ckpt is not None:
             saved = json.loads((start_ckpt / "state.json").read_text())
-            if saved.get("world_size", 1) != world_size:
-                raise ConfigError(f"the checkpoint in {start_ckpt} was made with "
-                                  f"{saved.get('world_size')} process(es), this run has "
-                                  f"{world_size}; resume with the same number of GPUs")
+            ckpt_world = saved.get("world_size", 1)
+            if ckpt_world != world_size:  # the message names the launch that fits it
+                how = (f"torchrun --nproc-per-node {ckpt_world} -m llamalora train ... --resume"
+                       if ckpt_world > 1 else "llamalora train ... --resume, without torchrun")
+                raise ConfigError(f"the checkpoint in {start_ckpt} was made with {ckpt_world} "
+                                  f"process(es), this run has {world_size}; resume it with "
+                                  f"{ckpt_world} ({how}), or drop --resume and pass --overwrite "
+                                  "to start anew")
 
         # 2. Data and plan (validation happens here, before any weights load).
         plan = plan or plan_training(config)
@@ -546,6 +550,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                                             config.save_total_limit)
                     emit("checkpoint", {"step": done, "path": str(path)})
                 if interrupted and done < plan.steps:
+                    # Every rank waits here for rank 0's checkpoint: a rank that exited first
+                    # would say "checkpoint saved" before it was, and make torchrun stop rank 0
+                    # mid-save (SIGTERM, then SIGKILL 30 s later).
+                    _all_reduce(torch.zeros(1, device=device), world_size)
                     raise TrainingInterrupted(
                         f"stopped at step {done}/{plan.steps}; checkpoint saved in "
                         f"{output_dir / CHECKPOINTS}. Continue with the same command plus "
