@@ -257,15 +257,17 @@ def load_base_model(name_or_path: str, *, quant: str = "8bit", with_vision: bool
 
 
 def load_model_for_training(name_or_path: str, *, quant: str = "8bit", with_vision: bool = False,
-                            device: str | None = None, gradient_checkpointing: bool = False):
-    """Loads a frozen base model ready for LoRA (see `load_base_model` for the arguments).
+                            device: str | None = None, gradient_checkpointing: bool = False,
+                            dtype: str | None = None):
+    """Loads a frozen base model ready for LoRA (see `load_base_model` for the arguments;
+    FSDP runs load on the CPU in the GPU's `dtype`, then shard).
 
     Every base weight is frozen; layer norms keep the load dtype (no blanket fp32 upcast, which
     mixes bf16 and fp32 on GPU). The vision tower and projector run under `torch.no_grad()`.
     `gradient_checkpointing` recomputes activations in backward (non-reentrant).
     """
     model, info = load_base_model(name_or_path, quant=quant, with_vision=with_vision,
-                                  device=device)
+                                  device=device, dtype=dtype)
     _prepare_for_training(model, gradient_checkpointing)
     return model, info
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llamalora import __version__
+from llamalora import __version__, fsdp
 from llamalora.batching import (Tokenized, TruncationSummary, add_vision_inputs, batch_order,
                                 collate, split_eval, tokenize_examples)
 from llamalora.checkpoint import (CHECKPOINTS, RUN_MARKER, FolderLock, commit_checkpoint,
@@ -282,6 +282,9 @@ def _evaluate(model, items: list[Tokenized], config: TrainConfig, ctx: dict) -> 
     total = torch.zeros(2, dtype=torch.float64, device=ctx["device"])
     model.eval()
     with torch.no_grad():
+        if world_size > 1 and fsdp.is_sharded(model):  # FSDP hook: as many passes as any rank
+            fsdp.run_fillers(len(batches[rank::world_size]), lambda b: _loss_sum(model, b),
+                             ctx["device"])
         for b in batches[rank::world_size]:
             batch = ctx["make_batch"]([items[i] for i in b])
             loss, n = _loss_sum(model, batch)
@@ -383,6 +386,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             raise ConfigError(f"{config.data_path} changed since the checkpoint in {start_ckpt}; "
                               "resume needs the same data (or start anew with --overwrite)")
         emit("plan", plan.to_dict())
+        fsdp_run = fsdp.settings(config, plan, world_size)  # FSDP hook: None unless asked for
 
         # 3. Distributed setup and the model.
         if world_size > 1 and not torch.distributed.is_initialized():
@@ -397,11 +401,17 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
         emit("status", {"message": f"Loading {config.model} ({config.quant})"})
         model_path = resolve_model(config.model)
+        if fsdp_run:  # FSDP hook: load into CPU memory (in turn, if asked), shard below
+            fsdp.wait_turn(fsdp_run, rank)
         model, info = load_model_for_training(
-            model_path, quant=config.quant, with_vision=plan.with_vision, device=str(device),
-            gradient_checkpointing=config.gradient_checkpointing)
+            model_path, quant=config.quant, with_vision=plan.with_vision,
+            gradient_checkpointing=config.gradient_checkpointing,
+            **(fsdp.load_options(device) if fsdp_run else {"device": str(device)}))
         model = attach_lora(model, r=config.lora_rank, alpha=config.lora_alpha,
                             dropout=config.lora_dropout, target_modules=config.target_modules)
+        if fsdp_run:  # FSDP hook: each GPU keeps its share of every weight
+            info.update(device=str(device), fsdp=fsdp.shard(model, device, fsdp_run, rank))
+            emit("status", {"message": f"Sharded over {world_size} processes (FSDP2)"})
         compute_dtype = getattr(torch, info["compute_dtype"])
         trainable = [p for p in model.parameters() if p.requires_grad]
         emit("model", {**info, "trainable_params": sum(p.numel() for p in trainable)})
@@ -431,10 +441,13 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             from safetensors.torch import load_file
 
             weights = load_file(str(start_ckpt / "adapter_model.safetensors"))
-            set_peft_model_state_dict(model, weights)
             state = torch.load(start_ckpt / "training_state.pt", weights_only=True,
                                map_location="cpu")
-            optimizer.load_state_dict(state["optimizer"])
+            if fsdp_run:  # FSDP hook: cut the one-GPU layout into this rank's shards
+                fsdp.load_full_state(model, optimizer, weights, state["optimizer"])
+            else:
+                set_peft_model_state_dict(model, weights)
+                optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"])
             start_step = saved["step"]
@@ -490,6 +503,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 n_targets, n_real = counts.tolist()
                 step_loss = torch.zeros((), dtype=torch.float64, device=device)
                 try:
+                    if fsdp_run:  # FSDP hook: as many passes as the busiest rank
+                        fsdp.run_fillers(len(batches), lambda b: _loss_sum(model, b)[0].backward(),
+                                         device)
                     for batch in batches:
                         loss, _ = _loss_sum(model, batch)
                         (loss / max(n_targets, 1)).backward()
@@ -497,7 +513,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 except torch.OutOfMemoryError as exc:
                     raise OutOfMemory(_oom_advice(config, plan, done=step, device=device)
                                       ) from exc
-                if world_size > 1:
+                if world_size > 1 and not fsdp_run:  # FSDP reduced them in backward
                     for p in trainable:
                         if p.grad is None:
                             p.grad = torch.zeros_like(p)
@@ -542,8 +558,11 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 interrupted = flag.item() > 0
                 save_now = (config.save_steps and done % config.save_steps == 0
                             and done < plan.steps) or (interrupted and done < plan.steps)
+                if save_now and fsdp_run:  # FSDP hook: every rank gathers, rank 0 saves
+                    saving = fsdp.gathered(model, optimizer)
                 if save_now and is_main:
-                    path = _save_checkpoint(model, optimizer, scheduler, output_dir, done,
+                    path = _save_checkpoint(*(saving if fsdp_run else (model, optimizer)),
+                                            scheduler, output_dir, done,
                                             {"step": done, "world_size": world_size,
                                              "data_sha256": plan.data_sha256,
                                              "config": config.to_dict()},
@@ -583,6 +602,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             if device.type == "cuda" else None,
             "device": str(device), "world_size": world_size, "versions": _versions(),
         }
+        if fsdp_run:  # FSDP hook: per-rank memory in the summary; every rank gathers the adapter
+            summary["fsdp"] = fsdp.report(model, device, info["fsdp"])
+            model = fsdp.gathered(model)[0]
         if is_main:
             _save_final(model, output_dir, tokenizer_src, model_path if plan.with_vision else None,
                         summary, metrics_path)
