@@ -137,6 +137,27 @@ def collate(items: list[Tokenized], pad_id: int):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def pack(items: list[Tokenized]):
+    """Concatenates a batch's records into one padding-free row. Returns torch tensors.
+
+    Position ids restart at 0 for each record; with no attention mask, transformers reads the
+    restarts as record boundaries and masks attention block-diagonally, so each record sees only
+    itself and the result equals the padded batch's, without computing a single pad token. The
+    first label of each record is -100: the previous record's last token must not learn to
+    predict it.
+    """
+    import torch
+
+    ids, labels, positions = [], [], []
+    for t in items:
+        ids += t.input_ids
+        labels += [IGNORE_INDEX] + t.labels[1:]
+        positions += range(len(t))
+    return {"input_ids": torch.tensor([ids], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long)}
+
+
 def add_vision_inputs(batch: dict, image_lists: list[list[Path]], image_processor,
                       image_token_id: int = IMAGE_TOKEN_ID) -> dict:
     """Adds Mllama's image inputs to a collated batch, in place: pixel values (tiles), aspect

@@ -97,6 +97,7 @@ class ChatSession:
     adapter: AdapterInfo | None
     quant: str
     system: str | None = None
+    kernels: str = "bitsandbytes"
     history: list[tuple[str, str]] = field(default_factory=list)
     images: list[Path] = field(default_factory=list)
 
@@ -164,7 +165,7 @@ class ChatSession:
 
 def open_chat(adapter: str | Path | None, *, model: str | None = None, quant: str | None = None,
               no_adapter: bool = False, with_vision: bool = False,
-              system: str | None = None) -> ChatSession:
+              system: str | None = None, kernels: str = "auto") -> ChatSession:
     """Loads the base model (from the adapter's config unless `model`) and the adapter.
 
     Args:
@@ -175,6 +176,7 @@ def open_chat(adapter: str | Path | None, *, model: str | None = None, quant: st
         no_adapter: Answer with the base model alone.
         with_vision: Load the vision tower (needed for images).
         system: The system message.
+        kernels: Base-layer matmuls, as train's `--kernels` (auto: llamalora's on CUDA GPUs).
 
     Raises:
         UsageError, ModelError, ConfigError.
@@ -191,6 +193,9 @@ def open_chat(adapter: str | Path | None, *, model: str | None = None, quant: st
     loaded, load_info = load_model_for_inference(base_path, quant=quant, with_vision=with_vision)
     if info is not None and not no_adapter:
         loaded = apply_adapter(loaded, info.folder)
+    from llamalora import fastlinear
+
+    kernel_path = fastlinear.enable(loaded, kernels)
     tokenizer, _ = load_training_tokenizer(base_path)
     image_processor = None
     if with_vision:
@@ -199,4 +204,5 @@ def open_chat(adapter: str | Path | None, *, model: str | None = None, quant: st
         image_processor = load_image_processor(base_path)
     return ChatSession(model=loaded, tokenizer=tokenizer, image_processor=image_processor,
                        device=load_info["device"], base_model=base,
-                       adapter=None if no_adapter else info, quant=quant, system=system)
+                       adapter=None if no_adapter else info, quant=quant, system=system,
+                       kernels=kernel_path)

@@ -13,6 +13,7 @@ from llamalora.errors import ConfigError
 from llamalora.tokenizer import DEFAULT_MODEL
 
 QUANT_CHOICES = ("8bit", "4bit", "none")
+KERNEL_CHOICES = ("auto", "fast", "plain")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -70,13 +71,26 @@ class TrainConfig:
     seed: int = _opt(42, "Seed for the data order, the split, and LoRA init.")
     train_on_prompt: bool = _opt(False, "Also compute loss on the prompt tokens.")
     truncation: str = _opt("truncate", "Records over max_seq_length: truncate or drop.")
-    gradient_checkpointing: bool = _opt(True, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool | None = _opt(
+        None, "Recompute activations in backward to save memory (default: only when the plan "
+              "says the run would not fit the GPU without it).")
+    kernels: str = _opt("auto", "Base-layer matmuls: fast (llamalora's kernels on the stored "
+                                "8/4-bit weights), plain (bitsandbytes' own), or auto (fast on "
+                                "CUDA GPUs).")
+    compile: bool | None = _opt(
+        None, "torch.compile the decoder layers (default: on CUDA GPUs for text-only runs of "
+              "100+ steps without checkpointing; the first steps then take 1-2 min longer).")
+    packing: bool = _opt(True, "Pack each micro-batch's records into one padding-free row "
+                               "(text-only data).")
     skip_invalid: bool = _opt(False, "Leave invalid records out instead of refusing the data.")
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_CHOICES:
             raise ConfigError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, got "
                               f"{self.quant!r}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ConfigError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, got "
+                              f"{self.kernels!r}")
         if self.truncation not in ("truncate", "drop"):
             raise ConfigError(f"--truncation must be truncate or drop, got {self.truncation!r}")
         positive = {"lora_rank": self.lora_rank, "batch_size": self.batch_size,

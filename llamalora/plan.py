@@ -72,13 +72,14 @@ def lora_param_count(counts: ParamCounts, rank: int, targets: list[str], kv_rati
 
 def estimate_peak_gib(counts: ParamCounts, *, quant: str, batch_size: int, seq_len: int,
                       gradient_checkpointing: bool, lora_params: int,
-                      response_share: float = 1.0) -> float:
+                      response_share: float = 1.0, bnb_int8_layers: bool = False) -> float:
     """Estimated peak GPU memory in GiB for one training step.
 
     Weights at their stored size; LoRA weights, gradients and AdamW state in fp32 (16 bytes each);
     activations per token and layer (bf16: the layer input alone with checkpointing, ~20 hidden
     widths plus the MLP's 3 intermediate widths without); logits only for the tokens with loss,
-    in fp32 with their gradient; CUDA context and allocator slack on top.
+    in fp32 with their gradient; CUDA context and allocator slack on top. `bnb_int8_layers`:
+    the 8-bit base runs through bitsandbytes' own layers, which keep more for backward.
     """
     tokens = batch_size * seq_len
     weights = counts.quantizable * _LINEAR_BYTES[quant] + counts.other * 2
@@ -89,8 +90,8 @@ def estimate_peak_gib(counts: ParamCounts, *, quant: str, batch_size: int, seq_l
     recompute = tokens * 2 * (20 * counts.hidden + 3 * counts.intermediate) \
         if gradient_checkpointing else 0
     activations = tokens * per_layer * counts.layers + recompute
-    if quant == "8bit":
-        # bnb's LLM.int8 keeps int8 copies and outlier columns of each input for backward;
+    if quant == "8bit" and bnb_int8_layers:
+        # bnb's LLM.int8 (`--kernels plain`) keeps int8 copies and outlier columns of each input for backward;
         # seen on an H100 as ~2.5x the bf16 activation memory of the same step.
         activations *= 2.5
     logits = math.ceil(tokens * response_share) * counts.vocab * (2 + 4 + 4)

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamalora import __version__, fsdp
-from llamalora.batching import (Tokenized, TruncationSummary, add_vision_inputs, batch_order,
-                                collate, split_eval, tokenize_examples)
+from llamalora.batching import (IGNORE_INDEX, Tokenized, TruncationSummary, add_vision_inputs,
+                                batch_order, collate, pack, split_eval, tokenize_examples)
 from llamalora.checkpoint import (CHECKPOINTS, RUN_MARKER, FolderLock, commit_checkpoint,
                                   last_checkpoint, prepare_output_dir, write_json_atomic)
-from llamalora.config import TrainConfig
+from llamalora.config import QUANT_CHOICES as QUANTS, TrainConfig
 from llamalora.data import load_examples
 from llamalora.errors import ConfigError, LlamaLoraError, ModelError, OutputExistsError
 
@@ -65,6 +65,7 @@ class Plan:
     effective_batch: int
     truncation: TruncationSummary
     memory_gib: dict[str, float]
+    memory_gib_checkpointed: dict[str, float]
     params: dict[str, int]
     data_sha256: str
     model_note: str = ""
@@ -78,6 +79,7 @@ class Plan:
                 "steps_per_epoch": self.steps_per_epoch, "world_size": self.world_size,
                 "effective_batch": self.effective_batch,
                 "truncation": self.truncation.to_dict(), "estimated_peak_gib": self.memory_gib,
+                "estimated_peak_gib_checkpointed": self.memory_gib_checkpointed,
                 "params": self.params, "data_sha256": self.data_sha256,
                 "model_note": self.model_note}
 
@@ -167,16 +169,23 @@ def plan_training(config: TrainConfig) -> Plan:
     longest = max(len(t) for t in train_set)
     response_share = sum(sum(1 for x in t.labels if x != -100) for t in train_set) / max(
         1, sum(len(t) for t in train_set))
-    memory = {q: estimate_peak_gib(counts, quant=q, batch_size=config.batch_size, seq_len=longest,
-                                   gradient_checkpointing=config.gradient_checkpointing,
-                                   lora_params=lora, response_share=response_share)
-              for q in ("8bit", "4bit", "none")}
+
+    def estimate(quant: str, checkpointing: bool) -> float:
+        return estimate_peak_gib(counts, quant=quant, batch_size=config.batch_size,
+                                 seq_len=longest, gradient_checkpointing=checkpointing,
+                                 lora_params=lora, response_share=response_share,
+                                 bnb_int8_layers=config.kernels == "plain")
+
+    # Unset checkpointing (auto) is planned without; train() turns it on if that won't fit.
+    memory = {q: estimate(q, bool(config.gradient_checkpointing)) for q in QUANTS}
+    memory_checkpointed = {q: estimate(q, True) for q in QUANTS}
     return Plan(config=config, records=len(examples), train_records=len(train_set),
                 eval_records=len(eval_set), with_vision=with_vision,
                 tokens_per_epoch=sum(len(t) for t in train_set), steps=steps,
                 steps_per_epoch=steps_per_epoch, world_size=world_size,
                 effective_batch=config.batch_size * per_step, truncation=truncation,
-                memory_gib=memory, params={"base": counts.total, "lora": lora},
+                memory_gib=memory, memory_gib_checkpointed=memory_checkpointed,
+                params={"base": counts.total, "lora": lora},
                 data_sha256=_sha256(data_path), model_note="; ".join(
                     n for n in (tok_note, cfg_note) if n),
                 train=train_set, eval=eval_set)
@@ -286,7 +295,7 @@ def _evaluate(model, items: list[Tokenized], config: TrainConfig, ctx: dict) -> 
             fsdp.run_fillers(len(batches[rank::world_size]), lambda b: _loss_sum(model, b),
                              ctx["device"])
         for b in batches[rank::world_size]:
-            batch = ctx["make_batch"]([items[i] for i in b])
+            batch, _, _ = ctx["make_batch"]([items[i] for i in b])
             loss, n = _loss_sum(model, batch)
             total += torch.stack([loss.double(), n.double()])
     model.train()
@@ -396,22 +405,43 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         if device.type == "cuda":
             torch.cuda.set_device(device)
             torch.cuda.reset_peak_memory_stats(device)
+            # cuDNN's attention builds a plan for every new sequence length, and packed batches
+            # bring a new length nearly every step; the other SDPA kernels need no plan.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         _seed_everything(config.seed)
         from llamalora.models import attach_lora, load_image_processor, load_model_for_training
 
+        from llamalora import fastlinear
+
+        checkpointing, why = _choose_checkpointing(config, plan, device)
+        if why:
+            emit("status", {"message": why})
         emit("status", {"message": f"Loading {config.model} ({config.quant})"})
         model_path = resolve_model(config.model)
         if fsdp_run:  # FSDP hook: load into CPU memory (in turn, if asked), shard below
             fsdp.wait_turn(fsdp_run, rank)
         model, info = load_model_for_training(
             model_path, quant=config.quant, with_vision=plan.with_vision,
-            gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing=checkpointing,
             **(fsdp.load_options(device) if fsdp_run else {"device": str(device)}))
         model = attach_lora(model, r=config.lora_rank, alpha=config.lora_alpha,
                             dropout=config.lora_dropout, target_modules=config.target_modules)
+        info["kernels"] = fastlinear.enable(model, config.kernels)
         if fsdp_run:  # FSDP hook: each GPU keeps its share of every weight
             info.update(device=str(device), fsdp=fsdp.shard(model, device, fsdp_run, rank))
             emit("status", {"message": f"Sharded over {world_size} processes (FSDP2)"})
+        info["gradient_checkpointing"] = checkpointing
+        info["compiled"], why = _choose_compile(config, plan, device, checkpointing,
+                                                sharded=bool(fsdp_run))
+        if info["compiled"]:
+            from llamalora.speed import compile_layers
+
+            emit("status", {"message": f"Compiling {compile_layers(model)} decoder layers: the "
+                                       "first steps take 1-2 minutes longer"})
+        elif why:
+            emit("status", {"message": why})
+        packing = config.packing and not plan.with_vision
+        info["batches"] = "packed" if packing else "padded to the longest record"
         compute_dtype = getattr(torch, info["compute_dtype"])
         trainable = [p for p in model.parameters() if p.requires_grad]
         emit("model", {**info, "trainable_params": sum(p.numel() for p in trainable)})
@@ -420,11 +450,14 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         pad_id = _pad_id(tokenizer_src)
         image_processor = load_image_processor(model_path) if plan.with_vision else None
 
-        def make_batch(items: list[Tokenized]) -> dict:
-            batch = collate(items, pad_id)
+        def make_batch(items: list[Tokenized]) -> tuple[dict, int, int]:
+            """The micro-batch on the device, its count of loss tokens and of real tokens."""
+            batch = pack(items) if packing else collate(items, pad_id)
             if image_processor is not None:
                 add_vision_inputs(batch, [t.images for t in items], image_processor)
-            return _to_device(batch, device, compute_dtype)
+            # Counted on the host: reading them back from the GPU would stall every step.
+            n_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            return _to_device(batch, device, compute_dtype), n_targets, sum(map(len, items))
 
         ctx = {"rank": rank, "world_size": world_size, "device": device,
                "make_batch": make_batch}
@@ -494,13 +527,14 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             for step in range(start_step, plan.steps):
                 t0 = time.perf_counter()
                 picked = micro_batches(step)
-                batches = [make_batch([plan.train[i] for i in b]) for b in picked]
-                counts = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum().item()
-                                                 for b in batches)),
-                                       float(sum(b["attention_mask"].sum().item()
-                                                 for b in batches))], device=device)
-                _all_reduce(counts, world_size)
-                n_targets, n_real = counts.tolist()
+                made = [make_batch([plan.train[i] for i in b]) for b in picked]
+                batches = [b for b, _, _ in made]
+                n_targets = float(sum(n for _, n, _ in made))
+                n_real = float(sum(n for _, _, n in made))
+                if world_size > 1:
+                    counts = torch.tensor([n_targets, n_real], device=device)
+                    _all_reduce(counts, world_size)
+                    n_targets, n_real = counts.tolist()
                 step_loss = torch.zeros((), dtype=torch.float64, device=device)
                 try:
                     if fsdp_run:  # FSDP hook: as many passes as the busiest rank
@@ -511,8 +545,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                         (loss / max(n_targets, 1)).backward()
                         step_loss += loss.detach().double()
                 except torch.OutOfMemoryError as exc:
-                    raise OutOfMemory(_oom_advice(config, plan, done=step, device=device)
-                                      ) from exc
+                    raise OutOfMemory(_oom_advice(config, plan, done=step, device=device,
+                                                  checkpointing=checkpointing)) from exc
                 if world_size > 1 and not fsdp_run:  # FSDP reduced them in backward
                     for p in trainable:
                         if p.grad is None:
@@ -593,6 +627,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             "llamalora_version": __version__, "config": config.to_dict(), "plan": plan.to_dict(),
             "base_model": info["base_model"], "model_class": info["model_class"],
             "quant": config.quant, "compute_dtype": info["compute_dtype"],
+            "kernels": info["kernels"], "gradient_checkpointing": checkpointing,
+            "compiled": info["compiled"],
+            "batches": info["batches"],
             "data_sha256": plan.data_sha256,
             "final_train_loss": last_loss, "final_eval_loss": eval_loss,
             "real_tokens_per_s": round(real_tokens_total / train_time, 1) if train_time else None,
@@ -614,14 +651,60 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         lock.release()
 
 
-def _oom_advice(config: TrainConfig, plan: Plan, *, done: int, device) -> str:
+def _choose_checkpointing(config: TrainConfig, plan: Plan, device) -> tuple[bool, str]:
+    """--gradient-checkpointing as given, else on only where the plan won't fit without it.
+
+    Recomputing every layer in backward costs about a third of the step; memory to avoid it is
+    usually there, since LoRA's base is frozen and quantized. On the CPU it stays off.
+    """
+    if config.gradient_checkpointing is not None:
+        return config.gradient_checkpointing, ""
+    if device.type != "cuda":
+        return False, ""
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    need = plan.memory_gib[config.quant]
+    if need <= 0.9 * total:
+        return False, ""
+    return True, (f"Gradient checkpointing on: the plan estimates {need} GiB without it, this GPU "
+                  f"has {total:.0f} GiB (with it: "
+                  f"{plan.memory_gib_checkpointed[config.quant]} GiB)")
+
+
+COMPILE_MIN_STEPS = 100  # below this the 1-2 min compile rarely pays for itself
+
+
+def _choose_compile(config: TrainConfig, plan: Plan, device, checkpointing: bool,
+                    sharded: bool = False) -> tuple[bool, str]:
+    """--compile as given, else on for long enough text-only runs on CUDA without checkpointing.
+
+    Compiled layers cut a step's kernel launches by more than half, and at LoRA batch sizes the
+    step is bound by launches. Images, checkpointing and FSDP stay eager: not measured compiled.
+    """
+    if config.compile is not None:
+        if config.compile and (plan.with_vision or checkpointing or sharded):
+            return False, ("--compile ignored: layers are compiled only for text-only runs "
+                           "without gradient checkpointing or FSDP")
+        return config.compile, ""
+    if device.type != "cuda" or plan.with_vision or checkpointing or sharded:
+        return False, ""
+    if plan.steps < COMPILE_MIN_STEPS:
+        return False, (f"Layers not compiled: {plan.steps} steps are too few to pay for compiling "
+                       "(--compile forces it)")
+    return True, ""
+
+
+def _oom_advice(config: TrainConfig, plan: Plan, *, done: int, device,
+                checkpointing: bool) -> str:
     import torch
 
     total = torch.cuda.get_device_properties(device).total_memory / 2**30 \
         if device.type == "cuda" else None
     est = plan.memory_gib
     lower = [q for q in ("4bit", "8bit") if est[q] < est[config.quant]]
-    options = [] if config.gradient_checkpointing else ["--gradient-checkpointing"]
+    options = [] if checkpointing else [
+        f"--gradient-checkpointing (estimated {plan.memory_gib_checkpointed[config.quant]} GiB)"]
     options += [f"--quant {q} (estimated {est[q]} GiB)" for q in lower]
     options += [f"--batch-size {max(1, config.batch_size // 2)} with --gradient-accumulation-steps "
                 f"{config.gradient_accumulation_steps * 2} (same effective batch)",

@@ -58,6 +58,9 @@ def chat(
         show_default=False)] = None,
     no_adapter: Annotated[bool, typer.Option(
         "--no-adapter", help="Answer with the base model alone, for comparison.")] = False,
+    kernels: Annotated[str, typer.Option(
+        "--kernels", help="Base-layer matmuls: fast, plain (bitsandbytes') or auto (fast on "
+                          "CUDA GPUs).")] = "auto",
     verbose: Annotated[bool, typer.Option(
         "--verbose", help="Show time to first token and decode speed after each answer.")] = False,
 ) -> None:
@@ -66,6 +69,8 @@ def chat(
         raise UsageError("pass --adapter DIR (a train --output-dir), or --model M --no-adapter")
     if quant is not None and quant not in ("8bit", "4bit", "none"):
         raise UsageError(f"--quant must be 8bit, 4bit or none, got {quant!r}")
+    if kernels not in ("auto", "fast", "plain"):
+        raise UsageError(f"--kernels must be auto, fast or plain, got {kernels!r}")
     if prompt == "-":
         prompt = sys.stdin.read().strip()
         if not prompt:
@@ -77,8 +82,9 @@ def chat(
     interactive = prompt is None
     with spinner("Loading the model"):
         session = open_chat(adapter, model=model, quant=quant, no_adapter=no_adapter,
-                            with_vision=image is not None or interactive, system=system)
-    info(f"Model: {session.base_model} ({session.quant})"
+                            with_vision=image is not None or interactive, system=system,
+                            kernels=kernels)
+    info(f"Model: {session.base_model} ({session.quant}, kernels: {session.kernels})"
          + (f" + adapter {session.adapter.folder}" if session.adapter else " (no adapter)"))
     if not interactive:
         reply = session.ask(prompt, image=image, options=options,

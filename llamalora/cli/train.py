@@ -77,9 +77,13 @@ def train(
     seed: Annotated[int, _opt("--seed", help_key="seed")] = 42,
     train_on_prompt: Annotated[bool, _opt("--train-on-prompt", help_key="train_on_prompt")] = False,
     truncation: Annotated[str, _opt("--truncation", help_key="truncation")] = "truncate",
-    gradient_checkpointing: Annotated[bool, _opt(
+    gradient_checkpointing: Annotated[bool | None, _opt(
         "--gradient-checkpointing/--no-gradient-checkpointing",
-        help_key="gradient_checkpointing")] = True,
+        help_key="gradient_checkpointing", show_default=False)] = None,
+    kernels: Annotated[str, _opt("--kernels", help_key="kernels")] = "auto",
+    packing: Annotated[bool, _opt("--packing/--no-packing", help_key="packing")] = True,
+    compile_layers: Annotated[bool | None, _opt("--compile/--no-compile", help_key="compile",
+                                                show_default=False)] = None,
     skip_invalid: SkipInvalidOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint "
                                                           "in --output-dir.")] = False,
@@ -107,7 +111,9 @@ def train(
         save_steps=save_steps, save_total_limit=save_total_limit, logging_steps=logging_steps,
         seed=seed,
         train_on_prompt=train_on_prompt, truncation=truncation,
-        gradient_checkpointing=gradient_checkpointing, skip_invalid=skip_invalid)
+        gradient_checkpointing=gradient_checkpointing, kernels=kernels, packing=packing,
+        compile=compile_layers,
+        skip_invalid=skip_invalid)
 
     quiet_libraries()
     from llamalora.train import plan_training, train as run_training, world
@@ -189,6 +195,11 @@ class _ProgressRenderer:
             self.progress.console.print(
                 f"Loaded {data['model_class']} ({data['quant']}, {data['compute_dtype']}) on "
                 f"{data['device']}; {data['trainable_params']:,} trainable parameters",
+                markup=False)
+            self.progress.console.print(
+                f"Base-layer kernels: {data['kernels']}; batches {data['batches']}; gradient "
+                f"checkpointing {'on' if data['gradient_checkpointing'] else 'off'}; layers "
+                f"{'compiled' if data['compiled'] else 'eager'}",
                 markup=False)
         elif kind == "step":
             if self.task is None:

@@ -1,0 +1,238 @@
+"""The fast base-layer paths (llamalora.fastlinear) and padding-free packing.
+
+CPU: the torch int8 and NF4 paths against exact references and against bitsandbytes, packing
+against padding, and the Triton kernels' arithmetic under Triton's interpreter (when triton is
+installed). GPU (`-m gpu`): the compiled kernels in bf16 at the 11B's shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from llamalora import fastlinear
+from llamalora.batching import Tokenized, collate, pack
+from llamalora.config import TrainConfig
+from llamalora.train import _choose_checkpointing, _loss_sum
+
+from conftest import write_jsonl
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _int8_layer(out_features: int, in_features: int, seed: int = 0):
+    torch.manual_seed(seed)
+    dense = torch.nn.Linear(in_features, out_features, bias=False)
+    layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False,
+                                threshold=6.0)
+    layer.load_state_dict(dense.state_dict())
+    layer = layer.to("cpu")  # quantizes: weight.data is int8 CB, weight.SCB the row absmax
+    if layer.weight.dtype != torch.int8:  # older bnb quantize on the first .to(device) only
+        layer.weight = bnb.nn.Int8Params(layer.weight.data, requires_grad=False,
+                                         has_fp16_weights=False)._quantize("cpu")
+    return dense, layer
+
+
+def _dequantized(layer) -> torch.Tensor:
+    return layer.weight.data.double() * fastlinear._int8_scales(layer).double()[:, None] / 127
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_torch_int8_path_is_exact_on_the_stored_weight_and_close_to_bitsandbytes():
+    dense, layer = _int8_layer(48, 96)
+    assert layer.weight.dtype == torch.int8
+    x = torch.randn(2, 7, 96, requires_grad=True)
+    model = torch.nn.Sequential(layer)
+    plain_y = layer(x).detach()
+
+    assert fastlinear.enable(model, "fast") == "int8-dequant (1 layers)"
+    y = layer(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    w = _dequantized(layer)
+    assert _rel(y, x.double() @ w.t()) < 1e-6
+    assert _rel(x.grad, grad.double() @ w) < 1e-6
+    # LLM.int8 also rounds the input to int8; the two agree to that rounding, and the fast path
+    # is the closer one to the unquantized layer.
+    assert _rel(y, plain_y) < 0.03
+    exact = dense(x).detach()
+    assert _rel(y, exact) <= _rel(plain_y, exact)
+
+    fastlinear.disable(model)
+    assert torch.equal(layer(x).detach(), plain_y)
+
+
+def test_enable_reports_the_path_and_plain_or_cpu_auto_keep_bitsandbytes():
+    _, layer = _int8_layer(16, 32)
+    model = torch.nn.Sequential(layer)
+    assert fastlinear.enable(model, "auto") == "bitsandbytes"  # CPU: bnb is the reference path
+    assert "forward" not in vars(layer)
+    assert fastlinear.enable(model, "plain") == "bitsandbytes"
+    assert fastlinear.enable(torch.nn.Sequential(torch.nn.Linear(4, 4)), "fast").startswith("none")
+    with pytest.raises(Exception, match="auto, fast or plain"):
+        fastlinear.enable(model, "turbo")
+
+
+def test_nf4_path_matches_bitsandbytes_and_keeps_no_dequantized_weight():
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 32, bias=False)
+    layer = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.load_state_dict(dense.state_dict())
+    layer = layer.to("cpu")
+    if getattr(layer.weight, "quant_state", None) is None:
+        pytest.skip("this bitsandbytes does not quantize 4-bit weights on the CPU")
+    x = torch.randn(5, 64, requires_grad=True)
+    plain = layer(x).detach()
+    model = torch.nn.Sequential(layer)
+    assert fastlinear.enable(model, "fast") == "nf4-dequant (1 layers)"
+    y = layer(x)
+    y.sum().backward()
+    w = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert _rel(y, plain) < 1e-5
+    assert _rel(x.grad, torch.ones(5, 32) @ w) < 1e-5
+
+
+def _records(lengths: list[int], seed: int = 0) -> list[Tokenized]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(10, 5000, (n,), generator=g).tolist()
+        prompt = n // 2
+        out.append(Tokenized(line=i + 1, input_ids=ids, labels=[-100] * prompt + ids[prompt:]))
+    return out
+
+
+def test_pack_layout():
+    a, b = _records([4, 3])
+    batch = pack([a, b])
+    assert batch["input_ids"].tolist() == [a.input_ids + b.input_ids]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+    # each record's first label is masked, so no token learns across a boundary
+    assert batch["labels"].tolist() == [[-100] + a.labels[1:] + [-100] + b.labels[1:]]
+    assert "attention_mask" not in batch
+
+
+def test_packed_loss_and_gradients_equal_the_padded_batch():
+    from llamalora.models import attach_lora, load_model_for_training
+
+    model, _ = load_model_for_training("tiny", quant="none", device="cpu")
+    model = attach_lora(model, r=4, alpha=8, dropout=0.0)
+    for p in model.parameters():
+        if p.requires_grad:  # LoRA B starts at zero; make the adapter matter
+            torch.nn.init.normal_(p, std=0.05)
+    items = _records([9, 23, 5, 17], seed=1)
+    grads = []
+    for batch in (collate(items, pad_id=0), pack(items)):
+        model.zero_grad()
+        loss, n = _loss_sum(model, batch)
+        loss.backward()
+        # (the cross-attention layers' LoRA gets none: text-only batches skip those layers)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()
+                                if p.requires_grad and p.grad is not None]))
+        grads.append(loss.detach())
+        assert int(n) == sum(sum(1 for x in t.labels[1:] if x != -100) for t in items)
+    assert _rel(grads[3], grads[1]) < 1e-5  # summed loss
+    assert _rel(grads[2], grads[0]) < 1e-4  # LoRA gradients
+
+
+def test_training_on_the_fast_int8_path_learns(tmp_path):
+    from llamalora.train import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        {"instruction": "거푸집이란?", "output": "콘크리트를 굳히는 틀."},
+        {"instruction": "What is rebar?", "output": "A steel bar in concrete."},
+        {"instruction": "양생이란?", "input": "콘크리트", "output": "습도와 온도를 유지하는 일."}])
+    summary = train(TrainConfig(data_path=str(data), output_dir=str(tmp_path / "out"),
+                                model="tiny", quant="8bit", kernels="fast",
+                                batch_size=3, gradient_accumulation_steps=1, max_steps=25,
+                                learning_rate=5e-3, lora_rank=8, save_steps=0, seed=0))
+    assert summary["kernels"].startswith("int8-dequant")
+    assert summary["batches"] == "packed"
+    losses = [r["loss"] for r in map(__import__("json").loads,
+                                     (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_auto_checkpointing_follows_the_plan(monkeypatch):
+    class FakePlan:
+        memory_gib = {"8bit": 30.0, "4bit": 20.0, "none": 70.0}
+        memory_gib_checkpointed = {"8bit": 15.0, "4bit": 10.0, "none": 25.0}
+
+    class Props:
+        total_memory = 40 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props())
+    cuda = torch.device("cuda", 0)
+    cfg = lambda **kw: TrainConfig(data_path="x", **kw)  # noqa: E731
+    assert _choose_checkpointing(cfg(quant="8bit"), FakePlan, cuda) == (False, "")
+    on, why = _choose_checkpointing(cfg(quant="none"), FakePlan, cuda)
+    assert on and "70.0 GiB" in why and "25.0 GiB" in why
+    assert _choose_checkpointing(cfg(quant="none", gradient_checkpointing=False), FakePlan,
+                                 cuda) == (False, "")
+    assert _choose_checkpointing(cfg(quant="8bit"), FakePlan, torch.device("cpu")) == (False, "")
+
+
+# --- the Triton kernels' arithmetic, interpreted on the CPU ------------------------------------
+
+_INTERPRETED = textwrap.dedent("""
+    import torch
+    import triton.runtime.interpreter as interp
+    # triton 3.5-3.6's interpreter turns 1-element arrays into ints with int(), which numpy 2.4
+    # refuses; read the element instead.
+    _patch = interp._patch_lang_tensor
+    def _fixed(tensor, scope):
+        _patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    interp._patch_lang_tensor = _fixed
+    from llamalora import _triton_int8 as T
+    torch.manual_seed(0)
+    worst = 0.0
+    for M, K, N in [(1, 96, 80), (3, 160, 33), (4, 64, 200)]:
+        cb = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+        scale = (torch.rand(N) + 0.5) / 127
+        x = torch.randn(M, K)
+        for cfg in (dict(BLOCK_N=16, BLOCK_K=32), dict(BLOCK_N=8, BLOCK_K=64)):
+            got = T.gemv(x, cb, scale.reshape(-1, 1), config=cfg)
+            ref = x.double() @ (cb.double() * scale.double()[:, None]).t()
+            assert torch.isfinite(got).all()
+            worst = max(worst, ((got.double() - ref).norm() / ref.norm()).item())
+    print(worst)
+""")
+
+
+def test_triton_gemv_computes_the_dequantized_product_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.strip().splitlines()[-1]) < 1e-6
+
+
+# --- GPU ----------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tokens", [1, 3, 77, 700])
+@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)])
+def test_int8_paths_on_gpu_match_the_dequantized_product(tokens, shape):
+    out_f, in_f = shape
+    cb = torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8, device="cuda")
+    scale = (torch.rand(out_f, 1, device="cuda") * 0.2 + 0.01) / 127
+    w = cb.double() * scale.double()
+    gemv = fastlinear.triton_available(torch.device("cuda"))
+    x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = fastlinear.int8_linear(x, cb, scale, gemv)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert _rel(y, x.double() @ w.t()) < 1e-2
+    assert _rel(x.grad, g.double() @ w) < 1e-2
