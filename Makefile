@@ -6,6 +6,9 @@ PY ?= python3
 # torch 2.13.0 is the CPU build on our dev/CI machines; on a GPU box, install your CUDA torch
 # first and run `make TORCH= demo` so pip keeps it.
 TORCH ?= torch==2.13.0
+# Triton's interpreter runs the int8 decoding kernel's test on the CPU. CUDA torch brings its own
+# triton: there, run `make TRITON= test` so pip keeps it.
+TRITON ?= triton==3.6.0
 DATA ?= data/sample.jsonl
 OUT ?= runs/demo
 
@@ -27,6 +30,7 @@ demo: install
 
 
 test: install
+	$(if $(TRITON),$(PY) -m pip install -q $(TRITON))
 	$(PY) -m pytest -m "not gpu" -p no:cacheprovider
 
 test-fast:

@@ -67,6 +67,7 @@ def main() -> None:
                     help="Time only the merged model (needs --merged).")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--kernels", default="auto", help="llamalora's side: auto, fast or plain")
     args = ap.parse_args()
 
     import torch
@@ -89,19 +90,27 @@ def main() -> None:
         if kind == "adapter":
             model = apply_adapter(model, info.folder)
         load_s = time.perf_counter() - t0
+        from llamalora import fastlinear
+
+        kernels = fastlinear.enable(model, args.kernels)
         session = ChatSession(model=model, tokenizer=tokenizer, image_processor=None,
-                              device=load["device"], base_model=path, adapter=None, quant=quant)
+                              device=load["device"], base_model=path, adapter=None, quant=quant,
+                              kernels=kernels)
         ids = torch.tensor([session.prompt_ids(PROMPT)], device=load["device"])
         # min_new_tokens keeps both paths generating the same count on a random model.
         options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=0)
         ours, plain = [], []
-        plain_generate(model, ids, 8)  # warm-up: kernels, cuBLAS handles, the cache
-        for _ in range(args.repeat):
+        # Plain `generate` runs on bitsandbytes' own layers (the reference), llamalora's on the
+        # kernels chat picks; the two alternate on the one loaded model.
+        for _ in range(args.repeat + 1):  # the first round warms up (autotuning, cuBLAS, cache)
+            fastlinear.enable(model, args.kernels)
             session.reset()
             reply = session.ask(PROMPT, options=options)
             ours.append((reply.first_token_s, reply.decode_tokens_per_s, reply.new_tokens))
+            fastlinear.disable(model)
             plain.append(plain_generate(model, ids, args.max_new_tokens))
-        row = {"quant": quant, "kind": kind, "load_s": round(load_s, 1),
+        ours, plain = ours[1:], plain[1:]
+        row = {"quant": quant, "kind": kind, "kernels": kernels, "load_s": round(load_s, 1),
                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         for name, runs in (("llamalora", ours), ("plain", plain)):
             row[f"{name}_ttft_s"] = round(statistics.median(r[0] for r in runs), 4)

@@ -25,6 +25,7 @@ class ParamCounts:
     layers: int
     intermediate: int
     vocab: int
+    active_layers: int = 0  # layers that run: text-only batches skip cross-attention layers
 
     @property
     def total(self) -> int:
@@ -57,8 +58,10 @@ def count_params(config, with_vision: bool) -> ParamCounts:
             quantizable += module.weight.numel()
     other = sum(p.numel() for p in model.parameters()) - quantizable
     text = config.text_config
+    skipped = 0 if with_vision else len(getattr(text, "cross_attention_layers", None) or [])
     return ParamCounts(quantizable, other, text.hidden_size, text.num_hidden_layers,
-                       text.intermediate_size, text.vocab_size)
+                       text.intermediate_size, text.vocab_size,
+                       active_layers=text.num_hidden_layers - skipped)
 
 
 def lora_param_count(counts: ParamCounts, rank: int, targets: list[str], kv_ratio: float = 0.25
@@ -89,7 +92,7 @@ def estimate_peak_gib(counts: ParamCounts, *, quant: str, batch_size: int, seq_l
     # With checkpointing one layer is recomputed at a time: add one layer's full activations.
     recompute = tokens * 2 * (20 * counts.hidden + 3 * counts.intermediate) \
         if gradient_checkpointing else 0
-    activations = tokens * per_layer * counts.layers + recompute
+    activations = tokens * per_layer * (counts.active_layers or counts.layers) + recompute
     if quant == "8bit" and bnb_int8_layers:
         # bnb's LLM.int8 (`--kernels plain`) keeps int8 copies and outlier columns of each input for backward;
         # seen on an H100 as ~2.5x the bf16 activation memory of the same step.
