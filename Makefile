@@ -15,7 +15,7 @@ OUT ?= runs/demo
 .PHONY: install demo test test-fast
 
 install:
-	$(PY) -m pip install -q $(TORCH)
+	$(if $(TORCH),$(PY) -m pip install -q $(TORCH))
 	$(PY) -m pip install -q -e '.[quant,dev]'
 
 demo: install
