@@ -236,3 +236,40 @@ def test_int8_paths_on_gpu_match_the_dequantized_product(tokens, shape):
     y.backward(g)
     assert _rel(y, x.double() @ w.t()) < 1e-2
     assert _rel(x.grad, g.double() @ w) < 1e-2
+
+
+def test_auto_compile_is_for_long_text_runs_on_cuda():
+    from llamalora.train import COMPILE_MIN_STEPS, _choose_compile
+
+    class FakePlan:
+        with_vision = False
+        steps = COMPILE_MIN_STEPS
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    cfg = lambda **kw: TrainConfig(data_path="x", **kw)  # noqa: E731
+    assert _choose_compile(cfg(), FakePlan, cuda, False) == (True, "")
+    assert _choose_compile(cfg(), FakePlan, cpu, False) == (False, "")
+    assert _choose_compile(cfg(), FakePlan, cuda, True) == (False, "")  # checkpointing: eager
+    assert _choose_compile(cfg(), FakePlan, cuda, False, sharded=True) == (False, "")
+    short = type("Short", (FakePlan,), {"steps": COMPILE_MIN_STEPS - 1})
+    on, why = _choose_compile(cfg(), short, cuda, False)
+    assert not on and "too few" in why
+    assert _choose_compile(cfg(compile=True), short, cuda, False) == (True, "")
+    vision = type("Vision", (FakePlan,), {"with_vision": True})
+    on, why = _choose_compile(cfg(compile=True), vision, cuda, False)
+    assert not on and "ignored" in why
+
+
+@pytest.mark.parametrize("command", [["train", "d.jsonl", "--output-dir", "o"],
+                                     ["chat", "--adapter", "a", "--prompt", "hi"]])
+def test_unknown_kernels_is_one_usage_error(command, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from llamalora.cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}])
+    r = CliRunner().invoke(app, [*command, "--kernels", "turbo"])
+    assert r.exit_code == 2
+    assert r.stderr.strip().startswith("Error:") and "auto, fast" in r.stderr
+    assert "Traceback" not in r.output
