@@ -463,8 +463,11 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                "make_batch": make_batch}
 
         # 4. Optimizer and schedule; restore them on resume.
+        # One fused kernel instead of a dozen per parameter chunk (HF Trainer's default on CUDA
+        # too); FSDP's sharded parameters keep the default implementation.
+        fused = True if device.type == "cuda" and not fsdp_run else None
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
-                                      weight_decay=config.weight_decay)
+                                      weight_decay=config.weight_decay, fused=fused)
         warmup = math.ceil(plan.steps * config.warmup_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: _lr_factor(s, plan.steps, warmup))
