@@ -11,11 +11,13 @@ writes files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -308,32 +310,39 @@ def _save_adapter(model, folder: Path) -> None:
     (folder / "README.md").unlink(missing_ok=True)  # peft's empty card; export writes a real one
 
 
+@contextlib.contextmanager
+def _staging(tmp: Path, failure: Callable[[OSError], str]):
+    """A fresh temporary folder to write a save into; on OSError (a full disk, permissions) it is
+    removed and `SaveError(failure(exc))` raised, so nothing half-written is left behind."""
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        yield tmp
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveError(failure(exc)) from exc
+
+
 def _save_checkpoint(model, optimizer, scheduler, output_dir: Path, step: int, state: dict,
                      keep: int) -> Path:
     import torch
 
-    import shutil
-
     root = output_dir / CHECKPOINTS
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
-    try:
-        root.mkdir(exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+
+    def failure(exc: OSError) -> str:
+        previous = last_checkpoint(output_dir)
+        return (f"could not write the checkpoint of step {step} to {root} "
+                f"({exc.strerror or exc}); "
+                + (f"{previous} is intact: free space, then rerun with --resume"
+                   if previous else "no earlier checkpoint exists: free space and rerun"))
+
+    with _staging(root / f".tmp-step-{step:06d}", failure) as tmp:
         _save_adapter(model, tmp)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": _rng_state()}, tmp / "training_state.pt")
         commit_checkpoint(tmp, final, state, keep)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = last_checkpoint(output_dir)
-        raise SaveError(f"could not write the checkpoint of step {step} to {root} "
-                        f"({exc.strerror or exc}); "
-                        + (f"{previous} is intact: free space, then rerun with --resume"
-                           if previous else "no earlier checkpoint exists: free space and "
-                           "rerun")) from exc
     return final
 
 
@@ -409,9 +418,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             # bring a new length nearly every step; the other SDPA kernels need no plan.
             torch.backends.cuda.enable_cudnn_sdp(False)
         _seed_everything(config.seed)
-        from llamalora.models import attach_lora, load_image_processor, load_model_for_training
-
         from llamalora import fastlinear
+        from llamalora.models import attach_lora, load_image_processor, load_model_for_training
 
         checkpointing, why = _choose_checkpointing(config, plan, device)
         if why:
@@ -721,26 +729,20 @@ def _oom_advice(config: TrainConfig, plan: Plan, *, done: int, device,
 
 def _save_final(model, output_dir: Path, tokenizer_src, vision_model_path, summary: dict,
                 metrics_path: Path) -> None:
-    import shutil
+    def failure(exc: OSError) -> str:
+        previous = last_checkpoint(output_dir)
+        return (f"could not write the final adapter to {output_dir} ({exc.strerror or exc}); "
+                "nothing there was replaced"
+                + (f", and {previous} is intact (free space, then --resume repeats the steps "
+                   "after it)" if previous else ""))
 
-    tmp = output_dir / ".final.tmp"
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+    with _staging(output_dir / ".final.tmp", failure) as tmp:
         _save_adapter(model, tmp)
         tokenizer_src.save_pretrained(str(tmp))
         if vision_model_path is not None:
             from llamalora.models import load_image_processor
 
             load_image_processor(vision_model_path).save_pretrained(str(tmp))
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = last_checkpoint(output_dir)
-        raise SaveError(f"could not write the final adapter to {output_dir} "
-                        f"({exc.strerror or exc}); nothing there was replaced"
-                        + (f", and {previous} is intact (free space, then --resume repeats the "
-                           "steps after it)" if previous else "")) from exc
     (output_dir / RUN_MARKER).unlink(missing_ok=True)
     for f in tmp.iterdir():
         os.replace(f, output_dir / f.name)
