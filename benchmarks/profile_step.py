@@ -48,7 +48,7 @@ def main() -> None:
     if args.compile:
         from llamalora.speed import compile_layers
 
-        compiled = compile_layers(model)
+        compile_layers(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)
     g = torch.Generator().manual_seed(0)

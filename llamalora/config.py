@@ -17,6 +17,12 @@ KERNEL_CHOICES = ("auto", "fast", "plain")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raises ConfigError quoting the bad value when `value` is not one of `choices`."""
+    if value not in choices:
+        raise ConfigError(f"--{option} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def lora_target_names(target_modules: str) -> list[str]:
     """The projection names a `--target-modules` value stands for.
 
@@ -85,12 +91,8 @@ class TrainConfig:
     skip_invalid: bool = _opt(False, "Leave invalid records out instead of refusing the data.")
 
     def __post_init__(self) -> None:
-        if self.quant not in QUANT_CHOICES:
-            raise ConfigError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, got "
-                              f"{self.quant!r}")
-        if self.kernels not in KERNEL_CHOICES:
-            raise ConfigError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, got "
-                              f"{self.kernels!r}")
+        check_choice("quant", self.quant, QUANT_CHOICES)
+        check_choice("kernels", self.kernels, KERNEL_CHOICES)
         if self.truncation not in ("truncate", "drop"):
             raise ConfigError(f"--truncation must be truncate or drop, got {self.truncation!r}")
         positive = {"lora_rank": self.lora_rank, "batch_size": self.batch_size,

@@ -23,7 +23,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from llamalora.errors import ConfigError
+from llamalora.config import KERNEL_CHOICES, check_choice
 
 _PATCHED = "_llamalora_kernel"
 _GEMV_MAX_ROWS = 4  # up to here (decoding one or a few sequences) the GEMV wins
@@ -203,8 +203,7 @@ def enable(model: torch.nn.Module, mode: str = "auto") -> str:
     Raises:
         ConfigError: An unknown mode.
     """
-    if mode not in ("auto", "fast", "plain"):
-        raise ConfigError(f"--kernels must be auto, fast or plain, got {mode!r}")
+    check_choice("kernels", mode, KERNEL_CHOICES)
     layers = [(m, k) for m in model.modules() if (k := _kind(m))]
     if not layers:
         return "none (no quantized layers)"

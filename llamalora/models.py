@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from llamalora.config import QUANT_CHOICES, lora_target_names
+from llamalora.config import QUANT_CHOICES, check_choice, lora_target_names
 from llamalora.errors import ConfigError, MissingExtraError, ModelError
 
 TINY_MODEL = "tiny"
@@ -213,8 +213,7 @@ def load_base_model(name_or_path: str, *, quant: str = "8bit", with_vision: bool
         MissingExtraError: `quant` needs bitsandbytes and it is not installed.
         ModelError: The model can't be found, read or quantized.
     """
-    if quant not in QUANT_CHOICES:
-        raise ConfigError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
+    check_choice("quant", quant, QUANT_CHOICES)
     path = resolve_model(name_or_path)
     target = _resolve_device(device)
     dtype = getattr(torch, dtype) if dtype else _compute_dtype(target)

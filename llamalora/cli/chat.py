@@ -10,6 +10,7 @@ import typer
 
 from llamalora.cli._console import err, info, out, quiet_libraries, spinner
 from llamalora.cli._errors import handle_errors
+from llamalora.config import KERNEL_CHOICES, QUANT_CHOICES, check_choice
 from llamalora.errors import UsageError
 
 EXAMPLES = """Examples:
@@ -67,10 +68,9 @@ def chat(
     """Chat with a fine-tuned model (base model + LoRA adapter)."""
     if adapter is None and (model is None or not no_adapter):
         raise UsageError("pass --adapter DIR (a train --output-dir), or --model M --no-adapter")
-    if quant is not None and quant not in ("8bit", "4bit", "none"):
-        raise UsageError(f"--quant must be 8bit, 4bit or none, got {quant!r}")
-    if kernels not in ("auto", "fast", "plain"):
-        raise UsageError(f"--kernels must be auto, fast or plain, got {kernels!r}")
+    if quant is not None:
+        check_choice("quant", quant, QUANT_CHOICES)
+    check_choice("kernels", kernels, KERNEL_CHOICES)
     if prompt == "-":
         prompt = sys.stdin.read().strip()
         if not prompt:
