@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from llamalora.config import KERNEL_CHOICES, check_choice
+from llamalora.models import _is_bnb_layer
 
 _PATCHED = "_llamalora_kernel"
 _GEMV_MAX_ROWS = 4  # up to here (decoding one or a few sequences) the GEMV wins
@@ -176,9 +177,9 @@ def _nf4_absmax(quant_state) -> torch.Tensor:
 
 
 def _kind(module) -> str | None:
-    name = type(module).__name__
-    if not type(module).__module__.startswith("bitsandbytes"):
+    if not _is_bnb_layer(module):
         return None
+    name = type(module).__name__
     if name == "Linear8bitLt" and module.weight.dtype == torch.int8 \
             and _int8_scales(module) is not None:
         return "int8"
@@ -215,10 +216,9 @@ def enable(model: torch.nn.Module, mode: str = "auto") -> str:
     names = set()
     for module, kind in layers:
         if kind == "int8":
-            # Plain-tensor views, made once: ops on bnb's Parameter subclass cost more host time,
-            # and the step is bound by host time at LoRA batch sizes.
-            # Buffers, not plain attributes, so a compiled layer takes them as inputs (one graph
-            # for all layers); non-persistent, so no state dict ever holds them.
+            # Plain-tensor views of the stored weights (no copy), as buffers: a compiled layer
+            # takes buffers as inputs, so one graph serves every layer; non-persistent, so no
+            # state dict ever holds them.
             module.register_buffer("_llamalora_cb", module.weight.data.as_subclass(torch.Tensor),
                                    persistent=False)
             module.register_buffer("_llamalora_scale",
@@ -229,6 +229,7 @@ def enable(model: torch.nn.Module, mode: str = "auto") -> str:
             names.add("int8-dequant" + ("+triton-gemv" if gemv else ""))
         else:
             qs = module.weight.quant_state
+            # The view also leaves Params4bit's Python __torch_function__ out of every call.
             module.register_buffer("_llamalora_packed",
                                    module.weight.data.as_subclass(torch.Tensor), persistent=False)
             # fp32 block scales: +4 bytes per 64 weights (~0.5 GB on the 11B) buys a compiled

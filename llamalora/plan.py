@@ -94,8 +94,8 @@ def estimate_peak_gib(counts: ParamCounts, *, quant: str, batch_size: int, seq_l
         if gradient_checkpointing else 0
     activations = tokens * per_layer * (counts.active_layers or counts.layers) + recompute
     if quant == "8bit" and bnb_int8_layers:
-        # bnb's LLM.int8 (`--kernels plain`) keeps int8 copies and outlier columns of each input for backward;
-        # seen on an H100 as ~2.5x the bf16 activation memory of the same step.
+        # bnb's LLM.int8 (`--kernels plain`) keeps int8 copies and outlier columns of each
+        # input for backward; seen on an H100 as ~2.5x the bf16 activation memory of the step.
         activations *= 2.5
     logits = math.ceil(tokens * response_share) * counts.vocab * (2 + 4 + 4)
     return round((weights + lora + activations + logits) * 1.1 / GIB + 0.6, 1)

@@ -2,9 +2,9 @@
 
 At LoRA batch sizes a training step is bound by kernel launches, not arithmetic: a decoder layer
 with LoRA on q,k,v,o launches ~180 kernels per forward and backward. Compiling each layer fuses the
-elementwise work around the matmuls (RMSNorm, rotary, LoRA's cast/dropout/scale/add, SiLU x up,
-the int8 dequantization) into a few kernels. One graph serves every layer: their weights are
-graph inputs, and the sequence length is dynamic.
+elementwise work around the matmuls (RMSNorm, rotary, LoRA's cast/dropout/scale/add, SiLU x up)
+into a few kernels; the quantized matmuls stay llamalora's custom ops. One graph serves every
+layer: their weights are graph inputs, and the sequence length is dynamic.
 """
 
 from __future__ import annotations

@@ -273,3 +273,54 @@ def test_unknown_kernels_is_one_usage_error(command, tmp_path, monkeypatch):
     assert r.exit_code == 2
     assert r.stderr.strip().startswith("Error:") and "auto, fast" in r.stderr
     assert "Traceback" not in r.output
+
+
+def test_triton_is_used_only_where_it_can_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("LLAMALORA_NO_TRITON", raising=False)
+    assert not fastlinear.triton_available(torch.device("cpu"))
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fastlinear.triton_available(torch.device("cpu"))
+    monkeypatch.setenv("LLAMALORA_NO_TRITON", "1")  # the escape hatch README names
+    assert not fastlinear.triton_available(torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_compiled_layers_match_eager_and_compile_once_for_every_length():
+    """torch.compile on the CPU (inductor builds C++): ~1-2 minutes here."""
+    import torch._dynamo
+
+    from llamalora.models import attach_lora, load_model_for_training
+    from llamalora.speed import compile_layers
+
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        model, _ = load_model_for_training("tiny", quant="8bit", device="cpu")
+        model = attach_lora(model, r=4, alpha=8, dropout=0.0)
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.05)
+        fastlinear.enable(model, "fast")  # the int8 custom ops inside the compiled graph
+        if compiled:
+            assert compile_layers(model) == 3
+        # Every layer (layer 0 included: its input requires grad like the others') and every
+        # length must reuse the one graph: a recompile is an error.
+        torch._dynamo.config.error_on_recompile = compiled
+        out = []
+        for i, lengths in enumerate(([9, 23, 5], [17, 30, 12], [40, 8, 3])):
+            model.zero_grad()
+            loss, _ = _loss_sum(model, pack(_records(lengths, seed=i)))
+            loss.backward()
+            out.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()
+                                                  if p.grad is not None])))
+        return out
+
+    try:
+        eager, compiled = run(False), run(True)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()
+    for (le, ge), (lc, gc) in zip(eager, compiled):
+        assert _rel(lc, le) < 1e-4
+        assert _rel(gc, ge) < 1e-3
