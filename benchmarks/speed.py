@@ -583,15 +583,9 @@ def run_plain_eval(spec: dict) -> dict:
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
+    from llamalora.train import _versions as versions  # the list llamalora.json records
 
-    out = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
+    return versions()
 
 
 CHILD_KINDS = {"trainer": run_trainer, "llamalora": run_llamalora, "plain-eval": run_plain_eval}
