@@ -4,9 +4,10 @@
 
 The layers are the 11B's MLP and attention projections: what LoRA asks of every base weight in a
 training step. Paths: bf16 `F.linear`; bitsandbytes' LLM.int8 (threshold 6, the old script's,
-and 0); llamalora's int8-dequant on the same int8 weight; bitsandbytes NF4 and llamalora's
-nf4-dequant. Then decoding (1 token, forward only), where llamalora's int8 path is a Triton GEMV
-(`int8-gemv`) next to dequant-then-cuBLAS (`int8-dequant`). Medians of
+and 0); llamalora's int8 path on the same int8 weight, dequantized by torch's `mul`
+(`int8-dequant`, what runs without Triton) or by its Triton kernel (`int8-triton`, what runs on
+GPUs), then cuBLAS; bitsandbytes NF4 and llamalora's nf4-dequant. Then decoding (1 token, forward
+only), where `int8-triton` is the Triton GEMV. Medians of
 `triton.testing.do_bench`; each path's error against the float64 product of its own stored weight
 is printed beside it.
 """
@@ -68,18 +69,16 @@ def main() -> None:
         paths = [("bf16", made["bf16"], None), ("bnb-int8-t6", made["bnb-int8-t6"], "plain"),
                  ("bnb-int8-t0", made["bnb-int8-t0"], "plain"),
                  ("int8-dequant", made["bnb-int8-t6"], "dequant"),
-                 ("int8-gemv", made["bnb-int8-t6"], "fast"),
+                 ("int8-triton", made["bnb-int8-t6"], "fast"),
                  ("bnb-nf4", made["bnb-nf4"], "plain"), ("nf4-dequant", made["bnb-nf4"], "fast")]
         for tokens in [*args.tokens, 1]:
             for name, layer, mode in paths:
                 holder = torch.nn.Sequential(layer)
                 fastlinear.disable(holder)
-                if mode == "fast" and name == "int8-gemv" and tokens > 1:
-                    continue  # the GEMV serves decoding only; training rows use dequant
                 if mode in ("fast", "dequant"):
                     fastlinear.enable(holder, "fast")
                     if mode == "dequant":
-                        layer._llamalora_gemv = False
+                        layer._llamalora_triton = False
                 x = torch.randn(tokens, in_f, device=dev, dtype=torch.bfloat16) * 1.5
                 g = torch.randn(tokens, out_f, device=dev, dtype=torch.bfloat16)
                 if tokens == 1:

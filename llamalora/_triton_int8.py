@@ -1,10 +1,16 @@
-"""A Triton GEMV for decoding through a frozen linear layer stored as bitsandbytes' LLM.int8.
+"""Triton kernels for a frozen linear layer stored as bitsandbytes' LLM.int8.
 
 The weight stays as bitsandbytes stores it: `CB`, int8 [out, in], and the row scale `SCB / 127`
-(fp32), so `W = CB * scale`. Decoding multiplies one (or a few) activation rows by every weight,
-so the time is the time to read the weights once: each program streams a block of int8 rows,
-converts them in registers and accumulates in fp32. The activations are never rounded to int8
-(LLM.int8 does that), so the result is closer to the unquantized layer.
+(fp32), so `W = CB * scale`. The activations are never rounded to int8 (LLM.int8 does that), so
+the result is closer to the unquantized layer.
+
+- `gemv`: decoding multiplies one (or a few) activation rows by every weight, so the time is the
+  time to read the weights once: each program streams a block of int8 rows, converts them in
+  registers and accumulates in fp32.
+- `dequant`: for training and prefill, `CB * scale` in fp32, rounded once to bf16/fp16, in one
+  pass at memory speed. torch's `mul` on int8 and fp32 inputs with a bf16 output takes its
+  per-element casting loop: on an H100 it ran at about a quarter of memory bandwidth and was half
+  of a compiled 8-bit step's GPU time (BENCHMARKS.md).
 
 This module imports triton; `llamalora.fastlinear` imports it only on CUDA GPUs (or in tests under
 TRITON_INTERPRET=1).
@@ -62,3 +68,32 @@ def gemv(x: torch.Tensor, cb: torch.Tensor, scale: torch.Tensor,
     else:
         _gemv_kernel[(triton.cdiv(N, config["BLOCK_N"]), M)](*args, **config)
     return y
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[n, k] = w[n, k] * s[n] over one [BLOCK_N, BLOCK_K] tile; w and out row-major."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    where = offs_n[:, None] * K + offs_k[None, :]
+    w = tl.load(w_ptr + where, mask=mask, other=0)
+    scale = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)
+    tl.store(out_ptr + where, (w.to(tl.float32) * scale[:, None]).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def dequant(cb: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+            block: tuple[int, int] = (4, 1024)) -> torch.Tensor:
+    """`cb * scale` as `dtype`: the same fp32 product, rounded once, that torch's `mul` gives.
+
+    cb int8 [N, K] contiguous, scale fp32 [N] or [N, 1]. A tile of 4 x 1,024 weights gives each
+    of 4 warps' threads 32 contiguous bytes to load; `block` is set by tests only.
+    """
+    N, K = cb.shape
+    assert cb.is_contiguous() and scale.is_contiguous() and scale.numel() == N
+    assert scale.dtype == torch.float32
+    out = torch.empty((N, K), device=cb.device, dtype=dtype)
+    _dequant_kernel[(triton.cdiv(N, block[0]), triton.cdiv(K, block[1]))](
+        cb, scale, out, N, K, BLOCK_N=block[0], BLOCK_K=block[1], num_warps=4)
+    return out

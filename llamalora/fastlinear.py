@@ -6,8 +6,9 @@ time. The base is frozen, so only `x @ W^T` and the gradient to `x` are needed, 
 the activations' dtype on the int8 weight as stored (`CB` int8 [out, in], `SCB` fp32 row absmax):
 
 - `int8-dequant`: dequantize to the activations' dtype in one pass, then `F.linear` (any device);
-- `+triton-gemv`: on CUDA GPUs, decoding (a few rows) streams the int8 weight through a Triton
-  GEMV instead, never writing a dequantized copy;
+- `+triton`: on CUDA GPUs that pass is a Triton kernel running at memory speed, and decoding (a
+  few rows) streams the int8 weight through a Triton GEMV instead, never writing a dequantized
+  copy;
 - `nf4-dequant`: 4-bit layers dequantized per call with bitsandbytes' own kernel, then `F.linear`,
   keeping nothing for backward but the packed weight.
 
@@ -30,8 +31,13 @@ _PATCHED = "_llamalora_kernel"
 _GEMV_MAX_ROWS = 4  # up to here (decoding one or a few sequences) the GEMV wins
 
 
-def _dequant_int8(cb: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """cb * scale (scale = SCB / 127, fp32 [out, 1]) in one kernel: fp32 math, `dtype` out."""
+def _dequant_int8(cb: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                  use_triton: bool) -> torch.Tensor:
+    """cb * scale (scale = SCB / 127, fp32 [out, 1]) in one pass: fp32 math, `dtype` out."""
+    if use_triton and dtype in (torch.bfloat16, torch.float16):
+        from llamalora import _triton_int8
+
+        return _triton_int8.dequant(cb, scale, dtype)
     out = torch.empty(cb.shape, dtype=dtype, device=cb.device)
     return torch.mul(cb, scale, out=out)
 
@@ -55,45 +61,46 @@ def triton_available(device: torch.device) -> bool:
 
 @torch.library.custom_op("llamalora::int8_linear", mutates_args=())
 def int8_linear(x: torch.Tensor, cb: torch.Tensor, scale: torch.Tensor,
-                gemv: bool) -> torch.Tensor:
+                use_triton: bool) -> torch.Tensor:
     """x [M, K] @ (cb * scale)^T; cb int8 [N, K] as bitsandbytes stores it, scale = SCB / 127.
 
     Many rows (training, prefill): dequantize the weight to x's dtype in one pass, then cuBLAS;
     on an H200 that beat a Triton GEMM that converts int8 tiles in registers, at 700 and 2,048
-    tokens (BENCHMARKS.md). A few rows with `gemv` (decoding on CUDA): a Triton GEMV that streams
-    the int8 weight once and writes no dequantized copy.
+    tokens (BENCHMARKS.md). A few rows with `use_triton` (decoding on CUDA): a Triton GEMV that
+    streams the int8 weight once and writes no dequantized copy.
     """
-    if gemv and x.shape[0] <= _GEMV_MAX_ROWS:
+    if use_triton and x.shape[0] <= _GEMV_MAX_ROWS:
         from llamalora import _triton_int8
 
         return _triton_int8.gemv(x.contiguous(), cb, scale)
-    return F.linear(x, _dequant_int8(cb, scale, x.dtype))
+    return F.linear(x, _dequant_int8(cb, scale, x.dtype, use_triton))
 
 
 @int8_linear.register_fake
-def _(x, cb, scale, gemv):
+def _(x, cb, scale, use_triton):
     return x.new_empty((x.shape[0], cb.shape[0]))
 
 
 @torch.library.custom_op("llamalora::int8_linear_grad", mutates_args=())
-def int8_linear_grad(grad: torch.Tensor, cb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_linear_grad(grad: torch.Tensor, cb: torch.Tensor, scale: torch.Tensor,
+                     use_triton: bool) -> torch.Tensor:
     """The gradient to x of `int8_linear`: grad [M, N] @ (cb * scale)."""
-    return grad @ _dequant_int8(cb, scale, grad.dtype)
+    return grad @ _dequant_int8(cb, scale, grad.dtype, use_triton)
 
 
 @int8_linear_grad.register_fake
-def _(grad, cb, scale):
+def _(grad, cb, scale, use_triton):
     return grad.new_empty((grad.shape[0], cb.shape[1]))
 
 
 def _int8_setup(ctx, inputs, output):
-    _, cb, scale, _ = inputs
+    _, cb, scale, ctx.use_triton = inputs
     ctx.save_for_backward(cb, scale)  # the weight as stored: no activation is kept
 
 
 def _int8_backward(ctx, grad):
     cb, scale = ctx.saved_tensors
-    return int8_linear_grad(grad, cb, scale), None, None, None
+    return int8_linear_grad(grad, cb, scale, ctx.use_triton), None, None, None
 
 
 int8_linear.register_autograd(_int8_backward, setup_context=_int8_setup)
@@ -152,7 +159,7 @@ def _int8_scales(module) -> torch.Tensor | None:
 def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     y = int8_linear(x.reshape(-1, shape[-1]), self._llamalora_cb, self._llamalora_scale,
-                    self._llamalora_gemv and x.dtype in (torch.bfloat16, torch.float16))
+                    self._llamalora_triton and x.dtype in (torch.bfloat16, torch.float16))
     if self.bias is not None:
         y = y + self.bias.to(y.dtype)
     return y.reshape(*shape[:-1], y.shape[-1])
@@ -198,7 +205,7 @@ def enable(model: torch.nn.Module, mode: str = "auto") -> str:
             torch path) or "plain" (bitsandbytes' own layers).
 
     Returns:
-        The path that runs, e.g. "int8-dequant+triton-gemv (224 layers)", "bitsandbytes" or
+        The path that runs, e.g. "int8-dequant+triton (224 layers)", "bitsandbytes" or
         "none (no quantized layers)".
 
     Raises:
@@ -212,7 +219,7 @@ def enable(model: torch.nn.Module, mode: str = "auto") -> str:
     if mode == "plain" or (mode == "auto" and device.type != "cuda"):
         disable(model)
         return "bitsandbytes"
-    gemv = triton_available(device)
+    use_triton = triton_available(device)
     names = set()
     for module, kind in layers:
         if kind == "int8":
@@ -224,9 +231,9 @@ def enable(model: torch.nn.Module, mode: str = "auto") -> str:
             module.register_buffer("_llamalora_scale",
                                    (_int8_scales(module).float() / 127).reshape(-1, 1),
                                    persistent=False)
-            module._llamalora_gemv = gemv
+            module._llamalora_triton = use_triton
             module.forward = types.MethodType(_int8_forward, module)
-            names.add("int8-dequant" + ("+triton-gemv" if gemv else ""))
+            names.add("int8-dequant" + ("+triton" if use_triton else ""))
         else:
             qs = module.weight.quant_state
             # The view also leaves Params4bit's Python __torch_function__ out of every call.
