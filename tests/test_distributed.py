@@ -260,11 +260,13 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path):
     two = subprocess.run(_torchrun(args), capture_output=True, text=True, env=_env(),
                          timeout=300)
     assert two.returncode != 0
-    # Every rank says it (each reads the same checkpoint) and exits 2; torchrun adds its report.
-    assert _errors(two.stderr) == [
+    # Every rank reads the same checkpoint, says it and exits 2; torchrun adds its report. Once
+    # the first rank has exited, torchrun stops the other, which may not have printed yet.
+    errors = _errors(two.stderr)
+    assert 1 <= len(errors) <= 2 and set(errors) == {
         f"Error: the checkpoint in {ckpt} was made with 1 process(es), this run has 2; resume "
         "it with 1 (llamalora train ... --resume, without torchrun), or drop --resume and pass "
-        "--overwrite to start anew"] * 2
+        "--overwrite to start anew"}, two.stderr[-3000:]
     assert not _llamalora_frames(two.stderr), two.stderr[-3000:]
     assert "Loading tiny" not in two.stderr  # refused before the model
     assert sorted(p.name for p in out.rglob("*")) == before  # nothing written, no lock left
@@ -363,4 +365,23 @@ def test_accelerate_launch_runs_two_gloo_processes_on_the_cpu(tmp_path):
     run = json.loads((out / "llamalora.json").read_text())
     assert run["world_size"] == 2 and run["plan"]["effective_batch"] == 8
     _one_process(data, tmp_path / "one", gradient_accumulation_steps=4, max_steps=3)
+    assert _max_diff(_adapter(out), _adapter(tmp_path / "one")) < 1e-4
+
+
+@pytest.mark.parametrize("quant", ["8bit", "4bit"])
+def test_quantized_bases_train_data_parallel_like_one_process(tmp_path, quant):
+    """Every rank quantizes its own copy of the base and only LoRA's gradients travel: at 8-bit
+    and 4-bit, 2 gloo processes end with the adapter of one process that takes both ranks'
+    micro-batches by accumulation."""
+    data = write_jsonl(tmp_path / "distinct.jsonl", DISTINCT)
+    out = tmp_path / "two"
+    flags = [quant if prev == "--quant" else flag for prev, flag in zip(["", *COMMON], COMMON)]
+    two = subprocess.run(_torchrun([str(data), "--output-dir", str(out),
+                                    "--gradient-accumulation-steps", "1", "--max-steps", "2",
+                                    *flags]),
+                         capture_output=True, text=True, env=_env(), timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    run = json.loads((out / "llamalora.json").read_text())
+    assert (run["world_size"], run["quant"], run["steps_run"]) == (2, quant, 2)
+    _one_process(data, tmp_path / "one", quant=quant, gradient_accumulation_steps=2, max_steps=2)
     assert _max_diff(_adapter(out), _adapter(tmp_path / "one")) < 1e-4
