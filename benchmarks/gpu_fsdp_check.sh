@@ -31,18 +31,22 @@ nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 200 
   > "$OUTDIR/fsdp_smi.csv" &
 SMI=$!
 trap 'kill "$SMI" 2>/dev/null || true' EXIT
-/usr/bin/time -f "fsdp2 wall %e s" python3 -m accelerate.commands.launch \
+start=$SECONDS  # (no /usr/bin/time on the lent machines' image is assumed)
+python3 -m accelerate.commands.launch \
   --config_file benchmarks/fsdp2.yaml --num_processes 2 -m llamalora train "${common[@]}" \
   --gradient-accumulation-steps 1 --output-dir /tmp/r-fsdp2 > "$OUTDIR/fsdp2.json"
+echo "fsdp2 wall $((SECONDS - start)) s"
 kill "$SMI" || true
 cp /tmp/r-fsdp2/metrics.jsonl "$OUTDIR/fsdp2.metrics.jsonl"
 ls -R /tmp/r-fsdp2 > "$OUTDIR/fsdp2.files.txt"
 
 # 3. The same on 1 GPU, accumulating the 2 micro-batches the 2 GPUs take per step.
 if [ -z "${SKIP_ONE_GPU:-}" ]; then
-  CUDA_VISIBLE_DEVICES=0 /usr/bin/time -f "1gpu wall %e s" python3 -m llamalora train \
+  start=$SECONDS
+  CUDA_VISIBLE_DEVICES=0 python3 -m llamalora train \
     "${common[@]}" --gradient-accumulation-steps 2 --output-dir /tmp/r-bf16-1gpu \
     > "$OUTDIR/bf16_1gpu.json"
+  echo "1gpu wall $((SECONDS - start)) s"
   cp /tmp/r-bf16-1gpu/metrics.jsonl "$OUTDIR/bf16_1gpu.metrics.jsonl"
 fi
 
