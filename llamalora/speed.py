@@ -9,6 +9,9 @@ layer: their weights are graph inputs, and the sequence length is dynamic.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 
 from llamalora.models import _is_vision_name
@@ -23,10 +26,30 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return []
 
 
+def _tag_compile_cache() -> None:
+    """Adds a hash of llamalora's custom ops to torch's compile-cache key.
+
+    torch keys a cached compiled layer on its traced forward graph, which names the ops but not
+    the Python that computes their backward: after fastlinear changed an op's backward, a cache
+    written by the older version handed back the older backward ("int8_linear_grad() is missing
+    value for argument", seen). With the ops' source in the key, each version gets its own entries.
+    """
+    from llamalora import fastlinear
+
+    config = getattr(torch.compiler, "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):
+        return
+    digest = hashlib.sha256(Path(fastlinear.__file__).read_bytes()).hexdigest()[:16]
+    tag = f"llamalora-ops-{digest}"
+    if tag not in config.cache_key_tag:
+        config.cache_key_tag = "+".join(filter(None, [config.cache_key_tag, tag]))
+
+
 def compile_layers(model: torch.nn.Module) -> int:
     """Compiles each decoder layer in place; returns how many."""
     import torch._dynamo
 
+    _tag_compile_cache()
     layers = decoder_layers(model)
     # Layer 0 would otherwise get an input without requires_grad (the frozen embedding's output)
     # and every later layer one with it: two compiles of the same graph instead of one.
