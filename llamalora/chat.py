@@ -182,7 +182,8 @@ def open_chat(adapter: str | Path | None, *, model: str | None = None, quant: st
         UsageError, ModelError, ConfigError.
     """
     from llamalora.models import load_model_for_inference
-    from llamalora.train import load_training_tokenizer, resolve_model
+    from llamalora.models import resolve_model
+    from llamalora.train import load_training_tokenizer
 
     info = find_adapter(adapter) if adapter is not None else None
     base = model or (info.base_model if info else None)

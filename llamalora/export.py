@@ -186,7 +186,7 @@ def export_adapter(run: str | Path, out: str | Path, *, merge: bool = False, dty
 
 def _load_base(info: AdapterInfo, dtype: str, with_vision: bool):
     from llamalora.models import load_model_for_inference
-    from llamalora.train import resolve_model
+    from llamalora.models import resolve_model
 
     return load_model_for_inference(resolve_model(info.base_model), quant="none",
                                     with_vision=with_vision, dtype=DTYPES[dtype])
@@ -200,7 +200,8 @@ def _verify_adapter(info: AdapterInfo, folder: Path, dtype: str) -> tuple[float,
     """Logits of base + the run's adapter vs base + plain `PeftModel.from_pretrained(folder)`."""
     from peft import PeftModel
 
-    from llamalora.train import load_training_tokenizer, resolve_model
+    from llamalora.models import resolve_model
+    from llamalora.train import load_training_tokenizer
 
     tokenizer, _ = load_training_tokenizer(resolve_model(info.base_model))
     base, load_info = _load_base(info, dtype, _trained_with_vision(info))
@@ -223,7 +224,8 @@ def _export_merged(info: AdapterInfo, tmp: Path, out: Path, dtype: str, verify: 
     from transformers import AutoModelForCausalLM, MllamaForConditionalGeneration
 
     from llamalora.plan import count_params
-    from llamalora.train import load_model_config, load_training_tokenizer, resolve_model
+    from llamalora.models import resolve_model
+    from llamalora.train import load_model_config, load_training_tokenizer
 
     # The merge always goes into the full vision model, text-only runs too: the result is a
     # complete Mllama checkpoint that AutoModelForCausalLM (text) and

@@ -88,13 +88,6 @@ class Plan:
 
 # --- the model's files, without weights ----------------------------------------------------
 
-def resolve_model(name: str) -> str:
-    """`tiny` -> the cached tiny model's folder; anything else unchanged (see models)."""
-    from llamalora.models import resolve_model as resolve
-
-    return resolve(name)
-
-
 def load_model_config(model: str):
     """The model's config, or the 11B architecture's for the default id when offline."""
     from transformers import AutoConfig
@@ -142,6 +135,7 @@ def plan_training(config: TrainConfig) -> Plan:
         DataError: Invalid records (refused with validate's line-numbered messages).
         ConfigError / ModelError: Options or the model can't be used.
     """
+    from llamalora.models import resolve_model
     from llamalora.plan import count_params, estimate_peak_gib, lora_param_count
 
     data_path = Path(config.data_path)
@@ -419,7 +413,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             torch.backends.cuda.enable_cudnn_sdp(False)
         _seed_everything(config.seed)
         from llamalora import fastlinear
-        from llamalora.models import attach_lora, load_image_processor, load_model_for_training
+        from llamalora.models import (attach_lora, load_image_processor, load_model_for_training,
+                                      resolve_model)
 
         checkpointing, why = _choose_checkpointing(config, plan, device)
         if why:
