@@ -95,7 +95,12 @@ def main() -> None:
     events = prof.key_averages()
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
                                                         "cudaLaunchKernelExC", "cuLaunchKernelEx"))
-    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in events) / 2
+    # Kernels only (device-side events), as the table's "Self CUDA time total": the ops that
+    # launch them carry the same time again and would count it twice.
+    from torch.autograd import DeviceType
+
+    gpu_us = sum(e.self_device_time_total for e in events
+                 if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 2
     print(events.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
     result = {"quant": args.quant, "kernels": path, "compile": args.compile,
               "tokens": args.tokens, "load_s": round(load_s, 1),
