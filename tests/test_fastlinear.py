@@ -7,6 +7,7 @@ installed). GPU (`-m gpu`): the compiled kernels in bf16 at the 11B's shapes.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -156,7 +157,7 @@ def test_training_on_the_fast_int8_path_learns(tmp_path):
                                 learning_rate=5e-3, lora_rank=8, save_steps=0, seed=0))
     assert summary["kernels"].startswith("int8-dequant")
     assert summary["batches"] == "packed"
-    losses = [r["loss"] for r in map(__import__("json").loads,
+    losses = [r["loss"] for r in map(json.loads,
                                      (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
               if "loss" in r]
     assert losses[-1] < 0.5 * losses[0]
