@@ -258,7 +258,9 @@ def _loss_sum(model, batch: dict):
     targets = batch["labels"][:, 1:]
     keep = targets != -100
     logits = base.lm_head(hidden[:, :-1][keep])
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    # At least fp32 (bf16 logits lose the loss); float64 models stay float64.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
     return loss, torch.count_nonzero(keep)
 
 
