@@ -75,10 +75,10 @@ def main() -> None:
     from llamalora.adapters import apply_adapter, find_adapter
     from llamalora.chat import ChatSession, GenerationOptions
     from llamalora.models import load_model_for_inference
-    from llamalora.train import load_training_tokenizer
+    from llamalora.tokenizer import load_model_tokenizer
 
     info = find_adapter(args.run)
-    tokenizer, _ = load_training_tokenizer(info.base_model)
+    tokenizer, _ = load_model_tokenizer(info.base_model)
     rows = []
     setups = [] if args.only_merged else [(q, "adapter") for q in args.quants]
     if args.merged:

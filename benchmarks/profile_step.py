@@ -38,7 +38,7 @@ def main() -> None:
     from llamalora import fastlinear
     from llamalora.batching import Tokenized, pack
     from llamalora.models import attach_lora, load_model_for_training
-    from llamalora.train import _loss_sum, _to_device
+    from llamalora.recipe import _loss_sum, _to_device
 
     t0 = time.perf_counter()
     model, info = load_model_for_training(args.model, quant=args.quant, device="cuda")

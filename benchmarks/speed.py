@@ -14,7 +14,7 @@ dropout 0.05 on q,k,v,o, max length 512, 4 records per optimizer step:
   hf-8bit/-4bit/-bf16  plain HF Trainer + PEFT (prepare_model_for_kbit_training on a k-bit
                    base): batch 4 x 1, padded to the batch's longest, no checkpointing, bf16,
                    loss on the response (llamalora's labels)
-  llamalora-8bit/-4bit/-none  `llamalora.train.train` with kernels="auto"
+  llamalora-8bit/-4bit/-none  `llamalora.recipe.train` with kernels="auto"
 
 Every recipe gets the same batches: llamalora's seeded, length-grouped order (for the HF Trainer
 recipes through a sequential sampler). Real (non-padding) tokens per step are then the same for all,
@@ -329,10 +329,10 @@ def load_records(spec: dict, *, train_on_prompt: bool):
     from llamalora.batching import tokenize_examples
     from llamalora.data import load_examples
     from llamalora.models import resolve_model
-    from llamalora.train import load_training_tokenizer
+    from llamalora.tokenizer import load_model_tokenizer
 
     examples, _ = load_examples(spec["data"])
-    tokenizer, _ = load_training_tokenizer(resolve_model(spec["model"]))
+    tokenizer, _ = load_model_tokenizer(resolve_model(spec["model"]))
     records, _ = tokenize_examples(tokenizer, examples, max_seq_length=spec["max_seq_length"],
                                    train_on_prompt=train_on_prompt)
     return records
@@ -512,9 +512,9 @@ def _step_clock(cuda: bool):
 # --- recipe: llamalora ------------------------------------------------------------------------
 
 def run_llamalora(spec: dict) -> dict:
-    """One `llamalora.train.train` run; its metrics.jsonl gives the per-step rows."""
+    """One `llamalora.recipe.train` run; its metrics.jsonl gives the per-step rows."""
     from llamalora.config import TrainConfig
-    from llamalora.train import train
+    from llamalora.recipe import train
 
     config = TrainConfig(
         data_path=spec["data"], output_dir=spec["output_dir"], model=spec["model"],
@@ -553,7 +553,7 @@ def run_plain_eval(spec: dict) -> dict:
     from peft import PeftModel
 
     from llamalora.config import TrainConfig
-    from llamalora.train import plan_training
+    from llamalora.plan import plan_training
 
     plan = plan_training(TrainConfig(
         data_path=spec["data"], output_dir=spec["adapter"], model=spec["model"],
@@ -583,7 +583,7 @@ def run_plain_eval(spec: dict) -> dict:
 
 
 def _versions() -> dict:
-    from llamalora.train import _versions as versions  # the list llamalora.json records
+    from llamalora.recipe import _versions as versions  # the list llamalora.json records
 
     return versions()
 

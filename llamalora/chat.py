@@ -183,7 +183,7 @@ def open_chat(adapter: str | Path | None, *, model: str | None = None, quant: st
     """
     from llamalora.models import load_model_for_inference
     from llamalora.models import resolve_model
-    from llamalora.train import load_training_tokenizer
+    from llamalora.tokenizer import load_model_tokenizer
 
     info = find_adapter(adapter) if adapter is not None else None
     base = model or (info.base_model if info else None)
@@ -197,7 +197,7 @@ def open_chat(adapter: str | Path | None, *, model: str | None = None, quant: st
     from llamalora import fastlinear
 
     kernel_path = fastlinear.enable(loaded, kernels)
-    tokenizer, _ = load_training_tokenizer(base_path)
+    tokenizer, _ = load_model_tokenizer(base_path)
     image_processor = None
     if with_vision:
         from llamalora.models import load_image_processor

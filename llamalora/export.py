@@ -201,9 +201,9 @@ def _verify_adapter(info: AdapterInfo, folder: Path, dtype: str) -> tuple[float,
     from peft import PeftModel
 
     from llamalora.models import resolve_model
-    from llamalora.train import load_training_tokenizer
+    from llamalora.tokenizer import load_model_tokenizer
 
-    tokenizer, _ = load_training_tokenizer(resolve_model(info.base_model))
+    tokenizer, _ = load_model_tokenizer(resolve_model(info.base_model))
     base, load_info = _load_base(info, dtype, _trained_with_vision(info))
     reference = apply_adapter(base, info.folder)
     expected = _probe_logits(reference, tokenizer, load_info["device"])
@@ -225,7 +225,8 @@ def _export_merged(info: AdapterInfo, tmp: Path, out: Path, dtype: str, verify: 
 
     from llamalora.plan import count_params
     from llamalora.models import resolve_model
-    from llamalora.train import load_model_config, load_training_tokenizer
+    from llamalora.plan import load_model_config
+    from llamalora.tokenizer import load_model_tokenizer
 
     # The merge always goes into the full vision model, text-only runs too: the result is a
     # complete Mllama checkpoint that AutoModelForCausalLM (text) and
@@ -243,7 +244,7 @@ def _export_merged(info: AdapterInfo, tmp: Path, out: Path, dtype: str, verify: 
                          f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free at {out.parent}")
     base, load_info = _load_base(info, dtype, with_vision)
     model = apply_adapter(base, info.folder)
-    tokenizer, _ = load_training_tokenizer(base_path)
+    tokenizer, _ = load_model_tokenizer(base_path)
     device = load_info["device"]
     unmerged = _probe_logits(model, tokenizer, device) if verify else None
     merged = model.merge_and_unload()

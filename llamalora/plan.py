@@ -7,8 +7,17 @@ a model of where memory goes, not a measurement: llamalora.json records the meas
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamalora.batching import Tokenized, TruncationSummary, split_eval, tokenize_examples
+from llamalora.config import QUANT_CHOICES as QUANTS, TrainConfig
+from llamalora.data import load_examples
+from llamalora.errors import ConfigError, ModelError
+from llamalora.parallel import world
+from llamalora.tokenizer import load_model_tokenizer
 
 GIB = 1024**3
 # Bytes per base weight of a quantized linear layer, scales included.
@@ -99,3 +108,121 @@ def estimate_peak_gib(counts: ParamCounts, *, quant: str, batch_size: int, seq_l
         activations *= 2.5
     logits = math.ceil(tokens * response_share) * counts.vocab * (2 + 4 + 4)
     return round((weights + lora + activations + logits) * 1.1 / GIB + 0.6, 1)
+
+
+@dataclass
+class Plan:
+    """What a run will do, known before any weights load."""
+
+    config: TrainConfig
+    records: int
+    train_records: int
+    eval_records: int
+    with_vision: bool
+    tokens_per_epoch: int
+    steps: int
+    steps_per_epoch: int
+    world_size: int
+    effective_batch: int
+    truncation: TruncationSummary
+    memory_gib: dict[str, float]
+    memory_gib_checkpointed: dict[str, float]
+    params: dict[str, int]
+    data_sha256: str
+    model_note: str = ""
+    train: list[Tokenized] = field(default_factory=list, repr=False)
+    eval: list[Tokenized] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"records": self.records, "train_records": self.train_records,
+                "eval_records": self.eval_records, "with_vision": self.with_vision,
+                "tokens_per_epoch": self.tokens_per_epoch, "steps": self.steps,
+                "steps_per_epoch": self.steps_per_epoch, "world_size": self.world_size,
+                "effective_batch": self.effective_batch,
+                "truncation": self.truncation.to_dict(), "estimated_peak_gib": self.memory_gib,
+                "estimated_peak_gib_checkpointed": self.memory_gib_checkpointed,
+                "params": self.params, "data_sha256": self.data_sha256,
+                "model_note": self.model_note}
+
+
+def load_model_config(model: str):
+    """The model's config, or the 11B architecture's for the default id when offline."""
+    from transformers import AutoConfig
+
+    from llamalora.tokenizer import DEFAULT_MODEL
+
+    try:
+        return AutoConfig.from_pretrained(model), ""
+    except Exception as exc:
+        if model == DEFAULT_MODEL:
+            return mllama_default_config(), (f"config.json of {model} could not be fetched "
+                                             f"({type(exc).__name__}); the plan uses the 11B "
+                                             "architecture's defaults")
+        raise ModelError(f"cannot read the config of --model {model!r} ({exc}); pass a local "
+                         "folder, `tiny`, or log in for a gated hub model") from exc
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def plan_training(config: TrainConfig) -> Plan:
+    """Checks and tokenizes the data and estimates memory; loads no weights.
+
+    Raises:
+        DataError: Invalid records (refused with validate's line-numbered messages).
+        ConfigError / ModelError: Options or the model can't be used.
+    """
+    from llamalora.models import resolve_model
+
+    data_path = Path(config.data_path)
+    examples, _ = load_examples(data_path, skip_invalid=config.skip_invalid)
+    with_vision = any(e.images for e in examples)
+    model = resolve_model(config.model)
+    tokenizer, tok_note = load_model_tokenizer(model)
+    tokenized, truncation = tokenize_examples(
+        tokenizer, examples, max_seq_length=config.max_seq_length,
+        train_on_prompt=config.train_on_prompt, truncation=config.truncation)
+    if not tokenized:
+        raise ConfigError(f"no record fits --max-seq-length {config.max_seq_length} with a "
+                          "response left; raise it (see `llamalora stats`)")
+    train_idx, eval_idx = split_eval(len(tokenized), config.eval_fraction, config.seed)
+    train_set = [tokenized[i] for i in train_idx]
+    eval_set = [tokenized[i] for i in eval_idx]
+    _, _, world_size = world()
+    batches = math.ceil(len(train_set) / config.batch_size)
+    per_step = config.gradient_accumulation_steps * world_size
+    steps_per_epoch = math.ceil(batches / per_step)
+    steps = config.max_steps or math.ceil(config.num_train_epochs * batches / per_step)
+
+    model_config, cfg_note = load_model_config(model)
+    counts = count_params(model_config, with_vision)
+    targets = config.target_module_list()
+    lora = lora_param_count(counts, config.lora_rank, targets)
+    longest = max(len(t) for t in train_set)
+    response_share = sum(sum(1 for x in t.labels if x != -100) for t in train_set) / max(
+        1, sum(len(t) for t in train_set))
+
+    def estimate(quant: str, checkpointing: bool) -> float:
+        return estimate_peak_gib(counts, quant=quant, batch_size=config.batch_size,
+                                 seq_len=longest, gradient_checkpointing=checkpointing,
+                                 lora_params=lora, response_share=response_share,
+                                 bnb_int8_layers=config.kernels == "plain")
+
+    # Unset checkpointing (auto) is planned without; train() turns it on if that won't fit.
+    memory = {q: estimate(q, bool(config.gradient_checkpointing)) for q in QUANTS}
+    memory_checkpointed = {q: estimate(q, True) for q in QUANTS}
+    return Plan(config=config, records=len(examples), train_records=len(train_set),
+                eval_records=len(eval_set), with_vision=with_vision,
+                tokens_per_epoch=sum(len(t) for t in train_set), steps=steps,
+                steps_per_epoch=steps_per_epoch, world_size=world_size,
+                effective_batch=config.batch_size * per_step, truncation=truncation,
+                memory_gib=memory, memory_gib_checkpointed=memory_checkpointed,
+                params={"base": counts.total, "lora": lora},
+                data_sha256=_sha256(data_path), model_note="; ".join(
+                    n for n in (tok_note, cfg_note) if n),
+                train=train_set, eval=eval_set)

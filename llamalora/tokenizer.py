@@ -105,6 +105,12 @@ def load_tokenizer(name: str | None = None) -> TokenizerSource:
         return bundled
 
 
+def load_model_tokenizer(model: str):
+    """The model's fast tokenizer (tokenizers.Tokenizer) and a note if a fallback stood in."""
+    source = load_tokenizer(model)
+    return source.tokenizer, source.fallback_reason or ""
+
+
 def bundled_tokenizer_dir() -> Path:
     """The folder holding the bundled tokenizer files (loadable with AutoTokenizer)."""
     if not (BUNDLED_TOKENIZER_DIR / "tokenizer.json").is_file():

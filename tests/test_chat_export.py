@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from llamalora.cli.main import app
 from llamalora.config import TrainConfig
-from llamalora.train import train
+from llamalora.recipe import train
 
 from conftest import write_jsonl
 

@@ -25,7 +25,8 @@ from typer.testing import CliRunner
 from llamalora.checkpoint import checkpoint_dirs
 from llamalora.cli.main import app
 from llamalora.config import TrainConfig
-from llamalora.train import TrainingInterrupted, plan_training, train
+from llamalora.plan import plan_training
+from llamalora.recipe import TrainingInterrupted, train
 
 from conftest import write_jsonl
 
@@ -50,7 +51,7 @@ from pathlib import Path
 
 probe, rank = Path(os.environ["PROBE_DIR"]), os.environ.get("RANK", "0")
 (probe / f"rank{rank}.pid").write_text(str(os.getpid()))
-import llamalora.train as t
+import llamalora.recipe as t
 from llamalora.checkpoint import checkpoint_dirs
 from llamalora.cli.main import main
 

@@ -19,7 +19,7 @@ import torch
 from llamalora import fastlinear
 from llamalora.batching import Tokenized, collate, pack
 from llamalora.config import TrainConfig
-from llamalora.train import _choose_checkpointing, _loss_sum
+from llamalora.recipe import _choose_checkpointing, _loss_sum
 
 from conftest import write_jsonl
 
@@ -145,7 +145,7 @@ def test_packed_loss_and_gradients_equal_the_padded_batch():
 
 
 def test_training_on_the_fast_int8_path_learns(tmp_path):
-    from llamalora.train import train
+    from llamalora.recipe import train
 
     data = write_jsonl(tmp_path / "d.jsonl", [
         {"instruction": "거푸집이란?", "output": "콘크리트를 굳히는 틀."},
@@ -268,7 +268,7 @@ def test_triton_dequant_on_gpu_is_torchs_product_bit_for_bit(shape):
 
 
 def test_auto_compile_is_for_long_text_runs_on_cuda():
-    from llamalora.train import COMPILE_MIN_STEPS, _choose_compile
+    from llamalora.recipe import COMPILE_MIN_STEPS, _choose_compile
 
     class FakePlan:
         with_vision = False

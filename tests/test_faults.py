@@ -15,12 +15,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import llamalora.train as train_mod
+import llamalora.recipe as train_mod
 from llamalora.adapters import find_adapter
 from llamalora.checkpoint import checkpoint_dirs
 from llamalora.cli.main import app
 from llamalora.config import TrainConfig
-from llamalora.train import OutOfMemory, SaveError, train
+from llamalora.plan import plan_training
+from llamalora.recipe import OutOfMemory, SaveError, train
 
 from conftest import write_jsonl
 
@@ -43,7 +44,7 @@ def test_out_of_memory_names_what_lowers_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "_loss_sum", oom)
     config = _config(tmp_path, quant="8bit")
-    plan = train_mod.plan_training(config)
+    plan = plan_training(config)
     plan.memory_gib = {"8bit": 19.7, "4bit": 13.1, "none": 27.0}  # the 11B's, not tiny's
     with pytest.raises(OutOfMemory) as info:
         train(config, plan=plan)

@@ -163,7 +163,7 @@ def _lora_model_and_batches():
 def _gradients(model, batches_here, n_targets, sharded):
     from torch.distributed.tensor import DTensor
 
-    from llamalora.train import _loss_sum
+    from llamalora.recipe import _loss_sum
 
     if sharded:
         fsdp.run_fillers(len(batches_here), lambda b: _loss_sum(model, b)[0].backward(),

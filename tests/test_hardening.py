@@ -12,7 +12,7 @@ from llamalora.checkpoint import FolderLock
 from llamalora.cli.main import app
 from llamalora.config import TrainConfig
 from llamalora.errors import OutputExistsError
-from llamalora.train import train
+from llamalora.recipe import train
 
 from conftest import write_jsonl
 

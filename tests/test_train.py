@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from llamalora.cli.main import app
 from llamalora.config import TrainConfig
 from llamalora.errors import ConfigError, DataError, OutputExistsError
-from llamalora.train import TrainingInterrupted, train
+from llamalora.recipe import TrainingInterrupted, train
 
 from conftest import write_jsonl
 

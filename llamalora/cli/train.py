@@ -116,7 +116,9 @@ def train(
         skip_invalid=skip_invalid)
 
     quiet_libraries()
-    from llamalora.train import plan_training, train as run_training, world
+    from llamalora.parallel import world
+    from llamalora.plan import plan_training
+    from llamalora.recipe import train as run_training
 
     is_main = world()[0] == 0
     with spinner("Checking and tokenizing the data"):
