@@ -28,11 +28,10 @@ from pathlib import Path
 
 import torch
 
-from llamalora.config import QUANT_CHOICES, check_choice, lora_target_names
+from llamalora.config import DEFAULT_LORA_TARGETS, QUANT_CHOICES, check_choice, lora_target_names
 from llamalora.errors import ConfigError, MissingExtraError, ModelError
 
 TINY_MODEL = "tiny"
-DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 
 # Bump the version when the tiny architecture or its init changes, so old caches are not reused.
 _TINY_DIRNAME = "tiny-mllama-v1"
@@ -513,7 +512,7 @@ def attach_lora(model, *, r: int = 8, alpha: float = 32, dropout: float = 0.05,
         alpha: LoRA alpha; the update is scaled by alpha / r.
         dropout: Dropout on the LoRA input.
         target_modules: `"all-linear"` (q, k, v, o, gate, up, down; never lm_head) or a comma
-            list such as `"q_proj,k_proj,v_proj,o_proj"`.
+            list such as `DEFAULT_LORA_TARGETS` (q, k, v, o).
 
     Returns:
         The `peft.PeftModel`; only the LoRA weights require grad.
