@@ -38,7 +38,7 @@ def main() -> None:
     from llamalora import fastlinear
     from llamalora.batching import Tokenized, pack
     from llamalora.models import attach_lora, load_model_for_training
-    from llamalora.recipe import _loss_sum, _to_device
+    from llamalora.step import loss_sum, to_device
 
     t0 = time.perf_counter()
     model, info = load_model_for_training(args.model, quant=args.quant, device="cuda")
@@ -57,13 +57,13 @@ def main() -> None:
     for i, n in enumerate(sizes):
         ids = torch.randint(1000, 100000, (n,), generator=g).tolist()
         items.append(Tokenized(line=i, input_ids=ids, labels=[-100] * (n // 3) + ids[n // 3:]))
-    batch = _to_device(pack(items), torch.device("cuda"), torch.bfloat16)
+    batch = to_device(pack(items), torch.device("cuda"), torch.bfloat16)
     n_targets = int((batch["labels"][:, 1:] != -100).sum())
 
     def step(timings=None):
         torch.cuda.synchronize()
         a = time.perf_counter()
-        loss, _ = _loss_sum(model, batch)
+        loss, _ = loss_sum(model, batch)
         torch.cuda.synchronize()
         b = time.perf_counter()
         (loss / n_targets).backward()

@@ -513,24 +513,27 @@ def _step_clock(cuda: bool):
 
 def run_llamalora(spec: dict) -> dict:
     """One `llamalora.recipe.train` run; its metrics.jsonl gives the per-step rows."""
+    from dataclasses import asdict
+
     from llamalora.config import TrainConfig
+    from llamalora.events import EvalDone, Status, StepDone
     from llamalora.recipe import train
 
+    # The defaults a user gets (batch 2 x accumulation 2, LoRA r 8 on q,k,v,o, automatic
+    # compile / CUDA graphs): only what makes the runs comparable is set.
     config = TrainConfig(
         data_path=spec["data"], output_dir=spec["output_dir"], model=spec["model"],
-        quant=spec["quant"], lora_rank=LORA["r"], lora_alpha=LORA["alpha"],
-        lora_dropout=LORA["dropout"], target_modules=",".join(LORA["targets"]),
-        batch_size=RECORDS_PER_STEP, gradient_accumulation_steps=1,
-        max_seq_length=spec["max_seq_length"], max_steps=spec["steps"],
-        learning_rate=LEARNING_RATE, warmup_ratio=0.03, eval_fraction=spec.get("eval_fraction", 0),
-        save_steps=0, seed=spec["seed"], kernels=spec.get("kernels", "auto"),
-        compile=spec.get("compile"))
+        quant=spec["quant"], max_seq_length=spec["max_seq_length"], max_steps=spec["steps"],
+        eval_fraction=spec.get("eval_fraction", 0), save_steps=0, seed=spec["seed"],
+        kernels=spec.get("kernels", "auto"), compile=spec.get("compile"),
+        cuda_graphs=spec.get("cuda_graphs"))
 
-    def progress(kind: str, data: dict) -> None:
-        if kind in ("step", "status", "warning", "eval"):
-            print(kind, json.dumps(data, default=str), file=sys.stderr, flush=True)
+    def progress(event) -> None:
+        if isinstance(event, (StepDone, Status, EvalDone)):
+            print(type(event).__name__, json.dumps(asdict(event), default=str), file=sys.stderr,
+                  flush=True)
 
-    summary = train(config, overwrite=True, on_event=progress)
+    summary = train(config, overwrite=True, on_event=progress).to_dict()
     metrics = Path(spec["output_dir"]) / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     # .get: which path ran (kernels, batches, checkpointing) is said by keys issue 5 added.
@@ -635,11 +638,9 @@ def speed_specs(args, work: Path, data: str) -> dict[str, dict]:
                 "steps": args.steps, "seed": args.seed, "max_seq_length": args.max_seq_length,
                 "output_dir": str(work / recipe)}
         if recipe.startswith("llamalora-"):
-            # Compiled on GPUs as a real run of 100+ steps would be (auto skips compiling for
-            # 16 steps); the compile lands in the uncounted first steps, and their time is kept
-            # in the per-step rows.
-            spec.update(kind="llamalora", quant=recipe.split("-", 1)[1], kernels="auto",
-                        compile=True if args.device != "cpu" else None)
+            # The defaults: llamalora picks compile / CUDA graphs itself; the first steps'
+            # capture (or compile) time is kept in the per-step rows.
+            spec.update(kind="llamalora", quant=recipe.split("-", 1)[1], kernels="auto")
         else:
             spec["kind"] = "trainer"
         specs[recipe] = spec
@@ -703,8 +704,13 @@ def summarize(rows: list[dict], skip: int) -> dict:
     seconds = sum(r["step_time_s"] for r in counted)
     tokens = sum(r["tokens"] for r in counted)
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    median = statistics.median(r["step_time_s"] for r in counted)
+    # Every recipe takes RECORDS_PER_STEP records a step (batches may group them differently),
+    # so records/s is the unit that compares them.
     return {"steps_run": len(rows), "steps_counted": len(counted),
-            "median_step_s": round(statistics.median(r["step_time_s"] for r in counted), 4),
+            "median_step_s": round(median, 4),
+            "records_per_s": round(RECORDS_PER_STEP / median, 2) if median > 0 else None,
+            "first_step_s": round(rows[0]["step_time_s"], 2) if rows else None,
             "real_tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
             "real_tokens_counted": tokens, "final_loss": losses[-1] if losses else None}
 
@@ -719,9 +725,9 @@ def speed_results(report: dict) -> dict:
         if "error" not in run:
             keep.update(summarize(run["rows"], report["skip"]))
         recipes[name] = keep
-    old = recipes.get("old", {}).get("real_tokens_per_s")
+    old = recipes.get("old", {}).get("records_per_s")
     for r in recipes.values():
-        ours = r.get("real_tokens_per_s")
+        ours = r.get("records_per_s")
         r["ratio_to_old"] = round(ours / old, 2) if ours and old else None
     # The same records in every step is what makes the ratios step-time ratios; say if not.
     tokens = {tuple(x["tokens"] for x in run["rows"]) for run in report["runs"].values()
@@ -778,9 +784,9 @@ def header(report: dict) -> str:
 
 
 def speed_table(report: dict) -> str:
-    lines = [("| recipe | what | kernels | median step (s) | real tokens/s "
-              "| peak GPU memory (GiB) | final loss | vs old |"),
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [("| recipe | what | kernels | median step (s) | first step (s) | records/s "
+              "| real tokens/s | peak GPU memory (GiB) | final loss | records/s vs old |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["recipes"].items():
         what = SPEED_RECIPES[name]
         if r.get("batches"):  # llamalora says how it batched and whether it checkpointed
@@ -788,10 +794,12 @@ def speed_table(report: dict) -> str:
                      f"{'on' if r.get('gradient_checkpointing') else 'off'})")
         if "error" in r:
             error = r["error"].replace("|", "/")  # a | would end the cell
-            lines.append(f"| {name} | {what} | - | failed: {error} | - | - | - | - |")
+            lines.append(f"| {name} | {what} | - | failed: {error} | - | - | - | - | - | - |")
             continue
         lines.append(f"| {name} | {what} | {_cell(r.get('kernels'))} | "
-                     f"{r['median_step_s']:.3f} | {_cell(r['real_tokens_per_s'], '{:.1f}')} | "
+                     f"{r['median_step_s']:.3f} | {_cell(r.get('first_step_s'), '{:.2f}')} | "
+                     f"{_cell(r.get('records_per_s'), '{:.2f}')} | "
+                     f"{_cell(r['real_tokens_per_s'], '{:.1f}')} | "
                      f"{_cell(r.get('peak_gpu_mem_gib'), '{:.2f}')} | "
                      f"{_cell(r['final_loss'], '{:.4f}')} | "
                      f"{_cell(r['ratio_to_old'], '{:.2f}x')} |")

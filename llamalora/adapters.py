@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamalora.checkpoint import CHECKPOINTS, RUN_MARKER, STATE, last_checkpoint
+from llamalora.rundir import CHECKPOINTS, RUN_MARKER, STATE, last_checkpoint
 from llamalora.errors import ModelError, UsageError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -158,6 +158,51 @@ def pack(items: list[Tokenized]):
             "labels": torch.tensor([labels], dtype=torch.long)}
 
 
+def padded_length(n: int) -> int:
+    """The static length a packed row of `n` tokens is padded to: a multiple of 128 up to 1,024,
+    of 256 beyond. Few distinct lengths mean few CUDA graphs to capture; the padding costs at most
+    127 (255) tokens of compute."""
+    step = 128 if n <= 1024 else 256
+    return max(step, -(-n // step) * step)
+
+
+def pack_padded(items: list[Tokenized], pad_id: int):
+    """`pack`, padded to a static length, with the loss positions listed for a static gather.
+
+    Returns torch tensors: `input_ids`, `position_ids` [1, L]; `segment_ids` [1, L] (the record
+    each token belongs to; the padding is a segment of its own, so it attends only to itself);
+    `target_index` [T] (positions whose next token has a label) and `target_ids` [T] (that
+    label), both padded to `padded_length` of the label count with position 0 and -100.
+    Nothing in it depends on the data's values on the GPU, so a step over it can be captured
+    in a CUDA graph and replayed for any batch of the same padded length.
+    """
+    import torch
+
+    ids, positions, segments, index, targets = [], [], [], [], []
+    for seg, t in enumerate(items):
+        start = len(ids)
+        ids += t.input_ids
+        positions += range(len(t))
+        segments += [seg] * len(t)
+        # logits at position p predict token p + 1, within the record only
+        for k, label in enumerate(t.labels[1:], start=start):
+            if label != IGNORE_INDEX:
+                index.append(k)
+                targets.append(label)
+    n, length = len(ids), padded_length(len(ids))
+    ids += [pad_id] * (length - n)
+    positions += range(length - n)
+    segments += [len(items)] * (length - n)
+    slots = padded_length(len(index))
+    index += [0] * (slots - len(index))
+    targets += [IGNORE_INDEX] * (slots - len(targets))
+    return {"input_ids": torch.tensor([ids], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "segment_ids": torch.tensor([segments], dtype=torch.long),
+            "target_index": torch.tensor(index, dtype=torch.long),
+            "target_ids": torch.tensor(targets, dtype=torch.long)}
+
+
 def add_vision_inputs(batch: dict, image_lists: list[list[Path]], image_processor,
                       image_token_id: int = IMAGE_TOKEN_ID) -> dict:
     """Adds Mllama's image inputs to a collated batch, in place: pixel values (tiles), aspect

@@ -154,9 +154,15 @@ class TrainConfig:
     kernels: str = _opt("auto", "Base-layer matmuls: fast (llamalora's kernels on the stored "
                                 "8/4-bit weights), plain (bitsandbytes' own), or auto (fast on "
                                 "CUDA GPUs).", "--kernels")
+    cuda_graphs: bool | None = _opt(
+        None, "Run each optimizer step as one padded pass replayed from a CUDA graph, so the "
+              "GPU never waits on Python (default: on CUDA GPUs for text-only runs whose fused "
+              "step fits; off with images, FSDP or gradient checkpointing).",
+        "--cuda-graphs/--no-cuda-graphs")
     compile: bool | None = _opt(
         None, "torch.compile the decoder layers (default: on CUDA GPUs for text-only runs of "
-              "100+ steps without checkpointing; the first steps then take 1-2 min longer).",
+              "100+ steps without checkpointing or CUDA graphs; the first steps then take 1-2 "
+              "min longer).",
         "--compile/--no-compile")
     packing: bool = _opt(True, "Pack each micro-batch's records into one padding-free row "
                                "(text-only data).", "--packing/--no-packing")
@@ -199,6 +205,10 @@ class TrainConfig:
 
     def target_module_list(self) -> list[str]:
         return lora_target_names(self.target_modules)
+
+    def scheduler_name(self) -> str:
+        """transformers' name of the `--lr-scheduler` schedule (each with its warm-up)."""
+        return LR_SCHEDULERS[self.lr_scheduler]
 
     def report_to_list(self) -> list[str]:
         return report_to_names(self.report_to)

@@ -14,6 +14,7 @@ from pathlib import Path
 from llamalora.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterInfo, apply_adapter,
                                 find_adapter, rename_keys)
 from llamalora.errors import ModelError, OutputExistsError, UsageError
+from llamalora.events import OnEvent, Status
 from llamalora.template import render_segments
 from llamalora.tokenizer import encode_segments
 
@@ -62,11 +63,14 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     tmp.rename(out)
 
 
-def _model_card(info: AdapterInfo, both_names: bool) -> str:
+def _model_card(info: AdapterInfo, merged: bool):
+    """README.md as a huggingface_hub ModelCard (metadata header + body): an adapter's (whose
+    weights file holds both layer names) or a merged model's."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     run, cfg = info.run, info.run.get("config", {})
     lines = [
-        "---", "library_name: peft", f"base_model: {info.base_model}", "tags: [lora, llamalora]",
-        "---", "", "# LoRA adapter trained with llamalora", "",
+        "# LoRA adapter trained with llamalora", "",
         f"- Base model: `{info.base_model}` (quantization during training: {info.quant or '?'})",
         f"- Data: `{cfg.get('data_path', '?')}` (sha256 `{run.get('data_sha256', '?')}`)",
         f"- LoRA: r={cfg.get('lora_rank', '?')}, alpha={cfg.get('lora_alpha', '?')}, "
@@ -75,20 +79,28 @@ def _model_card(info: AdapterInfo, both_names: bool) -> str:
         f"{run.get('final_eval_loss')}",
         f"- Steps: {run.get('plan', {}).get('steps', '?')}, max length "
         f"{cfg.get('max_seq_length', '?')}, learning rate {cfg.get('learning_rate', '?')}",
-        "", "## Load it", "", "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM, MllamaForConditionalGeneration",
-        f'base = AutoModelForCausalLM.from_pretrained("{info.base_model}")  # text only, or:',
-        f'# base = MllamaForConditionalGeneration.from_pretrained("{info.base_model}")',
-        'model = PeftModel.from_pretrained(base, "<this folder>")', "```", "",
-        "Prompts use the Llama 3 chat format the adapter was trained on; `llamalora chat "
-        "--adapter <this folder>` builds them for you.",
-    ]
-    if both_names:
-        lines += ["", "The weights file holds each LoRA weight under both layer names "
-                  "(`model.layers.*` of the text-only model and `model.language_model.layers.*` "
-                  "of the vision model), so it loads onto either class."]
-    return "\n".join(lines) + "\n"
+        "", "## Load it", ""]
+    if merged:
+        lines += [
+            "A standalone model with the LoRA merged in; no peft needed:", "", "```python",
+            "from transformers import AutoModelForCausalLM, MllamaForConditionalGeneration",
+            'model = AutoModelForCausalLM.from_pretrained("<this folder>")  # text only, or:',
+            '# model = MllamaForConditionalGeneration.from_pretrained("<this folder>")', "```"]
+    else:
+        lines += [
+            "```python", "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, MllamaForConditionalGeneration",
+            f'base = AutoModelForCausalLM.from_pretrained("{info.base_model}")  # text only, or:',
+            f'# base = MllamaForConditionalGeneration.from_pretrained("{info.base_model}")',
+            'model = PeftModel.from_pretrained(base, "<this folder>")', "```", "",
+            "Prompts use the Llama 3 chat format the adapter was trained on; `llamalora chat "
+            "--adapter <this folder>` builds them for you.", "",
+            "The weights file holds each LoRA weight under both layer names "
+            "(`model.layers.*` of the text-only model and `model.language_model.layers.*` of "
+            "the vision model), so it loads onto either class."]
+    data = ModelCardData(library_name="transformers" if merged else "peft",
+                         base_model=info.base_model, tags=["lora", "llamalora"])
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
 def _probe_logits(model, tokenizer, device):
@@ -109,7 +121,7 @@ def _diff(a, b) -> tuple[float, float]:
 def export_adapter(run: str | Path, out: str | Path, *, merge: bool = False, dtype: str = "bf16",
                    state_dict: str | Path | None = None, overwrite: bool = False,
                    verify: bool = True,
-                   on_event: Callable[[str, dict], None] | None = None) -> ExportResult:
+                   on_event: OnEvent | None = None) -> ExportResult:
     """Exports the adapter of a run (or a checkpoint inside one).
 
     Args:
@@ -124,7 +136,7 @@ def export_adapter(run: str | Path, out: str | Path, *, merge: bool = False, dty
     Raises:
         UsageError, OutputExistsError, ModelError.
     """
-    emit = on_event or (lambda kind, data: None)
+    emit = on_event or (lambda event: None)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     info = find_adapter(run)
@@ -168,10 +180,10 @@ def export_adapter(run: str | Path, out: str | Path, *, merge: bool = False, dty
             for name in TOKENIZER_FILES:
                 if (info.run_dir / name).is_file():
                     shutil.copy2(info.run_dir / name, tmp / name)
-            (tmp / "README.md").write_text(_model_card(info, both_names=True), encoding="utf-8")
+            _model_card(info, merged=False).save(tmp / "README.md")
             result = ExportResult(out, "adapter")
             if verify:
-                emit("status", {"message": "Checking the export: plain peft vs the run's adapter"})
+                emit(Status("Checking the export: plain peft vs the run's adapter"))
                 (result.max_logit_diff, result.tolerance,
                  result.logit_scale) = _verify_adapter(info, tmp, dtype)
         _replace_dir(tmp, out)
@@ -237,8 +249,8 @@ def _export_merged(info: AdapterInfo, tmp: Path, out: Path, dtype: str, verify: 
     with_vision = getattr(config, "model_type", None) == "mllama"
     need = count_params(config, with_vision).total * (4 if dtype == "fp32" else 2)
     free = shutil.disk_usage(tmp).free
-    emit("status", {"message": f"The merged model needs about {need / 2**30:.2f} GiB on disk "
-                               f"({free / 2**30:.1f} GiB free)"})
+    emit(Status(f"The merged model needs about {need / 2**30:.2f} GiB on disk "
+                               f"({free / 2**30:.1f} GiB free)"))
     if need * 1.05 > free:
         raise UsageError(f"not enough disk for the merged model: needs about "
                          f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free at {out.parent}")
@@ -257,21 +269,14 @@ def _export_merged(info: AdapterInfo, tmp: Path, out: Path, dtype: str, verify: 
         from llamalora.models import load_image_processor
 
         load_image_processor(base_path).save_pretrained(str(tmp))
-    card = _model_card(info, both_names=False).replace("library_name: peft", "library_name: "
-                                                       "transformers")
-    (tmp / "README.md").write_text(card.split("## Load it")[0] + (
-        "## Load it\n\nA standalone model with the LoRA merged in; no peft needed:\n\n```python\n"
-        "from transformers import AutoModelForCausalLM, MllamaForConditionalGeneration\n"
-        'model = AutoModelForCausalLM.from_pretrained("<this folder>")  # text only, or:\n'
-        '# model = MllamaForConditionalGeneration.from_pretrained("<this folder>")\n```\n'),
-        encoding="utf-8")
+    _model_card(info, merged=True).save(tmp / "README.md")
     result = ExportResult(out, "merged")
     if verify:
         # Rounding W + BA to the target dtype moves the logits a little; reported, not refused
         # (--dtype fp32 keeps it exact).
         result.merge_diff, _ = _diff(unmerged, expected)
         del merged, model, base
-        emit("status", {"message": "Checking the export: reloading with plain transformers"})
+        emit(Status("Checking the export: reloading with plain transformers"))
         cls = MllamaForConditionalGeneration if trained_with_vision else AutoModelForCausalLM
         reloaded = cls.from_pretrained(str(tmp), dtype=getattr(torch, DTYPES[dtype])).to(device)
         got = _probe_logits(reloaded, tokenizer, device)

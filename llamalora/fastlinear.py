@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from llamalora.config import KERNEL_CHOICES, check_choice
-from llamalora.models import _is_bnb_layer
+from llamalora.models import is_bnb_layer
 
 _PATCHED = "_llamalora_kernel"
 _GEMV_MAX_ROWS = 4  # up to here (decoding one or a few sequences) the GEMV wins
@@ -184,7 +184,7 @@ def _nf4_absmax(quant_state) -> torch.Tensor:
 
 
 def _kind(module) -> str | None:
-    if not _is_bnb_layer(module):
+    if not is_bnb_layer(module):
         return None
     name = type(module).__name__
     if name == "Linear8bitLt" and module.weight.dtype == torch.int8 \

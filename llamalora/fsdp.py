@@ -16,9 +16,10 @@ rank a whole copy of the model (data-parallel), splits every weight across the r
   which is what the manual all-reduce of the data-parallel path does; that all-reduce is skipped.
   Clipping with `torch.nn.utils.clip_grad_norm_` on the sharded (DTensor) gradients computes the
   norm over all shards.
-* Saving: `gathered` all-gathers the LoRA weights and the optimizer state on every rank and hands
-  rank 0's save code the full tensors, so adapters and checkpoints are the same files a one-GPU
-  run writes (and `--resume` reads them back into shards with `load_full_state`).
+* Saving: torch's `get_state_dict` / `set_state_dict` (full state, offloaded to the CPU) gather
+  the LoRA weights and the optimizer state for rank 0 to save and cut them back into shards on
+  `--resume` (`llamalora.parallel.Sharded`), so adapters and checkpoints are the same files a
+  one-GPU run writes.
 * Every rank must run the same modules the same number of times (each runs the all-gathers), so
   `run_fillers` first tops up a rank that has fewer micro-batches in a step (or eval batches)
   with one-row batches whose labels are all -100: they run forward and backward, add nothing.
@@ -145,9 +146,9 @@ def settings(config, plan, world_size: int) -> FsdpSettings | None:
 def load_options(device) -> dict:
     """`load_model_for_training` keywords: into CPU memory, in the dtype `device` computes in
     (bf16 on recent GPUs; fp32 on the CPU, as a plain CPU run)."""
-    from llamalora.models import _compute_dtype  # the rule a one-GPU run loads by
+    from llamalora.models import compute_dtype  # the rule a one-GPU run loads by
 
-    return {"device": "cpu", "dtype": str(_compute_dtype(device)).removeprefix("torch.")}
+    return {"device": "cpu", "dtype": str(compute_dtype(device)).removeprefix("torch.")}
 
 
 def wait_turn(fsdp: FsdpSettings, rank: int) -> None:
@@ -256,86 +257,7 @@ def run_fillers(count: int, run: Callable[[dict], object], device) -> None:
              "labels": torch.full((1, 2), -100, dtype=torch.long, device=device)})
 
 
-# --- saving and resuming -------------------------------------------------------------------
-
-def _full(value):
-    from torch.distributed.tensor import DTensor
-
-    return value.full_tensor().cpu() if isinstance(value, DTensor) else value
-
-
-class _GatheredModel:
-    """Rank 0's stand-in for the sharded model when saving: `save_pretrained` writes the
-    gathered LoRA weights through peft, so the files are those of a one-GPU run."""
-
-    def __init__(self, model, state: dict):
-        self._model = model
-        self._state = state
-
-    def save_pretrained(self, folder: str, **kwargs) -> None:
-        self._model.save_pretrained(folder, state_dict=self._state, **kwargs)
-
-
-class _GatheredOptimizer:
-    """The optimizer's state_dict with every shard gathered: a one-GPU run's layout."""
-
-    def __init__(self, state: dict):
-        self._state = state
-
-    def state_dict(self) -> dict:
-        return self._state
-
-
-def gathered(model, optimizer=None):
-    """(model, optimizer) stand-ins holding the full LoRA weights and optimizer state.
-
-    A collective: every rank must call it at the same point; only rank 0 then saves.
-    """
-    lora = {name: _full(p.detach()) for name, p in model.named_parameters() if "lora_" in name}
-    if optimizer is None:
-        return _GatheredModel(model, lora), None
-    state = optimizer.state_dict()
-    full_state = {index: {k: _full(v) for k, v in entry.items()}
-                  for index, entry in sorted(state["state"].items())}
-    return (_GatheredModel(model, lora),
-            _GatheredOptimizer({"state": full_state, "param_groups": state["param_groups"]}))
-
-
-def _to_shards(full, like):
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if not isinstance(like, DTensor) or tuple(full.shape) != tuple(like.shape):
-        return full
-    return distribute_tensor(full.to(device=like.device, dtype=like.dtype), like.device_mesh,
-                             like.placements)
-
-
-def load_full_state(model, optimizer, adapter: dict, optimizer_state: dict) -> None:
-    """Loads a one-GPU-layout checkpoint (adapter weights, optimizer state) into the shards.
-
-    Raises:
-        ModelError: The checkpoint's LoRA weights don't match the model's.
-    """
-    import torch
-
-    adapter_name = getattr(model, "active_adapter", "default")
-    params = {name.replace(f".{adapter_name}.", "."): p for name, p in model.named_parameters()
-              if "lora_" in name}
-    missing = sorted(set(params) - set(adapter))
-    extra = sorted(set(adapter) - set(params))
-    if missing or extra:
-        raise ModelError(f"the checkpoint's adapter does not match the model "
-                         f"({len(missing)} missing, {len(extra)} unexpected weights, e.g. "
-                         f"{(missing or extra)[0]})")
-    with torch.no_grad():
-        for key, p in params.items():
-            p.copy_(_to_shards(adapter[key], p))
-    ordered = [p for group in optimizer.param_groups for p in group["params"]]
-    state = {index: {k: _to_shards(v, ordered[index]) if torch.is_tensor(v) else v
-                     for k, v in entry.items()}
-             for index, entry in optimizer_state["state"].items()}
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer_state["param_groups"]})
-
+# --- what the run records ---------------------------------------------------------------
 
 def report(model, device, sharding: dict) -> dict:
     """What llamalora.json records about an FSDP run: the sharding and, per rank, the GiB of

@@ -215,7 +215,7 @@ def load_base_model(name_or_path: str, *, quant: str = "8bit", with_vision: bool
     check_choice("quant", quant, QUANT_CHOICES)
     path = resolve_model(name_or_path)
     target = _resolve_device(device)
-    dtype = getattr(torch, dtype) if dtype else _compute_dtype(target)
+    dtype = getattr(torch, dtype) if dtype else compute_dtype(target)
     config = _load_config(path)
     if with_vision and getattr(config, "model_type", None) != "mllama":
         raise ModelError(f"--model {name_or_path} is a {getattr(config, 'model_type', '?')} model;"
@@ -321,7 +321,7 @@ def _resolve_device(device: str | None) -> torch.device:
     return target
 
 
-def _compute_dtype(target: torch.device) -> torch.dtype:
+def compute_dtype(target: torch.device) -> torch.dtype:
     if target.type == "cuda":
         with torch.cuda.device(target):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -418,17 +418,17 @@ def _explain_load_error(name: str, path: str, exc: BaseException) -> str:
     return f"cannot load --model {name} ({_first_line(exc)}); {fallback}"
 
 
-def _is_vision_name(name: str) -> bool:
+def is_vision_name(name: str) -> bool:
     return any(part in _VISION_PARTS for part in name.split("."))
 
 
-def _is_bnb_layer(module) -> bool:
+def is_bnb_layer(module) -> bool:
     # bnb's layers subclass nn.Linear; matching by name avoids importing bitsandbytes here.
     return type(module).__module__.startswith("bitsandbytes")
 
 
 def _check_vision_unquantized(model) -> None:
-    bad = [n for n, m in model.named_modules() if _is_bnb_layer(m) and _is_vision_name(n)]
+    bad = [n for n, m in model.named_modules() if is_bnb_layer(m) and is_vision_name(n)]
     if bad:
         raise ModelError(f"the vision tower was quantized ({bad[0]}); this transformers version "
                          "ignores llm_int8_skip_modules as used here; pass --quant none")
@@ -544,7 +544,7 @@ def attach_lora(model, *, r: int = 8, alpha: float = 32, dropout: float = 0.05,
     except ValueError as exc:  # peft: "Target modules ... not found in the base model"
         raise ConfigError(f"--target-modules {target_modules}: {_first_line(exc)}") from exc
     lora_in_vision = [n for n, _ in peft_model.named_parameters()
-                      if "lora_" in n and _is_vision_name(n)]
+                      if "lora_" in n and is_vision_name(n)]
     if lora_in_vision:  # the pattern above rules this out; guard against peft changing
         raise ModelError(f"LoRA reached the vision tower ({lora_in_vision[0]})")
     peft_model.lora_target_names = names

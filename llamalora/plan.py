@@ -127,6 +127,8 @@ class Plan:
     truncation: TruncationSummary
     memory_gib: dict[str, float]
     memory_gib_checkpointed: dict[str, float]
+    # A step's micro-batches run as one pass (CUDA graphs): batch x accumulation records at once.
+    memory_gib_fused: dict[str, float]
     params: dict[str, int]
     data_sha256: str
     model_note: str = ""
@@ -141,6 +143,7 @@ class Plan:
                 "effective_batch": self.effective_batch,
                 "truncation": self.truncation.to_dict(), "estimated_peak_gib": self.memory_gib,
                 "estimated_peak_gib_checkpointed": self.memory_gib_checkpointed,
+                "estimated_peak_gib_fused": self.memory_gib_fused,
                 "params": self.params, "data_sha256": self.data_sha256,
                 "model_note": self.model_note}
 
@@ -207,8 +210,8 @@ def plan_training(config: TrainConfig) -> Plan:
     response_share = sum(sum(1 for x in t.labels if x != -100) for t in train_set) / max(
         1, sum(len(t) for t in train_set))
 
-    def estimate(quant: str, checkpointing: bool) -> float:
-        return estimate_peak_gib(counts, quant=quant, batch_size=config.batch_size,
+    def estimate(quant: str, checkpointing: bool, batch_size: int = config.batch_size) -> float:
+        return estimate_peak_gib(counts, quant=quant, batch_size=batch_size,
                                  seq_len=longest, gradient_checkpointing=checkpointing,
                                  lora_params=lora, response_share=response_share,
                                  bnb_int8_layers=config.kernels == "plain")
@@ -216,12 +219,15 @@ def plan_training(config: TrainConfig) -> Plan:
     # Unset checkpointing (auto) is planned without; train() turns it on if that won't fit.
     memory = {q: estimate(q, bool(config.gradient_checkpointing)) for q in QUANTS}
     memory_checkpointed = {q: estimate(q, True) for q in QUANTS}
+    memory_fused = {q: estimate(q, False, config.batch_size * config.gradient_accumulation_steps)
+                    for q in QUANTS}
     return Plan(config=config, records=len(examples), train_records=len(train_set),
                 eval_records=len(eval_set), with_vision=with_vision,
                 tokens_per_epoch=sum(len(t) for t in train_set), steps=steps,
                 steps_per_epoch=steps_per_epoch, world_size=world_size,
                 effective_batch=config.batch_size * per_step, truncation=truncation,
                 memory_gib=memory, memory_gib_checkpointed=memory_checkpointed,
+                memory_gib_fused=memory_fused,
                 params={"base": counts.total, "lora": lora},
                 data_sha256=_sha256(data_path), model_note="; ".join(
                     n for n in (tok_note, cfg_note) if n),

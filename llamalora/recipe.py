@@ -1,38 +1,36 @@
-"""The training recipe: data -> plan -> model -> loop -> save, read top to bottom.
+"""The training recipe: `train(config) -> TrainResult`, read top to bottom.
 
-`plan_training` checks and tokenizes the data and estimates memory without loading weights (what
-`--dry-run` shows). `train` runs the whole recipe. Neither prints: progress goes to the `on_event`
-callback, and problems are raised as llamalora errors.
+    open the run folder -> plan -> processes and model -> optimizer and schedule -> restore
+    -> the loop of optimizer steps -> save
 
-Data-parallel runs (torchrun / accelerate launch) give each rank its own quantized copy of the
-model; LoRA gradients are summed across ranks by one all-reduce per optimizer step, and only rank 0
-writes files.
+It never prints: progress goes to the `on_event` callback as `llamalora.events` objects, and
+problems are raised as llamalora errors. What differs between one process, data-parallel and FSDP
+lives behind `llamalora.parallel`; one optimizer step is `llamalora.step.TrainStep`; the folder,
+its lock and its atomic saves are `llamalora.rundir.RunFolder`; metrics and trackers are
+`llamalora.trackers`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import random
-import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from llamalora import __version__, fsdp
-from llamalora.batching import IGNORE_INDEX, Tokenized, add_vision_inputs, batch_order, collate, pack
-from llamalora.checkpoint import (CHECKPOINTS, RUN_MARKER, FolderLock, commit_checkpoint,
-                                  last_checkpoint, prepare_output_dir, write_json_atomic)
+from llamalora import __version__, parallel, trackers
+from llamalora.batching import (IGNORE_INDEX, Tokenized, add_vision_inputs, batch_order, collate,
+                                pack, pack_padded)
 from llamalora.config import TrainConfig
-from llamalora.errors import ConfigError, LlamaLoraError, ModelError, OutputExistsError
-from llamalora.parallel import world
+from llamalora.errors import LlamaLoraError, ModelError
+from llamalora.events import (CheckpointSaved, EvalDone, ModelReady, OnEvent, PlanReady, Status,
+                              StepDone, TrainFinished, TrainResult)
 from llamalora.plan import Plan, plan_training
-
-Event = Callable[[str, dict], None]
+from llamalora.rundir import CHECKPOINTS, RunFolder, SaveError  # noqa: F401 (re-exported)
+from llamalora.step import GraphedStep, TrainStep
 
 
 class TrainingInterrupted(LlamaLoraError):
@@ -41,15 +39,407 @@ class TrainingInterrupted(LlamaLoraError):
     exit_code = 130
 
 
-class SaveError(LlamaLoraError):
-    """A checkpoint or the final adapter could not be written (full disk, permissions)."""
-
-
 class OutOfMemory(LlamaLoraError):
     """The GPU ran out of memory; the message lists the options that lower it."""
 
 
-# --- the run -------------------------------------------------------------------------------------
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+          on_event: OnEvent | None = None, plan: Plan | None = None) -> TrainResult:
+    """Runs the training recipe; returns what `llamalora.json` records.
+
+    Raises:
+        DataError, ConfigError, ModelError, OutputExistsError, MissingExtraError: before any
+            step runs.
+        TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved and `--resume` continues.
+        OutOfMemory, SaveError: during the run; the last checkpoint is intact.
+    """
+    import torch
+
+    emit = on_event or (lambda event: None)
+    par = parallel.from_environment()
+    run = RunFolder(config.output_dir, is_main=par.is_main, world_size=par.world_size)
+    started = time.perf_counter()
+    try:
+        # 1. The run folder: locked, refused if it holds something else, resume point found.
+        note = run.open(overwrite=overwrite, resume=resume)
+        if note and par.is_main:
+            emit(Status(note, warning=True))
+
+        # 2. Data and plan: validation happens here, before any weights load.
+        plan = plan or plan_training(config)
+        run.check_data(plan.data_sha256, config.data_path)
+        trackers.check_trackers(config.report_to_list())
+        emit(PlanReady(plan.to_dict()))
+
+        # 3. Processes and model.
+        par = par.for_run(config, plan)
+        device = par.start()
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        model, setup = _build_model(config, plan, par, device, emit)
+        params = [p for p in model.parameters() if p.requires_grad]
+        emit(ModelReady(**setup.event_fields(), trainable_params=sum(p.numel() for p in params)))
+
+        # 4. Optimizer and schedule, restored on resume.
+        optimizer, scheduler = _optimizer(config, plan, params, par, device)
+        if run.resume_from is not None:
+            weights, state = run.load_checkpoint()
+            par.load_state(model, optimizer, weights, state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"])
+            emit(Status(f"Resuming from {run.resume_from.name}"))
+
+        # 5. The loop.
+        step = (GraphedStep if setup.graphs else TrainStep)(model, optimizer, scheduler, params,
+                                                             par, config.max_grad_norm)
+        batches = StepBatches(config, plan, par, setup, device)
+        log = trackers.open_trackers(
+            config.report_to_list(), run.path, run_name=run.path.name, config=config.to_dict(),
+            logging_steps=config.logging_steps, resume_step=run.start_step,
+            warn=lambda message: emit(Status(message, warning=True))) if par.is_main else _NoLog()
+        with log:
+            losses = _run_steps(config, plan, run, par, step, batches, setup, log, emit)
+
+        # 6. Save: adapter, tokenizer (+ image processor), then llamalora.json last.
+        result = _result(config, plan, setup, losses, par, device, started)
+        result.fsdp = par.report(model)  # per-rank memory under FSDP (a collective), else None
+        adapter, _ = par.full_state(model, None)  # a collective under FSDP: every rank gathers
+        if par.is_main:
+            run.save_final(model, adapter, setup.saved_with_adapter(),
+                           lambda: _finish(result, run))
+        emit(TrainFinished(result))
+        return result
+    finally:
+        run.close()
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+@dataclass
+class ModelSetup:
+    """What was loaded and which paths the step takes."""
+
+    model_path: str
+    model_class: str
+    quant: str
+    compute_dtype: str
+    device: str
+    kernels: str
+    gradient_checkpointing: bool
+    compiled: bool
+    packing: bool
+    graphs: bool  # each step one padded row, its pass replayed from a CUDA graph
+    tokenizer: object  # the transformers tokenizer saved next to the adapter
+    image_processor: object | None
+    pad_id: int
+
+    @property
+    def batches(self) -> str:
+        if self.graphs:
+            return "packed, one row per step at a static length (CUDA graphs)"
+        return "packed" if self.packing else "padded to the longest record"
+
+    def event_fields(self) -> dict:
+        return {"model_class": self.model_class, "quant": self.quant,
+                "compute_dtype": self.compute_dtype, "device": self.device,
+                "kernels": self.kernels, "batches": self.batches,
+                "gradient_checkpointing": self.gradient_checkpointing,
+                "compiled": self.compiled}
+
+    def saved_with_adapter(self) -> list:
+        return [x for x in (self.tokenizer, self.image_processor) if x is not None]
+
+
+def _build_model(config: TrainConfig, plan: Plan, par, device, emit) -> tuple[object, ModelSetup]:
+    """Loads the frozen base, attaches LoRA, picks the kernels, shards, compiles."""
+    if device.type == "cuda":
+        import torch
+
+        # cuDNN's attention builds a plan for every new sequence length, and packed batches
+        # bring a new length nearly every step; the other SDPA kernels need no plan.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    from llamalora import fastlinear
+    from llamalora.models import (attach_lora, load_image_processor, load_model_for_training,
+                                  resolve_model)
+
+    checkpointing, why = _choose_checkpointing(config, plan, device)
+    if why:
+        emit(Status(why))
+    emit(Status(f"Loading {config.model} ({config.quant})"))
+    model_path = resolve_model(config.model)
+    model, info = load_model_for_training(
+        model_path, quant=config.quant, with_vision=plan.with_vision,
+        gradient_checkpointing=checkpointing, **par.load_options())
+    model = attach_lora(model, r=config.lora_rank, alpha=config.lora_alpha,
+                        dropout=config.lora_dropout, target_modules=config.target_modules)
+    kernels = fastlinear.enable(model, config.kernels)
+    if par.prepare(model) is not None:  # FSDP: each GPU keeps its share of every weight
+        emit(Status(f"Sharded over {par.world_size} processes (FSDP2)"))
+    graphs, why = _choose_graphs(config, plan, device, checkpointing, par)
+    if why:
+        emit(Status(why))
+    compiled, why = _choose_compile(config, plan, device, checkpointing,
+                                    sharded=not par.can_compile, graphs=graphs)
+    if compiled:
+        from llamalora.speed import compile_layers
+
+        emit(Status(f"Compiling {compile_layers(model)} decoder layers: the first steps take "
+                    "1-2 minutes longer"))
+    elif why:
+        emit(Status(why))
+    tokenizer = _tokenizer_folder(model_path)
+    return model, ModelSetup(
+        model_path=model_path, model_class=info["model_class"], quant=config.quant,
+        compute_dtype=info["compute_dtype"], device=str(device), kernels=kernels,
+        gradient_checkpointing=checkpointing, compiled=compiled,
+        packing=config.packing and not plan.with_vision, graphs=graphs, tokenizer=tokenizer,
+        image_processor=load_image_processor(model_path) if plan.with_vision else None,
+        pad_id=_pad_id(tokenizer))
+
+
+def _optimizer(config: TrainConfig, plan: Plan, params: list, par, device):
+    """AdamW (fused into one kernel on CUDA, as HF Trainer's default) and transformers' schedule
+    of `--lr-scheduler`, with `--warmup-ratio` of the steps warming up."""
+    import torch
+    from transformers import get_scheduler
+
+    fused = True if device.type == "cuda" and par.fused_optimizer else None
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
+                                  weight_decay=config.weight_decay, fused=fused)
+    scheduler = get_scheduler(config.scheduler_name(), optimizer,
+                              num_warmup_steps=math.ceil(plan.steps * config.warmup_ratio),
+                              num_training_steps=plan.steps)
+    return optimizer, scheduler
+
+
+# --- batches -----------------------------------------------------------------------------------
+
+class StepBatches:
+    """The micro-batches of each optimizer step, on the device.
+
+    Step s consumes micro-batches [s*M, (s+1)*M) of an endless stream of epochs (M = accumulation
+    x world size); rank r takes every world_size-th of them. Each epoch's order is seeded
+    (`batch_order`), so a resumed run sees the batches an uninterrupted one would.
+    """
+
+    def __init__(self, config: TrainConfig, plan: Plan, par, setup: ModelSetup, device):
+        import torch
+
+        self.config, self.plan, self.par, self.setup, self.device = config, plan, par, setup, device
+        self.dtype = getattr(torch, setup.compute_dtype)
+        self.lengths = [len(t) for t in plan.train]
+        self.per_epoch = math.ceil(len(plan.train) / config.batch_size)
+        self.per_step = config.gradient_accumulation_steps * par.world_size
+        self.positions = plan.steps * self.per_step if config.max_steps else math.ceil(
+            config.num_train_epochs * self.per_epoch)
+        self._orders: dict[int, list[list[int]]] = {}
+
+    def epoch_at(self, done_steps: int) -> float:
+        return done_steps * self.per_step / self.per_epoch
+
+    def __call__(self, step: int) -> tuple[list[dict], float, float]:
+        """(this rank's micro-batches, labelled tokens and real tokens of the step on every
+        rank). The counts are made on the host: reading them back from the GPU would stall."""
+        import torch
+
+        picked = []
+        for k in range(self.per_step):
+            pos = step * self.per_step + k
+            if pos >= self.positions or k % self.par.world_size != self.par.rank:
+                continue
+            epoch = pos // self.per_epoch
+            if epoch not in self._orders:
+                self._orders = {epoch: batch_order(self.lengths, self.config.batch_size,
+                                                   self.config.seed, epoch)}
+            picked.append(self._orders[epoch][pos % self.per_epoch])
+        if self.setup.graphs:  # the step's micro-batches as one row
+            picked = [[i for b in picked for i in b]] if picked else []
+        made = [self.make([self.plan.train[i] for i in b], static=self.setup.graphs)
+                for b in picked]
+        counts = torch.tensor([float(sum(m[1] for m in made)), float(sum(m[2] for m in made))],
+                              dtype=torch.float64, device=self.device)
+        n_targets, n_real = self.par.sum(counts).tolist() if self.par.world_size > 1 else \
+            counts.tolist()
+        return [m[0] for m in made], n_targets, n_real
+
+    def make(self, items: list[Tokenized], static: bool = False) -> tuple[dict, int, int]:
+        """One micro-batch on the device, its count of loss tokens and of real tokens."""
+        from llamalora.step import to_device
+
+        if static:
+            batch = pack_padded(items, self.setup.pad_id)
+            n_targets = int((batch["target_ids"] != IGNORE_INDEX).sum())
+            return to_device(batch, self.device, self.dtype), n_targets, sum(map(len, items))
+        batch = pack(items) if self.setup.packing else collate(items, self.setup.pad_id)
+        if self.setup.image_processor is not None:
+            add_vision_inputs(batch, [t.images for t in items], self.setup.image_processor)
+        n_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return to_device(batch, self.device, self.dtype), n_targets, sum(map(len, items))
+
+    def eval_batches(self) -> list[list[Tokenized]]:
+        """This rank's share of the held-out records, in batches of similar length."""
+        items = self.plan.eval
+        order = sorted(range(len(items)), key=lambda i: len(items[i]))
+        size = self.config.batch_size
+        batches = [[items[i] for i in order[k:k + size]] for k in range(0, len(order), size)]
+        return batches[self.par.rank::self.par.world_size]
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+@dataclass
+class _Losses:
+    last_train: float | None = None
+    last_eval: float | None = None
+    steps_run: int = 0
+    real_tokens: int = 0
+    train_time: float = 0.0
+
+
+def _run_steps(config: TrainConfig, plan: Plan, run: RunFolder, par, step, batches: StepBatches,
+               setup: ModelSetup, log, emit) -> _Losses:
+    """Every optimizer step from the resume point on, with evals, checkpoints and a clean stop
+    on SIGINT/SIGTERM (every rank stops after the same step, with a checkpoint)."""
+    import torch
+
+    device = batches.device
+    losses = _Losses()
+    eval_every = config.eval_steps or config.save_steps
+    stop = _StopFlag()
+    stop.install()
+    step.model.train()
+    warned = False
+    try:
+        for index in range(run.start_step, plan.steps):
+            t0 = time.perf_counter()
+            micro, n_targets, n_real = batches(index)
+            lr = step.scheduler.get_last_lr()[0]  # the rate this step uses
+            try:
+                loss, norm = step(micro, n_targets)
+            except torch.OutOfMemoryError as exc:
+                raise OutOfMemory(_oom_advice(config, plan, done=index, device=device,
+                                              checkpointing=setup.gradient_checkpointing)) from exc
+            loss = par.sum(loss)
+            if getattr(step, "failure", "") and not warned:
+                warned = True
+                emit(Status(f"CUDA graphs off, steps run eagerly: {step.failure}", warning=True))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            done = index + 1
+            losses.train_time += dt
+            losses.real_tokens += int(n_real)
+            losses.steps_run += 1
+            losses.last_train = loss.item() / max(n_targets, 1)
+            eval_loss = None
+            if plan.eval and eval_every and done % eval_every == 0 and done < plan.steps:
+                eval_loss = losses.last_eval = _evaluate(step.model, batches, par)
+            event = StepDone(
+                step=done, total_steps=plan.steps, loss=losses.last_train, learning_rate=lr,
+                grad_norm=norm.item() if norm is not None else None, tokens=int(n_real),
+                tokens_per_s=n_real / dt, epoch=batches.epoch_at(done), step_time_s=dt,
+                gpu_mem_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                if device.type == "cuda" else None, eval_loss=eval_loss)
+            log.log(event)
+            emit(event)
+
+            interrupted = par.any(stop.requested)
+            if done < plan.steps and ((config.save_steps and done % config.save_steps == 0)
+                                      or interrupted):
+                _save_checkpoint(run, par, step, config, plan, done, emit)
+            if interrupted and done < plan.steps:
+                # Every rank waits here for rank 0's checkpoint: a rank that exited first would
+                # say "checkpoint saved" before it was, and make torchrun stop rank 0 mid-save.
+                par.wait()
+                raise TrainingInterrupted(
+                    f"stopped at step {done}/{plan.steps}; checkpoint saved in "
+                    f"{run.path / CHECKPOINTS}. Continue with the same command plus --resume")
+        if plan.eval:
+            losses.last_eval = _evaluate(step.model, batches, par)
+            event = EvalDone(step=plan.steps, eval_loss=losses.last_eval)
+            log.log(event)
+            emit(event)
+    finally:
+        stop.restore()
+    return losses
+
+
+def _save_checkpoint(run: RunFolder, par, step, config: TrainConfig, plan: Plan, done: int,
+                     emit) -> None:
+    adapter, optimizer_state = par.full_state(step.model, step.optimizer)  # every rank gathers
+    if not par.is_main:
+        return
+    path = run.save_checkpoint(
+        done, step.model, adapter,
+        {"optimizer": optimizer_state, "scheduler": step.scheduler.state_dict(),
+         "rng": _rng_state()},
+        {"step": done, "world_size": par.world_size, "data_sha256": plan.data_sha256,
+         "config": config.to_dict()}, config.save_total_limit)
+    emit(CheckpointSaved(step=done, path=str(path)))
+
+
+def _evaluate(model, batches: StepBatches, par) -> float:
+    """The mean loss over the held-out records' labelled tokens, over every rank."""
+    import torch
+
+    from llamalora.step import loss_sum
+
+    mine = batches.eval_batches()
+    total = torch.zeros(2, dtype=torch.float64, device=batches.device)
+    model.eval()
+    with torch.no_grad():
+        par.even_out(len(mine), lambda b: loss_sum(model, b))
+        for items in mine:
+            loss, n = loss_sum(model, batches.make(items)[0])
+            total += torch.stack([loss.double(), n.double()])
+    model.train()
+    par.sum(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+# --- the result --------------------------------------------------------------------------------
+
+def _result(config: TrainConfig, plan: Plan, setup: ModelSetup, losses: _Losses, par, device,
+            started: float) -> TrainResult:
+    import torch
+
+    return TrainResult(
+        llamalora_version=__version__, config=config.to_dict(), plan=plan.to_dict(),
+        base_model=setup.model_path, model_class=setup.model_class, quant=config.quant,
+        compute_dtype=setup.compute_dtype, kernels=setup.kernels,
+        gradient_checkpointing=setup.gradient_checkpointing, compiled=setup.compiled,
+        batches=setup.batches, data_sha256=plan.data_sha256,
+        final_train_loss=losses.last_train, final_eval_loss=losses.last_eval,
+        real_tokens_per_s=round(losses.real_tokens / losses.train_time, 1)
+        if losses.train_time else None,
+        steps_run=losses.steps_run, wall_time_s=round(time.perf_counter() - started, 2),
+        peak_gpu_mem_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if device.type == "cuda" else None,
+        device=str(device), world_size=par.world_size, versions=_versions(),
+        trackers=config.report_to_list())
+
+
+def _finish(result: TrainResult, run: RunFolder) -> dict:
+    """Once the adapter is in place: the loss plot, then the record llamalora.json holds."""
+    plot = _plot_losses(run.metrics, run.path / "loss.png")
+    result.loss_plot = str(plot) if plot else None
+    return result.to_dict()
+
+
+class _NoLog:
+    """What ranks other than 0 log to: nothing."""
+
+    def log(self, event) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+# --- small pieces ------------------------------------------------------------------------------
 
 class _StopFlag:
     """Set by SIGINT/SIGTERM; the loop checks it between optimizer steps."""
@@ -72,20 +462,6 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    # Linear warm-up, then linear decay to zero (the HF Trainer default the old script used).
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def _seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _rng_state() -> dict:
     import torch
 
@@ -103,422 +479,6 @@ def _set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def _loss_sum(model, batch: dict):
-    """Summed cross-entropy over the tokens with a label, and their count.
-
-    Logits are computed only at positions whose next token has a label: on prompt-masked data
-    that skips most of the 128k-vocabulary projection, and no [batch, length, vocab] tensor is
-    ever built.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = base.model(**inputs, use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != -100
-    logits = base.lm_head(hidden[:, :-1][keep])
-    # At least fp32 (bf16 logits lose the loss); float64 models stay float64.
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
-    return loss, torch.count_nonzero(keep)
-
-
-def _to_device(batch: dict, device, dtype) -> dict:
-    out = {}
-    for k, v in batch.items():
-        v = v.to(device)
-        out[k] = v.to(dtype) if v.is_floating_point() else v
-    return out
-
-
-def _all_reduce(tensor, world_size: int):
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def _evaluate(model, items: list[Tokenized], config: TrainConfig, ctx: dict) -> float:
-    import torch
-
-    rank, world_size = ctx["rank"], ctx["world_size"]
-    order = sorted(range(len(items)), key=lambda i: len(items[i]))
-    batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    total = torch.zeros(2, dtype=torch.float64, device=ctx["device"])
-    model.eval()
-    with torch.no_grad():
-        if world_size > 1 and fsdp.is_sharded(model):  # FSDP hook: as many passes as any rank
-            fsdp.run_fillers(len(batches[rank::world_size]), lambda b: _loss_sum(model, b),
-                             ctx["device"])
-        for b in batches[rank::world_size]:
-            batch, _, _ = ctx["make_batch"]([items[i] for i in b])
-            loss, n = _loss_sum(model, batch)
-            total += torch.stack([loss.double(), n.double()])
-    model.train()
-    _all_reduce(total, world_size)
-    return (total[0] / total[1].clamp(min=1)).item()
-
-
-def _save_adapter(model, folder: Path) -> None:
-    model.save_pretrained(str(folder), safe_serialization=True)
-    (folder / "README.md").unlink(missing_ok=True)  # peft's empty card; export writes a real one
-
-
-@contextlib.contextmanager
-def _staging(tmp: Path, failure: Callable[[OSError], str]):
-    """A fresh temporary folder to write a save into; on OSError (a full disk, permissions) it is
-    removed and `SaveError(failure(exc))` raised, so nothing half-written is left behind."""
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        yield tmp
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SaveError(failure(exc)) from exc
-
-
-def _save_checkpoint(model, optimizer, scheduler, output_dir: Path, step: int, state: dict,
-                     keep: int) -> Path:
-    import torch
-
-    root = output_dir / CHECKPOINTS
-    final = root / f"step-{step:06d}"
-
-    def failure(exc: OSError) -> str:
-        previous = last_checkpoint(output_dir)
-        return (f"could not write the checkpoint of step {step} to {root} "
-                f"({exc.strerror or exc}); "
-                + (f"{previous} is intact: free space, then rerun with --resume"
-                   if previous else "no earlier checkpoint exists: free space and rerun"))
-
-    with _staging(root / f".tmp-step-{step:06d}", failure) as tmp:
-        _save_adapter(model, tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state()}, tmp / "training_state.pt")
-        commit_checkpoint(tmp, final, state, keep)
-    return final
-
-
-def _metrics_rewind(path: Path, step: int) -> None:
-    """On resume, drop metric lines written after the checkpoint we continue from."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-          on_event: Event | None = None, plan: Plan | None = None) -> dict:
-    """Runs the training recipe and returns the summary written to llamalora.json.
-
-    Raises:
-        DataError, ConfigError, ModelError, OutputExistsError: before any step runs.
-        TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved and `--resume` continues.
-    """
-    import torch
-
-    emit = on_event or (lambda kind, data: None)
-    rank, local_rank, world_size = world()
-    output_dir = Path(config.output_dir)
-    is_main = rank == 0
-
-    # 1. Output folder: lock it against a second run first (so --overwrite can never clear a
-    # folder another run is writing), then refuse to clobber, then find the checkpoint.
-    lock = FolderLock(output_dir)
-    if is_main:
-        if output_dir.exists() and not output_dir.is_dir():
-            raise OutputExistsError(f"{output_dir} is a file; pass a folder to --output-dir")
-        output_dir.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-    try:
-        if is_main:
-            prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
-        if resume and (output_dir / RUN_MARKER).is_file():
-            raise OutputExistsError(f"the run in {output_dir} already finished; pass "
-                                    "--overwrite to train it again, or another --output-dir")
-        start_ckpt = last_checkpoint(output_dir) if resume else None
-        if resume and start_ckpt is None and is_main:
-            emit("warning", {"message": f"no checkpoint in {output_dir}; starting from step 0"})
-        if start_ckpt is not None:
-            saved = json.loads((start_ckpt / "state.json").read_text())
-            ckpt_world = saved.get("world_size", 1)
-            if ckpt_world != world_size:  # the message names the launch that fits it
-                how = (f"torchrun --nproc-per-node {ckpt_world} -m llamalora train ... --resume"
-                       if ckpt_world > 1 else "llamalora train ... --resume, without torchrun")
-                raise ConfigError(f"the checkpoint in {start_ckpt} was made with {ckpt_world} "
-                                  f"process(es), this run has {world_size}; resume it with "
-                                  f"{ckpt_world} ({how}), or drop --resume and pass --overwrite "
-                                  "to start anew")
-
-        # 2. Data and plan (validation happens here, before any weights load).
-        plan = plan or plan_training(config)
-        if start_ckpt is not None and saved.get("data_sha256") != plan.data_sha256:
-            raise ConfigError(f"{config.data_path} changed since the checkpoint in {start_ckpt}; "
-                              "resume needs the same data (or start anew with --overwrite)")
-        emit("plan", plan.to_dict())
-        fsdp_run = fsdp.settings(config, plan, world_size)  # FSDP hook: None unless asked for
-
-        # 3. Distributed setup and the model.
-        if world_size > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            torch.distributed.init_process_group(backend)
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            # cuDNN's attention builds a plan for every new sequence length, and packed batches
-            # bring a new length nearly every step; the other SDPA kernels need no plan.
-            torch.backends.cuda.enable_cudnn_sdp(False)
-        _seed_everything(config.seed)
-        from llamalora import fastlinear
-        from llamalora.models import (attach_lora, load_image_processor, load_model_for_training,
-                                      resolve_model)
-
-        checkpointing, why = _choose_checkpointing(config, plan, device)
-        if why:
-            emit("status", {"message": why})
-        emit("status", {"message": f"Loading {config.model} ({config.quant})"})
-        model_path = resolve_model(config.model)
-        if fsdp_run:  # FSDP hook: load into CPU memory (in turn, if asked), shard below
-            fsdp.wait_turn(fsdp_run, rank)
-        model, info = load_model_for_training(
-            model_path, quant=config.quant, with_vision=plan.with_vision,
-            gradient_checkpointing=checkpointing,
-            **(fsdp.load_options(device) if fsdp_run else {"device": str(device)}))
-        model = attach_lora(model, r=config.lora_rank, alpha=config.lora_alpha,
-                            dropout=config.lora_dropout, target_modules=config.target_modules)
-        info["kernels"] = fastlinear.enable(model, config.kernels)
-        if fsdp_run:  # FSDP hook: each GPU keeps its share of every weight
-            info.update(device=str(device), fsdp=fsdp.shard(model, device, fsdp_run, rank))
-            emit("status", {"message": f"Sharded over {world_size} processes (FSDP2)"})
-        info["gradient_checkpointing"] = checkpointing
-        info["compiled"], why = _choose_compile(config, plan, device, checkpointing,
-                                                sharded=bool(fsdp_run))
-        if info["compiled"]:
-            from llamalora.speed import compile_layers
-
-            emit("status", {"message": f"Compiling {compile_layers(model)} decoder layers: the "
-                                       "first steps take 1-2 minutes longer"})
-        elif why:
-            emit("status", {"message": why})
-        packing = config.packing and not plan.with_vision
-        info["batches"] = "packed" if packing else "padded to the longest record"
-        compute_dtype = getattr(torch, info["compute_dtype"])
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        emit("model", {**info, "trainable_params": sum(p.numel() for p in trainable)})
-
-        tokenizer_src = _tokenizer_folder(model_path)
-        pad_id = _pad_id(tokenizer_src)
-        image_processor = load_image_processor(model_path) if plan.with_vision else None
-
-        def make_batch(items: list[Tokenized]) -> tuple[dict, int, int]:
-            """The micro-batch on the device, its count of loss tokens and of real tokens."""
-            batch = pack(items) if packing else collate(items, pad_id)
-            if image_processor is not None:
-                add_vision_inputs(batch, [t.images for t in items], image_processor)
-            # Counted on the host: reading them back from the GPU would stall every step.
-            n_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            return _to_device(batch, device, compute_dtype), n_targets, sum(map(len, items))
-
-        ctx = {"rank": rank, "world_size": world_size, "device": device,
-               "make_batch": make_batch}
-
-        # 4. Optimizer and schedule; restore them on resume.
-        # One fused kernel instead of a dozen per parameter chunk (HF Trainer's default on CUDA
-        # too); FSDP's sharded parameters keep the default implementation.
-        fused = True if device.type == "cuda" and not fsdp_run else None
-        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
-                                      weight_decay=config.weight_decay, fused=fused)
-        warmup = math.ceil(plan.steps * config.warmup_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: _lr_factor(s, plan.steps, warmup))
-        start_step = 0
-        if start_ckpt is not None:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            weights = load_file(str(start_ckpt / "adapter_model.safetensors"))
-            state = torch.load(start_ckpt / "training_state.pt", weights_only=True,
-                               map_location="cpu")
-            if fsdp_run:  # FSDP hook: cut the one-GPU layout into this rank's shards
-                fsdp.load_full_state(model, optimizer, weights, state["optimizer"])
-            else:
-                set_peft_model_state_dict(model, weights)
-                optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"])
-            start_step = saved["step"]
-            emit("status", {"message": f"Resuming from {start_ckpt.name}"})
-        metrics_path = output_dir / "metrics.jsonl"
-        if is_main:
-            if start_ckpt is not None:
-                _metrics_rewind(metrics_path, start_step)
-            else:
-                metrics_path.unlink(missing_ok=True)
-
-        # 5. The loop. Step s consumes micro-batches [s*M, (s+1)*M) of an endless epoch stream,
-        # M = accumulation x world size; rank r takes every world_size-th of them.
-        lengths = [len(t) for t in plan.train]
-        num_batches = math.ceil(len(plan.train) / config.batch_size)
-        per_step = config.gradient_accumulation_steps * world_size
-        total_positions = plan.steps * per_step if config.max_steps else math.ceil(
-            config.num_train_epochs * num_batches)
-        orders: dict[int, list[list[int]]] = {}
-
-        def micro_batches(step: int) -> list[list[int]]:
-            picked = []
-            for k in range(per_step):
-                pos = step * per_step + k
-                if pos >= total_positions or k % world_size != rank:
-                    continue
-                epoch = pos // num_batches
-                if epoch not in orders:
-                    orders.clear()
-                    orders[epoch] = batch_order(lengths, config.batch_size, config.seed, epoch)
-                picked.append(orders[epoch][pos % num_batches])
-            return picked
-
-        stop = _StopFlag()
-        stop.install()
-        model.train()
-        metrics_file = metrics_path.open("a", encoding="utf-8") if is_main else None
-        started = time.perf_counter()
-        real_tokens_total = 0
-        train_time = 0.0
-        last_loss = eval_loss = None
-        eval_every = config.eval_steps or config.save_steps
-        try:
-            for step in range(start_step, plan.steps):
-                t0 = time.perf_counter()
-                picked = micro_batches(step)
-                made = [make_batch([plan.train[i] for i in b]) for b in picked]
-                batches = [b for b, _, _ in made]
-                n_targets = float(sum(n for _, n, _ in made))
-                n_real = float(sum(n for _, _, n in made))
-                if world_size > 1:
-                    counts = torch.tensor([n_targets, n_real], device=device)
-                    _all_reduce(counts, world_size)
-                    n_targets, n_real = counts.tolist()
-                step_loss = torch.zeros((), dtype=torch.float64, device=device)
-                try:
-                    if fsdp_run:  # FSDP hook: as many passes as the busiest rank
-                        fsdp.run_fillers(len(batches), lambda b: _loss_sum(model, b)[0].backward(),
-                                         device)
-                    for batch in batches:
-                        loss, _ = _loss_sum(model, batch)
-                        (loss / max(n_targets, 1)).backward()
-                        step_loss += loss.detach().double()
-                except torch.OutOfMemoryError as exc:
-                    raise OutOfMemory(_oom_advice(config, plan, done=step, device=device,
-                                                  checkpointing=checkpointing)) from exc
-                if world_size > 1 and not fsdp_run:  # FSDP reduced them in backward
-                    for p in trainable:
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
-                    flat = torch.cat([p.grad.reshape(-1) for p in trainable])
-                    _all_reduce(flat, world_size)
-                    offset = 0
-                    for p in trainable:
-                        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-                        offset += p.numel()
-                _all_reduce(step_loss, world_size)
-                if config.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                dt = time.perf_counter() - t0
-                train_time += dt
-                real_tokens_total += int(n_real)
-                last_loss = step_loss.item() / max(n_targets, 1)
-                done = step + 1
-                record = {"step": done, "loss": round(last_loss, 6), "learning_rate": lr,
-                          "tokens": int(n_real), "tokens_per_s": round(n_real / dt, 1),
-                          "epoch": round(done * per_step / num_batches, 4),
-                          "step_time_s": round(dt, 4)}
-                if device.type == "cuda":
-                    peak = torch.cuda.max_memory_allocated(device)
-                    record["gpu_mem_gib"] = round(peak / 2**30, 2)
-                if plan.eval and eval_every and done % eval_every == 0 and done < plan.steps:
-                    eval_loss = _evaluate(model, plan.eval, config, ctx)
-                    record["eval_loss"] = round(eval_loss, 6)
-                if is_main and (done % config.logging_steps == 0 or "eval_loss" in record
-                                or done == plan.steps):
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                emit("step", {**record, "total_steps": plan.steps})
-
-                flag = torch.tensor([1.0 if stop.requested else 0.0], device=device)
-                _all_reduce(flag, world_size)
-                interrupted = flag.item() > 0
-                save_now = (config.save_steps and done % config.save_steps == 0
-                            and done < plan.steps) or (interrupted and done < plan.steps)
-                if save_now and fsdp_run:  # FSDP hook: every rank gathers, rank 0 saves
-                    saving = fsdp.gathered(model, optimizer)
-                if save_now and is_main:
-                    path = _save_checkpoint(*(saving if fsdp_run else (model, optimizer)),
-                                            scheduler, output_dir, done,
-                                            {"step": done, "world_size": world_size,
-                                             "data_sha256": plan.data_sha256,
-                                             "config": config.to_dict()},
-                                            config.save_total_limit)
-                    emit("checkpoint", {"step": done, "path": str(path)})
-                if interrupted and done < plan.steps:
-                    # Every rank waits here for rank 0's checkpoint: a rank that exited first
-                    # would say "checkpoint saved" before it was, and make torchrun stop rank 0
-                    # mid-save (SIGTERM, then SIGKILL 30 s later).
-                    _all_reduce(torch.zeros(1, device=device), world_size)
-                    raise TrainingInterrupted(
-                        f"stopped at step {done}/{plan.steps}; checkpoint saved in "
-                        f"{output_dir / CHECKPOINTS}. Continue with the same command plus "
-                        "--resume")
-            if plan.eval:
-                eval_loss = _evaluate(model, plan.eval, config, ctx)
-                if is_main:
-                    metrics_file.write(json.dumps({"step": plan.steps,
-                                                   "eval_loss": round(eval_loss, 6)}) + "\n")
-                emit("eval", {"step": plan.steps, "eval_loss": eval_loss})
-        finally:
-            stop.restore()
-            if metrics_file is not None:
-                metrics_file.close()
-
-        # 6. Save: adapter, tokenizer (+ processor), then llamalora.json last.
-        summary = {
-            "llamalora_version": __version__, "config": config.to_dict(), "plan": plan.to_dict(),
-            "base_model": info["base_model"], "model_class": info["model_class"],
-            "quant": config.quant, "compute_dtype": info["compute_dtype"],
-            "kernels": info["kernels"], "gradient_checkpointing": checkpointing,
-            "compiled": info["compiled"],
-            "batches": info["batches"],
-            "data_sha256": plan.data_sha256,
-            "final_train_loss": last_loss, "final_eval_loss": eval_loss,
-            "real_tokens_per_s": round(real_tokens_total / train_time, 1) if train_time else None,
-            "steps_run": plan.steps - start_step, "wall_time_s": round(
-                time.perf_counter() - started, 2),
-            "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            if device.type == "cuda" else None,
-            "device": str(device), "world_size": world_size, "versions": _versions(),
-        }
-        if fsdp_run:  # FSDP hook: per-rank memory in the summary; every rank gathers the adapter
-            summary["fsdp"] = fsdp.report(model, device, info["fsdp"])
-            model = fsdp.gathered(model)[0]
-        if is_main:
-            _save_final(model, output_dir, tokenizer_src, model_path if plan.with_vision else None,
-                        summary, metrics_path)
-        emit("done", summary)
-        return summary
-    finally:
-        lock.release()
 
 
 def _choose_checkpointing(config: TrainConfig, plan: Plan, device) -> tuple[bool, str]:
@@ -542,22 +502,52 @@ def _choose_checkpointing(config: TrainConfig, plan: Plan, device) -> tuple[bool
                   f"{plan.memory_gib_checkpointed[config.quant]} GiB)")
 
 
+def _choose_graphs(config: TrainConfig, plan: Plan, device, checkpointing: bool,
+                   par) -> tuple[bool, str]:
+    """--cuda-graphs as given, else on for text-only CUDA runs whose fused step fits.
+
+    A graph needs the step's micro-batches fused into one row (so `--gradient-accumulation-steps`
+    only sets how many records a step takes, not how many passes it makes), and shapes that
+    repeat. Images, FSDP and gradient checkpointing stay eager: not measured with graphs.
+    """
+    asked = config.cuda_graphs
+    unsupported = ("records with images" if plan.with_vision else "FSDP" if not par.can_compile
+                   else "gradient checkpointing" if checkpointing else "")
+    if device.type != "cuda" or asked is False:
+        return False, ("--cuda-graphs ignored: they need a CUDA GPU"
+                       if asked and device.type != "cuda" else "")
+    if unsupported:
+        return False, f"--cuda-graphs ignored: not with {unsupported}" if asked else ""
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    need = plan.memory_gib_fused[config.quant]
+    if asked is None and need > 0.9 * total:
+        return False, (f"CUDA graphs off: one pass over a step's {config.batch_size} x "
+                       f"{config.gradient_accumulation_steps} records needs an estimated {need} "
+                       f"GiB, this GPU has {total:.0f} GiB")
+    return True, ""
+
+
 COMPILE_MIN_STEPS = 100  # below this the 1-2 min compile rarely pays for itself
 
 
 def _choose_compile(config: TrainConfig, plan: Plan, device, checkpointing: bool,
-                    sharded: bool = False) -> tuple[bool, str]:
-    """--compile as given, else on for long enough text-only runs on CUDA without checkpointing.
+                    sharded: bool = False, graphs: bool = False) -> tuple[bool, str]:
+    """--compile as given, else on for long enough text-only runs on CUDA without checkpointing
+    or CUDA graphs.
 
     Compiled layers cut a step's kernel launches by more than half, and at LoRA batch sizes the
-    step is bound by launches. Images, checkpointing and FSDP stay eager: not measured compiled.
+    eager step is bound by launches; a CUDA graph removes the launches without the minute of
+    compiling, so with graphs layers stay eager unless --compile asks. Images, checkpointing and
+    FSDP stay eager: not measured compiled.
     """
     if config.compile is not None:
         if config.compile and (plan.with_vision or checkpointing or sharded):
             return False, ("--compile ignored: layers are compiled only for text-only runs "
                            "without gradient checkpointing or FSDP")
         return config.compile, ""
-    if device.type != "cuda" or plan.with_vision or checkpointing or sharded:
+    if device.type != "cuda" or plan.with_vision or checkpointing or sharded or graphs:
         return False, ""
     if plan.steps < COMPILE_MIN_STEPS:
         return False, (f"Layers not compiled: {plan.steps} steps are too few to pay for compiling "
@@ -584,31 +574,6 @@ def _oom_advice(config: TrainConfig, plan: Plan, *, done: int, device,
             + (f" ({total:.0f} GiB card)" if total else "")
             + f"; the plan estimated {est[config.quant]} GiB for --quant {config.quant}. "
             "Lower it with: " + "; ".join(options))
-
-
-def _save_final(model, output_dir: Path, tokenizer_src, vision_model_path, summary: dict,
-                metrics_path: Path) -> None:
-    def failure(exc: OSError) -> str:
-        previous = last_checkpoint(output_dir)
-        return (f"could not write the final adapter to {output_dir} ({exc.strerror or exc}); "
-                "nothing there was replaced"
-                + (f", and {previous} is intact (free space, then --resume repeats the steps "
-                   "after it)" if previous else ""))
-
-    with _staging(output_dir / ".final.tmp", failure) as tmp:
-        _save_adapter(model, tmp)
-        tokenizer_src.save_pretrained(str(tmp))
-        if vision_model_path is not None:
-            from llamalora.models import load_image_processor
-
-            load_image_processor(vision_model_path).save_pretrained(str(tmp))
-    (output_dir / RUN_MARKER).unlink(missing_ok=True)
-    for f in tmp.iterdir():
-        os.replace(f, output_dir / f.name)
-    tmp.rmdir()
-    plot = _plot_losses(metrics_path, output_dir / "loss.png")
-    summary["loss_plot"] = str(plot) if plot else None
-    write_json_atomic(output_dir / RUN_MARKER, summary)
 
 
 def _plot_losses(metrics_path: Path, out: Path) -> Path | None:

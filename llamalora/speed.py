@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from llamalora.models import _is_vision_name
+from llamalora.models import is_vision_name
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The language model's decoder layers (peft-wrapped or not), vision tower excluded."""
     for name, module in model.named_modules():
         if name.split(".")[-1] == "layers" and isinstance(module, torch.nn.ModuleList) \
-                and not _is_vision_name(name):
+                and not is_vision_name(name):
             return list(module)
     return []
 

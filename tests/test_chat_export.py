@@ -36,7 +36,7 @@ def memorized(tmp_path_factory, _session_home):
                          gradient_accumulation_steps=1, target_modules="all-linear",
                          lora_rank=16, gradient_checkpointing=False)
     summary = train(config)
-    assert summary["final_train_loss"] < 0.05, summary["final_train_loss"]
+    assert summary.final_train_loss < 0.05, summary.final_train_loss
     return tmp / "run"
 
 

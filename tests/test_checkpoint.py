@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from llamalora.adapters import find_adapter
-from llamalora.checkpoint import (FolderLock, commit_checkpoint, last_checkpoint,
+from llamalora.rundir import (FolderLock, commit_checkpoint, last_checkpoint,
                                   prepare_output_dir)
 from llamalora.errors import OutputExistsError, UsageError
 

@@ -22,10 +22,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llamalora.checkpoint import checkpoint_dirs
+from llamalora.rundir import checkpoint_dirs
 from llamalora.cli.main import app
 from llamalora.config import TrainConfig
 from llamalora.plan import plan_training
+from llamalora.events import CheckpointSaved, StepDone
 from llamalora.recipe import TrainingInterrupted, train
 
 from conftest import write_jsonl
@@ -52,7 +53,7 @@ from pathlib import Path
 probe, rank = Path(os.environ["PROBE_DIR"]), os.environ.get("RANK", "0")
 (probe / f"rank{rank}.pid").write_text(str(os.getpid()))
 import llamalora.recipe as t
-from llamalora.checkpoint import checkpoint_dirs
+from llamalora.rundir import checkpoint_dirs
 from llamalora.cli.main import main
 
 delay, save = float(os.environ.get("PROBE_SAVE_DELAY", "0")), t._save_checkpoint
@@ -160,7 +161,7 @@ def _one_process(data: Path, out: Path, **kw) -> dict:
     base = dict(data_path=str(data), output_dir=str(out), model="tiny", quant="none",
                 max_seq_length=64, lora_dropout=0.0, learning_rate=1e-2, warmup_ratio=0.0,
                 save_steps=0, gradient_checkpointing=False)
-    return train(TrainConfig(**{**base, **kw}))
+    return train(TrainConfig(**{**base, **kw})).to_dict()
 
 
 @pytest.mark.slow
@@ -239,8 +240,8 @@ def _interrupted_one_process_run(tmp_path: Path) -> tuple[Path, list[str]]:
     data = write_jsonl(tmp_path / "distinct.jsonl", DISTINCT)
     out = tmp_path / "one"
 
-    def on_event(kind, data):
-        if kind == "step" and data["step"] == 3:
+    def on_event(event):
+        if isinstance(event, StepDone) and event.step == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(TrainingInterrupted, match="--resume"):

@@ -19,7 +19,8 @@ import torch
 from llamalora import fastlinear
 from llamalora.batching import Tokenized, collate, pack
 from llamalora.config import TrainConfig
-from llamalora.recipe import _choose_checkpointing, _loss_sum
+from llamalora.recipe import _choose_checkpointing
+from llamalora.step import loss_sum
 
 from conftest import write_jsonl
 
@@ -133,7 +134,7 @@ def test_packed_loss_and_gradients_equal_the_padded_batch():
     grads = []
     for batch in (collate(items, pad_id=0), pack(items)):
         model.zero_grad()
-        loss, n = _loss_sum(model, batch)
+        loss, n = loss_sum(model, batch)
         loss.backward()
         # (the cross-attention layers' LoRA gets none: text-only batches skip those layers)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()
@@ -155,8 +156,8 @@ def test_training_on_the_fast_int8_path_learns(tmp_path):
                                 model="tiny", quant="8bit", kernels="fast",
                                 batch_size=3, gradient_accumulation_steps=1, max_steps=25,
                                 learning_rate=5e-3, lora_rank=8, save_steps=0, seed=0))
-    assert summary["kernels"].startswith("int8-dequant")
-    assert summary["batches"] == "packed"
+    assert summary.kernels.startswith("int8-dequant")
+    assert summary.batches == "packed"
     losses = [r["loss"] for r in map(json.loads,
                                      (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
               if "loss" in r]
@@ -339,7 +340,7 @@ def test_compiled_layers_match_eager_and_compile_once_for_every_length():
         out = []
         for i, lengths in enumerate(([9, 23, 5], [17, 30, 12], [40, 8, 3])):
             model.zero_grad()
-            loss, _ = _loss_sum(model, pack(_records(lengths, seed=i)))
+            loss, _ = loss_sum(model, pack(_records(lengths, seed=i)))
             loss.backward()
             out.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()
                                                   if p.grad is not None])))

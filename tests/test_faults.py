@@ -15,12 +15,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import llamalora.recipe as train_mod
+import llamalora.rundir as rundir
+import llamalora.step as step_mod
 from llamalora.adapters import find_adapter
-from llamalora.checkpoint import checkpoint_dirs
+from llamalora.rundir import checkpoint_dirs
 from llamalora.cli.main import app
 from llamalora.config import TrainConfig
 from llamalora.plan import plan_training
+from llamalora.events import CheckpointSaved, StepDone
 from llamalora.recipe import OutOfMemory, SaveError, train
 
 from conftest import write_jsonl
@@ -42,7 +44,7 @@ def test_out_of_memory_names_what_lowers_it(tmp_path, monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_mod, "_loss_sum", oom)
+    monkeypatch.setattr(step_mod, "loss_sum", oom)
     config = _config(tmp_path, quant="8bit")
     plan = plan_training(config)
     plan.memory_gib = {"8bit": 19.7, "4bit": 13.1, "none": 27.0}  # the 11B's, not tiny's
@@ -62,8 +64,8 @@ def test_out_of_memory_names_what_lowers_it(tmp_path, monkeypatch):
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     real_save = torch.save
 
-    def on_event(kind, data):
-        if kind == "checkpoint" and data["step"] == 2:
+    def on_event(event):
+        if isinstance(event, CheckpointSaved) and event.step == 2:
             def full(*a, **k):
                 raise OSError(errno.ENOSPC, "No space left on device")
             monkeypatch.setattr(torch, "save", full)
@@ -76,7 +78,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
     monkeypatch.setattr(torch, "save", real_save)
     summary = train(_config(tmp_path), resume=True)
-    assert summary["steps_run"] == 4
+    assert summary.steps_run == 4
 
 
 @pytest.mark.slow
@@ -133,12 +135,12 @@ def test_crash_inside_the_final_save_is_not_taken_for_a_finished_run(tmp_path, m
             moved.append(dst)
         return real_replace(src, dst)
 
-    monkeypatch.setattr(train_mod.os, "replace", crash_after_first_move)
+    monkeypatch.setattr(rundir.os, "replace", crash_after_first_move)
     with pytest.raises(KeyboardInterrupt):
         train(_config(tmp_path))
-    monkeypatch.setattr(train_mod.os, "replace", real_replace)
+    monkeypatch.setattr(rundir.os, "replace", real_replace)
     out = tmp_path / "out"
     assert moved and not (out / "llamalora.json").exists()
     assert find_adapter(out).folder == out / "checkpoints" / "step-000004"
     summary = train(_config(tmp_path), resume=True)
-    assert summary["steps_run"] == 2 and (out / "llamalora.json").is_file()
+    assert summary.steps_run == 2 and (out / "llamalora.json").is_file()

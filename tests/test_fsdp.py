@@ -163,13 +163,13 @@ def _lora_model_and_batches():
 def _gradients(model, batches_here, n_targets, sharded):
     from torch.distributed.tensor import DTensor
 
-    from llamalora.recipe import _loss_sum
+    from llamalora.step import loss_sum
 
     if sharded:
-        fsdp.run_fillers(len(batches_here), lambda b: _loss_sum(model, b)[0].backward(),
+        fsdp.run_fillers(len(batches_here), lambda b: loss_sum(model, b)[0].backward(),
                          torch.device("cpu"))
     for batch in batches_here:
-        loss, _ = _loss_sum(model, batch)
+        loss, _ = loss_sum(model, batch)
         (loss / n_targets).backward()
 
     def full(t):

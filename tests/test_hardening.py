@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from llamalora.checkpoint import FolderLock
+from llamalora.rundir import FolderLock
 from llamalora.cli.main import app
 from llamalora.config import TrainConfig
 from llamalora.errors import OutputExistsError

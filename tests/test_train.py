@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from llamalora.cli.main import app
 from llamalora.config import TrainConfig
 from llamalora.errors import ConfigError, DataError, OutputExistsError
+from llamalora.events import CheckpointSaved
 from llamalora.recipe import TrainingInterrupted, train
 
 from conftest import write_jsonl
@@ -114,7 +115,7 @@ def test_loss_falls_and_adapter_loads_with_plain_peft(tmp_path, quant):
     assert {"step", "loss", "learning_rate", "tokens", "tokens_per_s", "epoch"} <= set(rows[0])
     assert any("eval_loss" in r for r in rows)
     run = json.loads((out / "llamalora.json").read_text())
-    assert run["quant"] == quant and run["final_train_loss"] == summary["final_train_loss"]
+    assert run["quant"] == quant and run["final_train_loss"] == summary.final_train_loss
     assert run["data_sha256"] and run["real_tokens_per_s"] > 0 and run["final_eval_loss"]
     assert (out / "loss.png").is_file()
     cfg = json.loads((out / "adapter_config.json").read_text())
@@ -136,8 +137,8 @@ def test_sigint_then_resume_matches_uninterrupted_run(tmp_path):
     train(_config(tmp_path / "a", max_steps=10, save_steps=4))
     cut = _config(tmp_path / "b", max_steps=10, save_steps=4)
 
-    def on_event(kind, data):
-        if kind == "checkpoint" and data["step"] == 4:
+    def on_event(event):
+        if isinstance(event, CheckpointSaved) and event.step == 4:
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(TrainingInterrupted, match="--resume"):
@@ -167,9 +168,9 @@ def test_records_with_images_train_on_the_vision_model(tmp_path):
     data = write_jsonl(tmp_path / "v.jsonl", recs)
     summary = train(_config(tmp_path, data_path=str(data), max_steps=6, batch_size=3,
                             gradient_accumulation_steps=1))
-    assert summary["model_class"] == "MllamaForConditionalGeneration"
-    assert summary["plan"]["with_vision"] is True
-    assert torch.isfinite(torch.tensor(summary["final_train_loss"]))
+    assert summary.model_class == "MllamaForConditionalGeneration"
+    assert summary.plan["with_vision"] is True
+    assert torch.isfinite(torch.tensor(summary.final_train_loss))
     assert (tmp_path / "out" / "preprocessor_config.json").is_file()
 
 

@@ -55,7 +55,7 @@ def export_adapter(
 
     result = run_export(run, out_dir, merge=merge, dtype=dtype, state_dict=state_dict,
                         overwrite=overwrite, verify=not no_verify,
-                        on_event=lambda kind, data: info(data.get("message", "")))
+                        on_event=lambda event: info(event.message))
     if result.max_logit_diff is not None:
         info(f"Reloaded and compared on a probe prompt: max logit difference "
              f"{result.max_logit_diff:.3g} (tolerance {result.tolerance:.3g})")

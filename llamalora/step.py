@@ -1,0 +1,192 @@
+"""One optimizer step as one unit: the loss of its micro-batches, backward, gradient sync, clip,
+update. Its inputs are plain tensors already on the device and it reads nothing back to the host,
+so a step can run ahead of the Python that queued it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llamalora.batching import IGNORE_INDEX
+
+
+def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over the tokens with a label, and their count.
+
+    Logits are computed only at positions whose next token has a label: on prompt-masked data
+    that skips most of the 128k-vocabulary projection, and no [batch, length, vocab] tensor is
+    ever built.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "target_index" in batch:
+        return _static_loss_sum(base, batch)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = base.model(**inputs, use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = base.lm_head(hidden[:, :-1][keep])
+    # At least fp32 (bf16 logits lose the loss); float64 models stay float64.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    return loss, torch.count_nonzero(keep)
+
+
+def _static_loss_sum(base, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """`loss_sum` of a `batching.pack_padded` row: every shape is fixed by the padded lengths
+    and nothing reads the data's values back, so the pass can be captured in a CUDA graph.
+
+    The attention mask is built here from the segment ids (each token sees the earlier tokens of
+    its own record), as a 4D mask that transformers passes to attention as it is.
+    """
+    segments = batch["segment_ids"]
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    mask = (segments[:, :, None] == segments[:, None, :]) & causal
+    hidden = base.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                        attention_mask=mask[:, None], use_cache=False).last_hidden_state
+    targets = batch["target_ids"]
+    logits = base.lm_head(hidden[0, batch["target_index"]])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, torch.count_nonzero(targets != IGNORE_INDEX)
+
+
+def to_device(batch: dict, device, dtype) -> dict:
+    """The batch on `device`; floating tensors (pixels) in the compute dtype."""
+    out = {}
+    for k, v in batch.items():
+        v = v.to(device, non_blocking=True)
+        out[k] = v.to(dtype) if v.is_floating_point() else v
+    return out
+
+
+class TrainStep:
+    """Forward and backward of one optimizer step's micro-batches, then the update.
+
+    The loss is normalized over the whole step (`n_targets`: the labelled tokens of every
+    micro-batch on every rank), so splitting a step into more micro-batches changes memory, not
+    the update.
+
+    Args:
+        model: The LoRA-wrapped model (training mode).
+        optimizer / scheduler: Built over `params`.
+        params: The trainable parameters.
+        parallel: The run's `parallel` strategy (gradient sync, fillers).
+        max_grad_norm: Clip the gradients' global norm to this (0: no clipping).
+    """
+
+    def __init__(self, model, optimizer, scheduler, params: list, parallel, max_grad_norm: float):
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.params = params
+        self.parallel = parallel
+        self.max_grad_norm = max_grad_norm
+
+    def __call__(self, batches: list[dict], n_targets: float
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Runs the step; returns (summed loss over its labelled tokens, this rank's part, as a
+        float64 tensor; the gradient norm before clipping, or None without clipping)."""
+        device = self.params[0].device
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
+        # Under FSDP every rank must run as many passes as the busiest one.
+        self.parallel.even_out(len(batches), lambda b: loss_sum(self.model, b)[0].backward())
+        for batch in batches:
+            loss, _ = loss_sum(self.model, batch)
+            (loss / max(n_targets, 1.0)).backward()
+            step_loss += loss.detach().double()
+        return step_loss, self._update()
+
+    def _update(self) -> torch.Tensor | None:
+        """Gradient sync, clipping, the optimizer and schedule steps; returns the norm before
+        clipping (None without clipping). Gradients are None afterwards."""
+        self.parallel.sync_gradients(self.params)
+        norm = None
+        if self.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+
+class GraphedStep(TrainStep):
+    """`TrainStep` whose forward and backward replay a CUDA graph: one per padded length.
+
+    At LoRA batch sizes the eager step is bound by the host: a decoder layer launches ~180
+    kernels per forward and backward, each costing more host time than GPU time, so the GPU
+    waits. A graph replays the whole pass with one launch. A step takes one `pack_padded` row
+    (the step's micro-batches fused), whose shapes repeat: each new (length, label slots) pair is
+    warmed up and captured once, later steps of that shape only copy their inputs in and replay.
+    The optimizer update stays outside the graph (fused AdamW is a few launches), so a graph
+    never bakes in a learning rate and the first steps need no special optimizer state.
+    """
+
+    WARMUP = 2  # eager passes before a capture: autograd, cuBLAS and Triton set up outside it
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.failure = ""  # why capturing failed; the steps then run eagerly
+        self._pool = None  # one memory pool for every graph: they never run at the same time
+
+    def __call__(self, batches: list[dict], n_targets: float
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        (batch,) = batches  # one fused row per step
+        if self.failure:
+            return super().__call__(batches, n_targets)
+        key = (batch["input_ids"].shape[1], batch["target_ids"].shape[0])
+        graph = self.graphs.get(key)
+        if graph is None:
+            try:
+                graph = self.graphs[key] = self._capture(batch)
+            except RuntimeError as exc:
+                # Something in the pass can't be captured (a host sync, say): the run goes on
+                # eagerly, and the recipe says why.
+                self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                return super().__call__(batches, n_targets)
+        for name, tensor in graph.inputs.items():
+            tensor.copy_(batch[name], non_blocking=True)
+        graph.scale.fill_(1.0 / max(n_targets, 1.0))
+        graph.graph.replay()
+        # The graph owns the gradient buffers (the next replay rewrites them): lent to the
+        # parameters for the update only.
+        for p, grad in zip(self.params, graph.grads):
+            p.grad = grad
+        return graph.loss.clone(), self._update()
+
+    def _capture(self, batch: dict) -> _Graph:
+        inputs = {name: tensor.clone() for name, tensor in batch.items()}
+        scale = torch.ones((), dtype=torch.float32, device=self.params[0].device)
+
+        def forward_backward():
+            loss, _ = loss_sum(self.model, inputs)
+            (loss * scale).backward()
+            return loss.detach().double()
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                forward_backward()
+                for p in self.params:
+                    p.grad = None
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            loss = forward_backward()
+        self._pool = graph.pool()
+        grads = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        return _Graph(graph, inputs, scale, loss, grads)
+
+
+class _Graph:
+    """One captured pass: its graph, the static tensors it reads and writes."""
+
+    def __init__(self, graph, inputs: dict, scale, loss, grads: list):
+        self.graph, self.inputs, self.scale, self.loss, self.grads = graph, inputs, scale, loss, grads

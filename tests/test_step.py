@@ -1,0 +1,107 @@
+"""One optimizer step: the static (CUDA-graph) row equals the packed one; graphed steps equal
+eager ones on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamalora.batching import Tokenized, pack, pack_padded, padded_length
+from llamalora.step import GraphedStep, TrainStep, loss_sum
+
+
+def _records(lengths: list[int], seed: int = 0) -> list[Tokenized]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(10, 5000, (n,), generator=g).tolist()
+        prompt = n // 3
+        out.append(Tokenized(line=i + 1, input_ids=ids, labels=[-100] * prompt + ids[prompt:]))
+    return out
+
+
+def test_padded_lengths_are_few_and_cover():
+    assert [padded_length(n) for n in (0, 1, 128, 129, 1024, 1025, 1281)] == [
+        128, 128, 128, 256, 1024, 1280, 1536]
+    assert len({padded_length(n) for n in range(1, 2049)}) == 12  # 8 up to 1,024, 4 beyond
+
+
+def test_pack_padded_layout():
+    a, b = _records([5, 4])
+    batch = pack_padded([a, b], pad_id=7)
+    assert batch["input_ids"].shape == (1, 128)
+    assert batch["input_ids"][0, 9:].eq(7).all()
+    assert batch["segment_ids"][0, :9].tolist() == [0] * 5 + [1] * 4
+    assert batch["segment_ids"][0, 9:].eq(2).all()  # the padding is a record of its own
+    assert batch["position_ids"][0, :11].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1]
+    # positions p whose next token has a label, and that label; within a record only
+    want = [(p, a.labels[p + 1]) for p in range(4) if a.labels[p + 1] != -100] + \
+        [(5 + p, b.labels[p + 1]) for p in range(3) if b.labels[p + 1] != -100]
+    n = len(want)
+    assert list(zip(batch["target_index"][:n].tolist(), batch["target_ids"][:n].tolist())) == want
+    assert batch["target_ids"][n:].eq(-100).all() and batch["target_ids"].shape == (128,)
+
+
+@pytest.mark.slow
+def test_static_row_loss_and_gradients_equal_the_packed_row():
+    from llamalora.models import attach_lora, load_model_for_training
+
+    torch.manual_seed(0)
+    model, _ = load_model_for_training("tiny", quant="none", device="cpu")
+    model = attach_lora(model, r=4, alpha=8, dropout=0.0)
+    model.double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    items = _records([37, 12, 60, 5], seed=3)
+    results = []
+    for batch in (pack(items), pack_padded(items, pad_id=128004)):
+        loss, n = loss_sum(model, batch)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        results.append((loss.detach(), int(n), grads))
+    (packed, n_packed, g_packed), (static, n_static, g_static) = results
+    assert n_packed == n_static == sum(sum(x != -100 for x in t.labels[1:]) for t in items)
+    torch.testing.assert_close(static, packed)
+    torch.testing.assert_close(g_static, g_packed)
+
+
+class _Null:
+    def even_out(self, count, run):
+        pass
+
+    def sync_gradients(self, params):
+        pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphed_steps_equal_eager_steps():
+    """Five steps of three lengths (two share a padded length, so one graph is replayed): the
+    same losses and LoRA weights as eager steps, in fp32 so only summation order differs."""
+    from llamalora.models import attach_lora, load_model_for_training
+
+    runs = []
+    for cls in (TrainStep, GraphedStep):
+        torch.manual_seed(0)
+        model, _ = load_model_for_training("tiny", quant="none", device="cuda", dtype="float32")
+        model = attach_lora(model, r=4, alpha=8, dropout=0.0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        step = cls(model, opt, sched, params, _Null(), max_grad_norm=1.0)
+        losses = []
+        for i, lengths in enumerate([[30, 40], [50, 20], [100, 90], [35, 35], [60, 10]]):
+            batch = pack_padded(_records(lengths, seed=i), pad_id=0)
+            batch = {k: v.cuda() for k, v in batch.items()}
+            n = float((batch["target_ids"] != -100).sum())
+            loss, _ = step([batch], n)
+            losses.append(loss.item() / n)
+        runs.append((losses, {k: v.detach().cpu() for k, v in model.named_parameters()
+                              if v.requires_grad}, getattr(step, "graphs", {})))
+    (eager, w_eager, _), (graphed, w_graphed, graphs) = runs
+    assert len(graphs) == 2
+    torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w_graphed, w_eager, rtol=1e-3, atol=1e-5)
