@@ -23,7 +23,7 @@ from pathlib import Path
 
 from llamalora import __version__, parallel, trackers
 from llamalora.batching import (IGNORE_INDEX, Tokenized, add_vision_inputs, batch_order, collate,
-                                pack, pack_padded)
+                                pack, pack_padded, padded_length)
 from llamalora.config import TrainConfig
 from llamalora.errors import LlamaLoraError, ModelError
 from llamalora.events import (CheckpointSaved, EvalDone, ModelReady, OnEvent, PlanReady, Status,
@@ -93,6 +93,11 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         step = (GraphedStep if setup.graphs else TrainStep)(model, optimizer, scheduler, params,
                                                              par, config.max_grad_norm)
         batches = StepBatches(config, plan, par, setup, device)
+        if setup.graphs:
+            started_capture = time.perf_counter()
+            count = step.warm(batches.shape_examples(run.start_step))
+            emit(Status(f"Captured {count} CUDA graph(s), one per padded step shape, in "
+                        f"{time.perf_counter() - started_capture:.1f} s"))
         log = trackers.open_trackers(
             config.report_to_list(), run.path, run_name=run.path.name, config=config.to_dict(),
             logging_steps=config.logging_steps, resume_step=run.start_step,
@@ -242,6 +247,17 @@ class StepBatches:
         rank). The counts are made on the host: reading them back from the GPU would stall."""
         import torch
 
+        made = [self.make(items, static=self.setup.graphs) for items in self.rows(step)]
+        counts = torch.tensor([float(sum(m[1] for m in made)), float(sum(m[2] for m in made))],
+                              dtype=torch.float64, device=self.device)
+        n_targets, n_real = self.par.sum(counts).tolist() if self.par.world_size > 1 else \
+            counts.tolist()
+        return [m[0] for m in made], n_targets, n_real
+
+    def rows(self, step: int) -> list[list[Tokenized]]:
+        """This rank's records of `step`, one list per pass: its micro-batches, or with CUDA
+        graphs the micro-batches fused into rows of at most batch size x max length tokens
+        (the most one padded micro-batch could hold, so fusing never needs more memory)."""
         picked = []
         for k in range(self.per_step):
             pos = step * self.per_step + k
@@ -251,16 +267,29 @@ class StepBatches:
             if epoch not in self._orders:
                 self._orders = {epoch: batch_order(self.lengths, self.config.batch_size,
                                                    self.config.seed, epoch)}
-            picked.append(self._orders[epoch][pos % self.per_epoch])
-        if self.setup.graphs:  # the step's micro-batches as one row
-            picked = [[i for b in picked for i in b]] if picked else []
-        made = [self.make([self.plan.train[i] for i in b], static=self.setup.graphs)
-                for b in picked]
-        counts = torch.tensor([float(sum(m[1] for m in made)), float(sum(m[2] for m in made))],
-                              dtype=torch.float64, device=self.device)
-        n_targets, n_real = self.par.sum(counts).tolist() if self.par.world_size > 1 else \
-            counts.tolist()
-        return [m[0] for m in made], n_targets, n_real
+            picked.append([self.plan.train[i] for i in self._orders[epoch][pos % self.per_epoch]])
+        if not self.setup.graphs:
+            return picked
+        budget = self.config.batch_size * self.config.max_seq_length
+        fused: list[list[Tokenized]] = []
+        for item in (t for b in picked for t in b):
+            if fused and sum(map(len, fused[-1])) + len(item) <= budget:
+                fused[-1].append(item)
+            else:
+                fused.append([item])
+        return fused
+
+    def shape_examples(self, start: int) -> list[dict]:
+        """One static row on the device for each padded shape the steps from `start` on will
+        use, to capture their CUDA graphs before the first step."""
+        seen: dict[tuple[int, int], list[Tokenized]] = {}
+        for step in range(start, self.plan.steps):
+            for items in self.rows(step):
+                labels = sum(sum(x != IGNORE_INDEX for x in t.labels[1:]) for t in items)
+                seen.setdefault((padded_length(sum(map(len, items))), padded_length(labels)),
+                                items)
+        self._orders = {}
+        return [self.make(items, static=True)[0] for items in seen.values()]
 
     def make(self, items: list[Tokenized], static: bool = False) -> tuple[dict, int, int]:
         """One micro-batch on the device, its count of loss tokens and of real tokens."""

@@ -116,9 +116,10 @@ class GraphedStep(TrainStep):
 
     At LoRA batch sizes the eager step is bound by the host: a decoder layer launches ~180
     kernels per forward and backward, each costing more host time than GPU time, so the GPU
-    waits. A graph replays the whole pass with one launch. A step takes one `pack_padded` row
-    (the step's micro-batches fused), whose shapes repeat: each new (length, label slots) pair is
-    warmed up and captured once, later steps of that shape only copy their inputs in and replay.
+    waits. A graph replays the whole pass with one launch. A step takes `pack_padded` rows (its
+    micro-batches fused up to a token budget), whose shapes repeat: each (length, label slots)
+    pair is warmed up and captured once (`warm` does them all before the first step), later
+    passes of that shape only copy their inputs in and replay.
     The optimizer update stays outside the graph (fused AdamW is a few launches), so a graph
     never bakes in a learning rate and the first steps need no special optimizer state.
     """
@@ -129,34 +130,58 @@ class GraphedStep(TrainStep):
         super().__init__(*args, **kwargs)
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.failure = ""  # why capturing failed; the steps then run eagerly
+        self._sum: list | None = None  # a step's gradients summed over its rows
         self._pool = None  # one memory pool for every graph: they never run at the same time
 
     def __call__(self, batches: list[dict], n_targets: float
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        (batch,) = batches  # one fused row per step
         if self.failure:
             return super().__call__(batches, n_targets)
+        try:
+            graphs = [self._graph_for(batch) for batch in batches]
+        except RuntimeError as exc:
+            # Something in the pass can't be captured (a host sync, say): the run goes on
+            # eagerly, and the recipe says why.
+            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            return super().__call__(batches, n_targets)
+        step_loss = None
+        for index, (graph, batch) in enumerate(zip(graphs, batches)):
+            for name, tensor in graph.inputs.items():
+                tensor.copy_(batch[name], non_blocking=True)
+            graph.scale.fill_(1.0 / max(n_targets, 1.0))
+            graph.graph.replay()
+            step_loss = graph.loss.clone() if step_loss is None else step_loss + graph.loss
+            if len(batches) > 1:  # rows of one step: the next replay rewrites the buffers
+                if index == 0:
+                    self._sum = self._sum or [torch.zeros_like(p) for p in self.params]
+                    torch._foreach_copy_(self._sum, graph.grads)
+                else:
+                    torch._foreach_add_(self._sum, graph.grads)
+        # The graph owns the gradient buffers: lent to the parameters for the update only.
+        grads = self._sum if len(batches) > 1 else graphs[0].grads
+        for p, grad in zip(self.params, grads):
+            p.grad = grad
+        return step_loss, self._update()
+
+    def warm(self, batches: list[dict]) -> int:
+        """Captures a graph for each batch's shape now (values don't matter), so no step of
+        the run waits on a capture. Returns how many graphs there are."""
+        try:
+            for batch in batches:
+                self._graph_for(batch)
+        except RuntimeError as exc:
+            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            self.optimizer.zero_grad(set_to_none=True)
+        return len(self.graphs)
+
+    def _graph_for(self, batch: dict) -> _Graph:
         key = (batch["input_ids"].shape[1], batch["target_ids"].shape[0])
         graph = self.graphs.get(key)
         if graph is None:
-            try:
-                graph = self.graphs[key] = self._capture(batch)
-            except RuntimeError as exc:
-                # Something in the pass can't be captured (a host sync, say): the run goes on
-                # eagerly, and the recipe says why.
-                self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                self.optimizer.zero_grad(set_to_none=True)
-                torch.cuda.synchronize()
-                return super().__call__(batches, n_targets)
-        for name, tensor in graph.inputs.items():
-            tensor.copy_(batch[name], non_blocking=True)
-        graph.scale.fill_(1.0 / max(n_targets, 1.0))
-        graph.graph.replay()
-        # The graph owns the gradient buffers (the next replay rewrites them): lent to the
-        # parameters for the update only.
-        for p, grad in zip(self.params, graph.grads):
-            p.grad = grad
-        return graph.loss.clone(), self._update()
+            graph = self.graphs[key] = self._capture(batch)
+        return graph
 
     def _capture(self, batch: dict) -> _Graph:
         inputs = {name: tensor.clone() for name, tensor in batch.items()}

@@ -79,7 +79,7 @@ class _Null:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_graphed_steps_equal_eager_steps():
-    """Five steps of three lengths (two share a padded length, so one graph is replayed): the
+    """Five steps, two of them of two rows, in two padded shapes (graphs are replayed): the
     same losses and LoRA weights as eager steps, in fp32 so only summation order differs."""
     from llamalora.models import attach_lora, load_model_for_training
 
@@ -93,15 +93,18 @@ def test_graphed_steps_equal_eager_steps():
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         step = cls(model, opt, sched, params, _Null(), max_grad_norm=1.0)
         losses = []
-        for i, lengths in enumerate([[30, 40], [50, 20], [100, 90], [35, 35], [60, 10]]):
-            batch = pack_padded(_records(lengths, seed=i), pad_id=0)
-            batch = {k: v.cuda() for k, v in batch.items()}
-            n = float((batch["target_ids"] != -100).sum())
-            loss, _ = step([batch], n)
+        # rows per step: one, or two (whose gradients the graphed step sums)
+        plan = [[[30, 40]], [[50, 20]], [[100, 90], [20]], [[35, 35]], [[60, 10], [30, 40]]]
+        for i, rows in enumerate(plan):
+            batches = [{k: v.cuda() for k, v in pack_padded(_records(r, seed=i * 3 + j),
+                                                              pad_id=0).items()}
+                       for j, r in enumerate(rows)]
+            n = float(sum((b["target_ids"] != -100).sum() for b in batches))
+            loss, _ = step(batches, n)
             losses.append(loss.item() / n)
         runs.append((losses, {k: v.detach().cpu() for k, v in model.named_parameters()
                               if v.requires_grad}, getattr(step, "graphs", {})))
     (eager, w_eager, _), (graphed, w_graphed, graphs) = runs
-    assert len(graphs) == 2
+    assert len(graphs) == 2  # (128, 128) and (256, 128)
     torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w_graphed, w_eager, rtol=1e-3, atol=1e-5)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# On a lent GPU (issue 13): the CUDA-graph step against the eager one on the tiny model, then
+# `llamalora train` at the default flags against the old recipe on public data shapes, and one
+# whole short job timed from the command's start to the adapter saved.
+# Usage (repo root, wheels in .whl/): bash benchmarks/gpu_step_check.sh OUTDIR STAGE...
+#   stages: test | build | speed:NAME:DATA:RECIPES | job:DATA
+#   bash benchmarks/gpu_step_check.sh $OUT test build speed:ko:ko.json:llamalora-8bit job:data/sample.jsonl
+# speed.py keeps its runs in /tmp/speed-work-NAME, so a later call on the same warm machine adds
+# recipes (e.g. speed:ko:ko.json:old) without repeating the ones done.
+source "$(dirname "$0")/gpu_env.sh"
+shift
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  case $stage in
+    test) python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_step.py 2>&1 | tail -4 ;;
+    build) [ -f /tmp/m11b/tokenizer.json ] || python3 benchmarks/make_random_11b.py /tmp/m11b ;;
+    speed:*)
+      IFS=: read -r _ name data recipes <<<"$stage"
+      python3 benchmarks/speed.py --model /tmp/m11b --data "$data" --steps 24 --skip 4 \
+        --recipes ${recipes//,/ } --work-dir "/tmp/speed-work-$name" --log-dir "$OUTDIR/logs" \
+        --json-out "$OUTDIR/speed-$name.json" --resume | tail -8 ;;
+    job:*)
+      data=${stage#job:}
+      rm -rf /tmp/job
+      start=$(date +%s.%N)
+      python3 -m llamalora train "$data" --model /tmp/m11b --output-dir /tmp/job --json \
+        > "$OUTDIR/job.json" 2> "$OUTDIR/job.log"
+      rc=$?
+      echo "rc $rc whole job $(python3 -c 'import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))' "$start" "$(date +%s.%N)") s"
+      grep -v "^\s*$" "$OUTDIR/job.log" | grep -v "train " | tail -6
+      python3 - "$OUTDIR/job.json" /tmp/job/metrics.jsonl <<'PY'
+import json, statistics, sys
+r = json.load(open(sys.argv[1]))
+rows = [json.loads(l) for l in open(sys.argv[2]) if '"loss"' in l]
+t = [x["step_time_s"] for x in rows]
+print(f"steps {len(t)} first {t[0]:.2f} s, median {statistics.median(t[5:]):.4f} s, max after 5 "
+      f"{max(t[5:]):.3f} s, wall {r['wall_time_s']} s, peak {r['peak_gpu_mem_gib']} GiB, "
+      f"{r['batches']}, kernels {r['kernels']}, compiled {r['compiled']}")
+PY
+      ;;
+  esac
+done

@@ -1,0 +1,51 @@
+"""The recipe's pieces that need no model: which records each step's passes take."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from llamalora.batching import Tokenized, padded_length
+from llamalora.recipe import StepBatches
+
+
+def _batches(lengths: list[int], graphs: bool, steps: int = 3) -> StepBatches:
+    train = [Tokenized(line=i, input_ids=[5] * n, labels=[-100] + [5] * (n - 1))
+             for i, n in enumerate(lengths)]
+    config = SimpleNamespace(batch_size=2, gradient_accumulation_steps=2, max_seq_length=100,
+                             max_steps=steps, num_train_epochs=1, seed=0)
+    plan = SimpleNamespace(train=train, steps=steps)
+    par = SimpleNamespace(world_size=1, rank=0)
+    setup = SimpleNamespace(compute_dtype="float32", graphs=graphs, packing=True, pad_id=0,
+                            image_processor=None)
+    return StepBatches(config, plan, par, setup, torch.device("cpu"))
+
+
+def test_graphed_steps_fuse_micro_batches_up_to_one_micro_batch_of_tokens():
+    lengths = [90, 10, 20, 30, 95, 95, 5, 5, 60, 40, 50, 50]
+    eager, graphed = _batches(lengths, graphs=False), _batches(lengths, graphs=True)
+    for step in range(3):
+        micro = eager.rows(step)
+        rows = graphed.rows(step)
+        assert len(micro) == 2 and all(len(b) == 2 for b in micro)
+        # the same records, in as few rows as fit batch size x max length (200) tokens
+        assert [t.line for b in rows for t in b] == [t.line for b in micro for t in b]
+        assert all(sum(map(len, r)) <= 200 for r in rows)
+        assert all(sum(map(len, a)) + len(b[0]) > 200 for a, b in zip(rows, rows[1:]))
+    batches, n_targets, n_real = graphed(0)
+    assert n_real == sum(len(t) for r in graphed.rows(0) for t in r)
+    assert n_targets == n_real - sum(len(r) for r in graphed.rows(0))  # first labels are -100
+    assert all(b["input_ids"].shape[1] == padded_length(b["input_ids"].shape[1]) for b in batches)
+
+
+def test_shape_examples_cover_every_step_once_per_shape():
+    lengths = [90, 10, 20, 30, 95, 95, 5, 5, 60, 40, 50, 50]
+    graphed = _batches(lengths, graphs=True)
+    shapes = {(b["input_ids"].shape[1], b["target_ids"].shape[0])
+              for b in graphed.shape_examples(0)}
+    used = set()
+    for step in range(3):
+        for b in graphed(step)[0]:
+            used.add((b["input_ids"].shape[1], b["target_ids"].shape[0]))
+    assert shapes == used
