@@ -3,11 +3,13 @@
 # `llamalora train` at the default flags against the old recipe on public data shapes, and one
 # whole short job timed from the command's start to the adapter saved.
 # Usage (repo root, wheels in .whl/): bash benchmarks/gpu_step_check.sh OUTDIR STAGE...
-#   stages: test | build | speed:NAME:DATA:RECIPES | job:DATA
+#   stages: test | build | speed:NAME:DATA:RECIPES | numerics:NAME:DATA:QUANTS | job:DATA[:FLAGS]
+#   (RECIPES, QUANTS and FLAGS comma-separated)
 #   bash benchmarks/gpu_step_check.sh $OUT test build speed:ko:ko.json:llamalora-8bit job:data/sample.jsonl
 # speed.py keeps its runs in /tmp/speed-work-NAME, so a later call on the same warm machine adds
 # recipes (e.g. speed:ko:ko.json:old) without repeating the ones done.
 source "$(dirname "$0")/gpu_env.sh"
+set +e  # one stage failing leaves the others to run
 shift
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for stage in "$@"; do
@@ -20,12 +22,17 @@ for stage in "$@"; do
       python3 benchmarks/speed.py --model /tmp/m11b --data "$data" --steps 24 --skip 4 \
         --recipes ${recipes//,/ } --work-dir "/tmp/speed-work-$name" --log-dir "$OUTDIR/logs" \
         --json-out "$OUTDIR/speed-$name.json" --resume | tail -8 ;;
+    numerics:*)
+      IFS=: read -r _ name data quants <<<"$stage"
+      python3 benchmarks/speed.py --model /tmp/m11b --data "$data" --numerics \
+        --quants ${quants//,/ } --work-dir "/tmp/numerics-work-$name" --log-dir "$OUTDIR/logs" \
+        --json-out "$OUTDIR/numerics-$name.json" --resume | tail -8 ;;
     job:*)
-      data=${stage#job:}
+      IFS=: read -r _ data flags <<<"$stage"
       rm -rf /tmp/job
       start=$(date +%s.%N)
       python3 -m llamalora train "$data" --model /tmp/m11b --output-dir /tmp/job --json \
-        > "$OUTDIR/job.json" 2> "$OUTDIR/job.log"
+        ${flags//,/ } > "$OUTDIR/job.json" 2> "$OUTDIR/job.log"
       rc=$?
       echo "rc $rc whole job $(python3 -c 'import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))' "$start" "$(date +%s.%N)") s"
       grep -v "^\s*$" "$OUTDIR/job.log" | grep -v "train " | tail -6

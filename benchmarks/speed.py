@@ -654,7 +654,10 @@ def numerics_specs(args, work: Path, data: str) -> dict[str, dict]:
                 "steps": args.numerics_steps, "seed": args.seed, "quant": quant,
                 "max_seq_length": args.max_seq_length, "eval_fraction": 0.05}
         for kernels in ("fast", "plain"):
+            # plain = bitsandbytes' own layers, eagerly: the reference the fast paths (their
+            # kernels and CUDA graphs) are held to
             specs[f"{quant}-{kernels}"] = {**base, "kernels": kernels,
+                                           "cuda_graphs": False if kernels == "plain" else None,
                                            "output_dir": str(work / f"numerics-{quant}-{kernels}")}
         # The fast run's adapter, evaluated by transformers + peft alone.
         specs[f"{quant}-plain-peft"] = {**base, "kind": "plain-eval", "after": f"{quant}-fast",

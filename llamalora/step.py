@@ -130,7 +130,7 @@ class GraphedStep(TrainStep):
         super().__init__(*args, **kwargs)
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.failure = ""  # why capturing failed; the steps then run eagerly
-        self._sum: list | None = None  # a step's gradients summed over its rows
+        self._sum: list = []  # a step's gradients summed over its rows
         self._pool = None  # one memory pool for every graph: they never run at the same time
 
     def __call__(self, batches: list[dict], n_targets: float
@@ -154,13 +154,19 @@ class GraphedStep(TrainStep):
             graph.graph.replay()
             step_loss = graph.loss.clone() if step_loss is None else step_loss + graph.loss
             if len(batches) > 1:  # rows of one step: the next replay rewrites the buffers
+                # (parameters the pass never reaches, such as cross-attention layers' LoRA on
+                # text, have no gradient, as in an eager step)
+                got = [g for g in graph.grads if g is not None]
                 if index == 0:
-                    self._sum = self._sum or [torch.zeros_like(p) for p in self.params]
-                    torch._foreach_copy_(self._sum, graph.grads)
+                    self._sum = [g.clone() for g in got]
                 else:
-                    torch._foreach_add_(self._sum, graph.grads)
+                    torch._foreach_add_(self._sum, got)
         # The graph owns the gradient buffers: lent to the parameters for the update only.
-        grads = self._sum if len(batches) > 1 else graphs[0].grads
+        if len(batches) > 1:
+            summed = iter(self._sum)
+            grads = [None if g is None else next(summed) for g in graphs[0].grads]
+        else:
+            grads = graphs[0].grads
         for p, grad in zip(self.params, grads):
             p.grad = grad
         return step_loss, self._update()
