@@ -1,11 +1,40 @@
-"""Shared fixtures: an isolated home for caches, and small data files the tests write."""
+"""Shared fixtures, records and markers.
+
+- An isolated home for caches (the tiny model is built once per session).
+- Records the tests write as data files (GOOD, valid with every field), with `write_jsonl`.
+- `needs_bnb` / `needs_triton`: tag a test (`@needs_bnb`, or `pytest.param(..., marks=needs_bnb)`)
+  and skip it where bitsandbytes / triton is not installed; `-m "not needs_bnb"` deselects them.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+# --- optional packages ------------------------------------------------------------------------
+
+needs_bnb = pytest.mark.needs_bnb
+needs_triton = pytest.mark.needs_triton
+_OPTIONAL = {"needs_bnb": ("bitsandbytes", "pip install 'llamalora[quant]'"),
+             "needs_triton": ("triton", "pip install triton, or CUDA torch's own")}
+
+
+@functools.cache
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def pytest_runtest_setup(item):
+    for marker, (module, fix) in _OPTIONAL.items():
+        if item.get_closest_marker(marker) and not installed(module):
+            pytest.skip(f"{module} is not installed ({fix})")
+
+
+# --- isolated caches ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +60,8 @@ def write_jsonl(path: Path, records: list, *, raw_lines: list[str] | None = None
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
+
+# --- records -----------------------------------------------------------------------------------
 
 GOOD = [
     {"instruction": "다음 건설 용어를 설명하세요.", "input": "거푸집",

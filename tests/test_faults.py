@@ -23,7 +23,7 @@ from llamalora.config import TrainConfig
 from llamalora.plan import plan_training
 from llamalora.recipe import OutOfMemory, SaveError, train
 
-from conftest import write_jsonl
+from conftest import needs_bnb, write_jsonl
 
 MEMO = [{"instruction": "거푸집이란?", "output": "콘크리트를 굳히는 틀."},
         {"instruction": "What is rebar?", "output": "A steel bar in concrete."}] * 2
@@ -38,6 +38,7 @@ def _config(tmp_path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+@needs_bnb  # the message is about --quant 8bit, which loads through bitsandbytes
 def test_out_of_memory_names_what_lowers_it(tmp_path, monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -15,7 +15,7 @@ from llamalora.config import TrainConfig
 from llamalora.errors import ConfigError, DataError, OutputExistsError
 from llamalora.recipe import TrainingInterrupted, train
 
-from conftest import write_jsonl
+from conftest import needs_bnb, write_jsonl
 
 runner = CliRunner()
 MEMO = [
@@ -103,7 +103,8 @@ def _adapter(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["none", "8bit", "4bit"])
+@pytest.mark.parametrize("quant", ["none", pytest.param("8bit", marks=needs_bnb),
+                                   pytest.param("4bit", marks=needs_bnb)])
 def test_loss_falls_and_adapter_loads_with_plain_peft(tmp_path, quant):
     summary = train(_config(tmp_path, quant=quant, max_steps=25, eval_fraction=0.25,
                             eval_steps=10, gradient_checkpointing=True))
