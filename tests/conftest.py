@@ -4,6 +4,8 @@
 - Records the tests write as data files (GOOD, valid with every field), with `write_jsonl`.
 - `needs_bnb` / `needs_triton`: tag a test (`@needs_bnb`, or `pytest.param(..., marks=needs_bnb)`)
   and skip it where bitsandbytes / triton is not installed; `-m "not needs_bnb"` deselects them.
+- A test that starts a process group or launches several processes (torchrun, accelerate launch)
+  must be marked `multiprocess`; an unmarked one fails, so the default run never starts one.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +37,38 @@ def pytest_runtest_setup(item):
     for marker, (module, fix) in _OPTIONAL.items():
         if item.get_closest_marker(marker) and not installed(module):
             pytest.skip(f"{module} is not installed ({fix})")
+
+
+# --- no process group outside `multiprocess` tests --------------------------------------------
+
+_LAUNCHERS = ("torch.distributed.run", "torchrun", "accelerate.commands.launch",
+              "accelerate launch")
+
+
+def _refuse(what: str):
+    raise AssertionError(f"{what} in a test not marked multiprocess: add "
+                         "@pytest.mark.multiprocess (the default run starts no process group)")
+
+
+class _GuardedPopen(subprocess.Popen):
+    def __init__(self, args, *rest, **kwargs):
+        words = [args] if isinstance(args, (str, bytes, os.PathLike)) else args
+        command = " ".join(os.fsdecode(w) if isinstance(w, (bytes, os.PathLike)) else str(w)
+                           for w in words)
+        launcher = next((name for name in _LAUNCHERS if name in command), None)
+        if launcher:
+            _refuse(f"{launcher} launched")
+        super().__init__(args, *rest, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _process_groups_only_when_marked(request, monkeypatch):
+    if request.node.get_closest_marker("multiprocess"):
+        return
+    monkeypatch.setattr(subprocess, "Popen", _GuardedPopen)
+    if "torch.distributed" in sys.modules:  # imported by the test module already, if at all
+        monkeypatch.setattr(sys.modules["torch.distributed"], "init_process_group",
+                            lambda *a, **k: _refuse("init_process_group called"))
 
 
 # --- isolated caches ---------------------------------------------------------------------------

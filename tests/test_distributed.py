@@ -30,6 +30,7 @@ from llamalora.recipe import TrainingInterrupted, train
 
 from conftest import needs_bnb, write_jsonl
 
+pytestmark = pytest.mark.multiprocess  # every test here launches 2 processes
 runner = CliRunner()
 # Twelve records, all different and of different lengths (so a dropped or doubled eval record
 # moves the mean loss).

@@ -149,6 +149,7 @@ def test_packed_loss_and_gradients_equal_the_padded_batch():
     assert _rel(grads[2], grads[0]) < 1e-4  # LoRA gradients
 
 
+@pytest.mark.slow  # trains 25 steps at 8-bit
 @needs_bnb
 def test_training_on_the_fast_int8_path_learns(tmp_path):
     from llamalora.recipe import train

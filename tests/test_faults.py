@@ -60,6 +60,7 @@ def test_out_of_memory_names_what_lowers_it(tmp_path, monkeypatch):
     assert "Traceback" not in r.output
 
 
+@pytest.mark.slow  # trains 6 steps, then 4 more on resume
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     real_save = torch.save
 
@@ -121,6 +122,7 @@ def test_kill_9_at_random_moments_never_leaves_a_false_good_folder(tmp_path):
     assert outcomes, "every kill landed after the run finished; the test proved nothing"
 
 
+@pytest.mark.slow  # trains 6 steps, then 2 more on resume
 def test_crash_inside_the_final_save_is_not_taken_for_a_finished_run(tmp_path, monkeypatch):
     """Dies between moving the adapter into place and writing llamalora.json: the folder must
     resolve to its last complete checkpoint, and --resume must finish it."""

@@ -205,6 +205,7 @@ def _worker(out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_sharded_gradients_and_clipping_match_one_process(tmp_path):
     from llamalora.models import resolve_model
 
@@ -295,6 +296,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_fsdp_run_equals_one_process_and_writes_the_same_files(tmp_path):
     from conftest import write_jsonl
 
@@ -343,6 +345,7 @@ def test_fsdp_run_equals_one_process_and_writes_the_same_files(tmp_path):
 # --- 2 GPUs -----------------------------------------------------------------------------------
 
 @pytest.mark.gpu
+@pytest.mark.multiprocess
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_fsdp_on_two_gpus_halves_the_weights_and_matches_one_gpu(tmp_path):
     """The tiny model in bf16 on 2 GPUs under FSDP vs 1 GPU with twice the accumulation."""

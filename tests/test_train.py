@@ -52,6 +52,7 @@ def test_old_script_command_line_dry_run(repo_root):
     assert not (repo_root / "unused").exists()
 
 
+@pytest.mark.slow  # builds the 11B's text model on the meta device: ~10-25 s here
 def test_default_model_dry_run_works_offline(repo_root):
     r = runner.invoke(app, ["train", str(repo_root / "data" / "sample.jsonl"), "--dry-run",
                             "--json"])
@@ -175,6 +176,7 @@ def test_records_with_images_train_on_the_vision_model(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_process_gloo_run_equals_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo) trains the same adapter as 1 process that takes
     the same 4 micro-batches per step by accumulation."""
