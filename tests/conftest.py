@@ -1,7 +1,8 @@
 """Shared fixtures, records and markers.
 
 - An isolated home for caches (the tiny model is built once per session).
-- Records the tests write as data files (GOOD, valid with every field), with `write_jsonl`.
+- Records the tests write as data files: GOOD (valid, every field) and MEMO (what the tiny model
+  memorizes), with `write_jsonl`.
 - `needs_bnb` / `needs_triton`: tag a test (`@needs_bnb`, or `pytest.param(..., marks=needs_bnb)`)
   and skip it where bitsandbytes / triton is not installed; `-m "not needs_bnb"` deselects them.
 - A test that starts a process group or launches several processes (torchrun, accelerate launch)
@@ -108,6 +109,17 @@ GOOD = [
     {"instruction": "양생이란 무엇인가요?", "output": "타설한 콘크리트가 충분한 강도를 내도록 "
      "온도와 습도를 유지하는 과정입니다.", "system": "건설 용어 도우미입니다."},
 ]
+# Short Korean and English construction terms the tiny model memorizes; between them they use
+# every field (input, system).
+MEMO = [
+    {"instruction": "거푸집이란?", "output": "콘크리트를 굳히는 틀."},
+    {"instruction": "What is rebar?", "output": "A steel bar in concrete."},
+    {"instruction": "양생이란?", "input": "콘크리트", "output": "습도와 온도를 유지하는 일."},
+    {"instruction": "Define slump.", "output": "A test of fresh concrete.", "system": "Be brief."},
+]
+# The first three as bare questions (instruction and output only), so that `chat --prompt` with
+# the instruction alone is the prompt the model was trained on.
+MEMO_QUESTIONS = [{"instruction": r["instruction"], "output": r["output"]} for r in MEMO[:3]]
 
 
 @pytest.fixture

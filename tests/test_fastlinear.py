@@ -21,7 +21,7 @@ from llamalora.batching import Tokenized, collate, pack
 from llamalora.config import TrainConfig
 from llamalora.recipe import _choose_checkpointing, _loss_sum
 
-from conftest import needs_bnb, needs_triton, write_jsonl
+from conftest import MEMO, needs_bnb, needs_triton, write_jsonl
 
 
 def _int8_layer(out_features: int, in_features: int, seed: int = 0):
@@ -154,10 +154,7 @@ def test_packed_loss_and_gradients_equal_the_padded_batch():
 def test_training_on_the_fast_int8_path_learns(tmp_path):
     from llamalora.recipe import train
 
-    data = write_jsonl(tmp_path / "d.jsonl", [
-        {"instruction": "거푸집이란?", "output": "콘크리트를 굳히는 틀."},
-        {"instruction": "What is rebar?", "output": "A steel bar in concrete."},
-        {"instruction": "양생이란?", "input": "콘크리트", "output": "습도와 온도를 유지하는 일."}])
+    data = write_jsonl(tmp_path / "d.jsonl", MEMO[:3])
     summary = train(TrainConfig(data_path=str(data), output_dir=str(tmp_path / "out"),
                                 model="tiny", quant="8bit", kernels="fast",
                                 batch_size=3, gradient_accumulation_steps=1, max_steps=25,

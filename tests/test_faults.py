@@ -23,10 +23,7 @@ from llamalora.config import TrainConfig
 from llamalora.plan import plan_training
 from llamalora.recipe import OutOfMemory, SaveError, train
 
-from conftest import needs_bnb, write_jsonl
-
-MEMO = [{"instruction": "거푸집이란?", "output": "콘크리트를 굳히는 틀."},
-        {"instruction": "What is rebar?", "output": "A steel bar in concrete."}] * 2
+from conftest import MEMO, needs_bnb, write_jsonl
 
 
 def _config(tmp_path, **kw) -> TrainConfig:

@@ -14,10 +14,9 @@ from llamalora.config import TrainConfig
 from llamalora.errors import OutputExistsError
 from llamalora.recipe import train
 
-from conftest import write_jsonl
+from conftest import MEMO, write_jsonl
 
 PACKAGE = Path(__file__).resolve().parent.parent / "llamalora"
-MEMO = [{"instruction": "거푸집이란?", "output": "콘크리트를 굳히는 틀."}] * 2
 
 
 def _sources() -> dict[Path, str]:

@@ -15,15 +15,9 @@ from llamalora.config import TrainConfig
 from llamalora.errors import ConfigError, DataError, OutputExistsError
 from llamalora.recipe import TrainingInterrupted, train
 
-from conftest import needs_bnb, write_jsonl
+from conftest import MEMO, needs_bnb, write_jsonl
 
 runner = CliRunner()
-MEMO = [
-    {"instruction": "거푸집이란?", "output": "콘크리트를 굳히는 틀."},
-    {"instruction": "What is rebar?", "output": "A steel bar in concrete."},
-    {"instruction": "양생이란?", "input": "콘크리트", "output": "습도와 온도를 유지하는 일."},
-    {"instruction": "Define slump.", "output": "A test of fresh concrete.", "system": "Be brief."},
-]
 
 
 def _config(tmp_path, **kw) -> TrainConfig:
