@@ -1,7 +1,12 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   installs, then validate -> stats -> train -> export -> chat on data/sample.jsonl
-#               with the tiny model (CPU, about a minute)
-#   make test   installs, then runs the CPU test suite (what CI runs)
+#   make demo         installs, then validate -> stats -> train -> export -> chat on
+#                     data/sample.jsonl with the tiny model (CPU, about a minute)
+#   make test         installs the tested versions (constraints.txt), then runs the CPU test
+#                     suite: every test but `gpu`, slow and multiprocess ones included (what CI runs)
+# and two more:
+#   make test-latest  the same suite on the newest releases of every dependency (torch kept), to
+#                     see an upstream release break something before a user does
+#   make test-fast    the default `pytest` run, no install: no slow, multiprocess or gpu test
 PY ?= python3
 # torch 2.13.0 is the CPU build on our dev/CI machines; on a GPU box, install your CUDA torch
 # first and run `make TORCH= demo` so pip keeps it.
@@ -9,14 +14,17 @@ TORCH ?= torch==2.13.0
 # Triton's interpreter runs the int8 decoding kernel's test on the CPU. CUDA torch brings its own
 # triton: there, run `make TRITON= test` so pip keeps it.
 TRITON ?= triton==3.6.0
+# constraints.txt less its torch and triton lines, which TORCH and TRITON decide.
+PINS = build/constraints.txt
 DATA ?= data/sample.jsonl
 OUT ?= runs/demo
 
-.PHONY: install demo test test-fast
+.PHONY: install demo test test-latest test-fast
 
 install:
 	$(if $(TORCH),$(PY) -m pip install -q $(TORCH))
-	$(PY) -m pip install -q -e '.[quant,dev]'
+	@mkdir -p build && grep -vE '^(torch|triton)==' constraints.txt > $(PINS)
+	$(PY) -m pip install -q -c $(PINS) -e '.[quant,dev]'
 
 demo: install
 	llamalora validate $(DATA)
@@ -28,9 +36,20 @@ demo: install
 	  --temperature 0 --max-new-tokens 32
 
 
-
 test: install
 	$(if $(TRITON),$(PY) -m pip install -q $(TRITON))
+	$(PY) -m pytest -m "not gpu" -p no:cacheprovider
+
+# -U with the eager strategy takes every dependency's newest release (within pyproject's ranges);
+# the installed torch is pinned so that pip keeps it (a newer one would be a CUDA build), and
+# triton, when TRITON is set, is upgraded too.
+test-latest:
+	$(if $(TORCH),$(PY) -m pip install -q $(TORCH))
+	@mkdir -p build
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > build/torch.txt
+	$(PY) -m pip install -q -U --upgrade-strategy eager -c build/torch.txt -e '.[quant,dev]' \
+	  $(if $(TRITON),triton)
+	$(PY) -m pip list  # the versions this run tests, to compare with constraints.txt
 	$(PY) -m pytest -m "not gpu" -p no:cacheprovider
 
 test-fast:

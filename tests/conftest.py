@@ -1,11 +1,78 @@
-"""Shared fixtures: an isolated home for caches, and small data files the tests write."""
+"""Shared fixtures, records and markers.
+
+- An isolated home for caches (the tiny model is built once per session).
+- Records the tests write as data files: GOOD (valid, every field) and MEMO (what the tiny model
+  memorizes), with `write_jsonl`.
+- `needs_bnb` / `needs_triton`: tag a test (`@needs_bnb`, or `pytest.param(..., marks=needs_bnb)`)
+  and skip it where bitsandbytes / triton is not installed; `-m "not needs_bnb"` deselects them.
+- A test that starts a process group or launches several processes (torchrun, accelerate launch)
+  must be marked `multiprocess`; an unmarked one fails, so the default run never starts one.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+# --- optional packages ------------------------------------------------------------------------
+
+needs_bnb = pytest.mark.needs_bnb
+needs_triton = pytest.mark.needs_triton
+_OPTIONAL = {"needs_bnb": ("bitsandbytes", "pip install 'llamalora[quant]'"),
+             "needs_triton": ("triton", "pip install triton, or CUDA torch's own")}
+
+
+@functools.cache
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def pytest_runtest_setup(item):
+    for marker, (module, fix) in _OPTIONAL.items():
+        if item.get_closest_marker(marker) and not installed(module):
+            pytest.skip(f"{module} is not installed ({fix})")
+
+
+# --- no process group outside `multiprocess` tests --------------------------------------------
+
+_LAUNCHERS = ("torch.distributed.run", "torchrun", "accelerate.commands.launch",
+              "accelerate launch")
+
+
+def _refuse(what: str):
+    raise AssertionError(f"{what} in a test not marked multiprocess: add "
+                         "@pytest.mark.multiprocess (the default run starts no process group)")
+
+
+class _GuardedPopen(subprocess.Popen):
+    def __init__(self, args, *rest, **kwargs):
+        words = [args] if isinstance(args, (str, bytes, os.PathLike)) else args
+        command = " ".join(os.fsdecode(w) if isinstance(w, (bytes, os.PathLike)) else str(w)
+                           for w in words)
+        launcher = next((name for name in _LAUNCHERS if name in command), None)
+        if launcher:
+            _refuse(f"{launcher} launched")
+        super().__init__(args, *rest, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _process_groups_only_when_marked(request, monkeypatch):
+    if request.node.get_closest_marker("multiprocess"):
+        return
+    monkeypatch.setattr(subprocess, "Popen", _GuardedPopen)
+    if "torch.distributed" in sys.modules:  # imported by the test module already, if at all
+        monkeypatch.setattr(sys.modules["torch.distributed"], "init_process_group",
+                            lambda *a, **k: _refuse("init_process_group called"))
+
+
+# --- isolated caches ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +99,8 @@ def write_jsonl(path: Path, records: list, *, raw_lines: list[str] | None = None
     return path
 
 
+# --- records -----------------------------------------------------------------------------------
+
 GOOD = [
     {"instruction": "다음 건설 용어를 설명하세요.", "input": "거푸집",
      "output": "콘크리트를 부어 원하는 모양으로 굳히기 위한 임시 틀입니다."},
@@ -40,6 +109,17 @@ GOOD = [
     {"instruction": "양생이란 무엇인가요?", "output": "타설한 콘크리트가 충분한 강도를 내도록 "
      "온도와 습도를 유지하는 과정입니다.", "system": "건설 용어 도우미입니다."},
 ]
+# Short Korean and English construction terms the tiny model memorizes; between them they use
+# every field (input, system).
+MEMO = [
+    {"instruction": "거푸집이란?", "output": "콘크리트를 굳히는 틀."},
+    {"instruction": "What is rebar?", "output": "A steel bar in concrete."},
+    {"instruction": "양생이란?", "input": "콘크리트", "output": "습도와 온도를 유지하는 일."},
+    {"instruction": "Define slump.", "output": "A test of fresh concrete.", "system": "Be brief."},
+]
+# The first three as bare questions (instruction and output only), so that `chat --prompt` with
+# the instruction alone is the prompt the model was trained on.
+MEMO_QUESTIONS = [{"instruction": r["instruction"], "output": r["output"]} for r in MEMO[:3]]
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import needs_bnb
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "speed.py"
 
@@ -99,6 +101,7 @@ def _run_script(tmp_path, *extra) -> tuple[dict, str]:
 
 
 @pytest.mark.slow
+@needs_bnb  # 8-bit and 4-bit recipes
 def test_every_speed_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
     report, table = _run_script(tmp_path, "--steps", "2", "--skip", "1")
     recipes = report["recipes"]
@@ -119,6 +122,7 @@ def test_every_speed_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
 
 
 @pytest.mark.slow
+@needs_bnb  # 8-bit and 4-bit runs
 def test_numerics_mode_runs_on_the_tiny_model(tmp_path):
     report, table = _run_script(tmp_path, "--numerics", "--numerics-steps", "2")
     rows = report["numerics"]

@@ -12,24 +12,19 @@ from llamalora.cli.main import app
 from llamalora.config import TrainConfig
 from llamalora.recipe import train
 
-from conftest import write_jsonl
+from conftest import MEMO_QUESTIONS, write_jsonl
 
 runner = CliRunner()
-MEMO = [
-    {"instruction": "거푸집이란?", "output": "콘크리트를 굳히는 틀."},
-    {"instruction": "What is rebar?", "output": "A steel bar in concrete."},
-    {"instruction": "양생이란?", "output": "습도와 온도를 유지하는 일."},
-]
 
 
 @pytest.fixture(scope="module")
 def memorized(tmp_path_factory, _session_home):
-    """A run that memorized MEMO (text only, bf16-free fp32 on the CPU)."""
+    """A run that memorized MEMO_QUESTIONS (text only, bf16-free fp32 on the CPU)."""
     import os
 
     os.environ["LLAMALORA_HOME"] = str(_session_home)
     tmp = tmp_path_factory.mktemp("memo")
-    data = write_jsonl(tmp / "memo.jsonl", MEMO)
+    data = write_jsonl(tmp / "memo.jsonl", MEMO_QUESTIONS)
     config = TrainConfig(data_path=str(data), output_dir=str(tmp / "run"), model="tiny",
                          quant="none", max_seq_length=64, learning_rate=5e-3, warmup_ratio=0.0,
                          lora_dropout=0.0, save_steps=0, max_steps=150, batch_size=3,
@@ -46,7 +41,7 @@ def _chat(*args, input=None):
 
 @pytest.mark.slow
 def test_chat_gives_memorized_answers(memorized):
-    for rec in MEMO:
+    for rec in MEMO_QUESTIONS:
         r = _chat("--adapter", str(memorized), "--prompt", rec["instruction"], "--temperature",
                   "0", "--max-new-tokens", "24")
         assert r.exit_code == 0, r.output
@@ -80,7 +75,7 @@ def test_interactive_session(memorized):
     r = _chat("--adapter", str(memorized), "--temperature", "0", "--max-new-tokens", "24",
               input=script)
     assert r.exit_code == 0, r.output
-    assert r.stdout.splitlines() == [MEMO[0]["output"], MEMO[1]["output"]]
+    assert r.stdout.splitlines() == [MEMO_QUESTIONS[0]["output"], MEMO_QUESTIONS[1]["output"]]
     assert "history cleared" in r.stderr and "unknown command" in r.stderr
 
 
@@ -88,10 +83,10 @@ def test_interactive_session(memorized):
 def test_prompt_from_stdin_and_no_adapter(memorized):
     r = _chat("--adapter", str(memorized), "--prompt", "-", "--temperature", "0",
               "--max-new-tokens", "24", input="양생이란?\n")
-    assert r.stdout.strip() == MEMO[2]["output"]
+    assert r.stdout.strip() == MEMO_QUESTIONS[2]["output"]
     r = _chat("--adapter", str(memorized), "--prompt", "양생이란?", "--temperature", "0",
               "--max-new-tokens", "8", "--no-adapter")
-    assert r.exit_code == 0 and r.stdout.strip() != MEMO[2]["output"]
+    assert r.exit_code == 0 and r.stdout.strip() != MEMO_QUESTIONS[2]["output"]
 
 
 def test_chat_needs_an_adapter_or_model():

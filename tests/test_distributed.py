@@ -29,8 +29,9 @@ from llamalora.plan import plan_training
 from llamalora.events import CheckpointSaved, StepDone
 from llamalora.recipe import TrainingInterrupted, train
 
-from conftest import write_jsonl
+from conftest import needs_bnb, write_jsonl
 
+pytestmark = pytest.mark.multiprocess  # every test here launches 2 processes
 runner = CliRunner()
 # Twelve records, all different and of different lengths (so a dropped or doubled eval record
 # moves the mean loss).
@@ -370,6 +371,7 @@ def test_accelerate_launch_runs_two_gloo_processes_on_the_cpu(tmp_path):
     assert _max_diff(_adapter(out), _adapter(tmp_path / "one")) < 1e-4
 
 
+@needs_bnb
 @pytest.mark.parametrize("quant", ["8bit", "4bit"])
 def test_quantized_bases_train_data_parallel_like_one_process(tmp_path, quant):
     """Every rank quantizes its own copy of the base and only LoRA's gradients travel: at 8-bit

@@ -22,12 +22,12 @@ from llamalora.config import TrainConfig
 from llamalora.recipe import _choose_checkpointing
 from llamalora.step import loss_sum
 
-from conftest import write_jsonl
-
-bnb = pytest.importorskip("bitsandbytes")
+from conftest import MEMO, needs_bnb, needs_triton, write_jsonl
 
 
 def _int8_layer(out_features: int, in_features: int, seed: int = 0):
+    import bitsandbytes as bnb
+
     torch.manual_seed(seed)
     dense = torch.nn.Linear(in_features, out_features, bias=False)
     layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False,
@@ -48,6 +48,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+@needs_bnb
 def test_torch_int8_path_is_exact_on_the_stored_weight_and_close_to_bitsandbytes():
     dense, layer = _int8_layer(48, 96)
     assert layer.weight.dtype == torch.int8
@@ -72,6 +73,7 @@ def test_torch_int8_path_is_exact_on_the_stored_weight_and_close_to_bitsandbytes
     assert torch.equal(layer(x).detach(), plain_y)
 
 
+@needs_bnb
 def test_enable_reports_the_path_and_plain_or_cpu_auto_keep_bitsandbytes():
     _, layer = _int8_layer(16, 32)
     model = torch.nn.Sequential(layer)
@@ -83,7 +85,10 @@ def test_enable_reports_the_path_and_plain_or_cpu_auto_keep_bitsandbytes():
         fastlinear.enable(model, "turbo")
 
 
+@needs_bnb
 def test_nf4_path_matches_bitsandbytes_and_keeps_no_dequantized_weight():
+    import bitsandbytes as bnb
+
     torch.manual_seed(0)
     dense = torch.nn.Linear(64, 32, bias=False)
     layer = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
@@ -145,13 +150,12 @@ def test_packed_loss_and_gradients_equal_the_padded_batch():
     assert _rel(grads[2], grads[0]) < 1e-4  # LoRA gradients
 
 
+@pytest.mark.slow  # trains 25 steps at 8-bit
+@needs_bnb
 def test_training_on_the_fast_int8_path_learns(tmp_path):
     from llamalora.recipe import train
 
-    data = write_jsonl(tmp_path / "d.jsonl", [
-        {"instruction": "거푸집이란?", "output": "콘크리트를 굳히는 틀."},
-        {"instruction": "What is rebar?", "output": "A steel bar in concrete."},
-        {"instruction": "양생이란?", "input": "콘크리트", "output": "습도와 온도를 유지하는 일."}])
+    data = write_jsonl(tmp_path / "d.jsonl", MEMO[:3])
     summary = train(TrainConfig(data_path=str(data), output_dir=str(tmp_path / "out"),
                                 model="tiny", quant="8bit", kernels="fast",
                                 batch_size=3, gradient_accumulation_steps=1, max_steps=25,
@@ -225,8 +229,8 @@ _INTERPRETED = textwrap.dedent("""
 """)
 
 
+@needs_triton
 def test_triton_kernels_compute_the_dequantized_product_under_the_interpreter():
-    pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True,
                             text=True, timeout=300)
@@ -257,8 +261,8 @@ def test_int8_paths_on_gpu_match_the_dequantized_product(tokens, shape):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", [(14336, 4096), (4096, 14336), (1000, 300)])
+@needs_triton
 def test_triton_dequant_on_gpu_is_torchs_product_bit_for_bit(shape):
-    pytest.importorskip("triton")
     from llamalora import _triton_int8
 
     cb = torch.randint(-127, 128, shape, dtype=torch.int8, device="cuda")
@@ -317,6 +321,7 @@ def test_triton_is_used_only_where_it_can_run(monkeypatch):
 
 
 @pytest.mark.slow
+@needs_bnb
 def test_compiled_layers_match_eager_and_compile_once_for_every_length():
     """torch.compile on the CPU (inductor builds C++): ~1-2 minutes here."""
     import torch._dynamo

@@ -25,10 +25,7 @@ from llamalora.plan import plan_training
 from llamalora.events import CheckpointSaved, StepDone
 from llamalora.recipe import OutOfMemory, SaveError, train
 
-from conftest import write_jsonl
-
-MEMO = [{"instruction": "거푸집이란?", "output": "콘크리트를 굳히는 틀."},
-        {"instruction": "What is rebar?", "output": "A steel bar in concrete."}] * 2
+from conftest import MEMO, needs_bnb, write_jsonl
 
 
 def _config(tmp_path, **kw) -> TrainConfig:
@@ -40,6 +37,7 @@ def _config(tmp_path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+@needs_bnb  # the message is about --quant 8bit, which loads through bitsandbytes
 def test_out_of_memory_names_what_lowers_it(tmp_path, monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -61,6 +59,7 @@ def test_out_of_memory_names_what_lowers_it(tmp_path, monkeypatch):
     assert "Traceback" not in r.output
 
 
+@pytest.mark.slow  # trains 6 steps, then 4 more on resume
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     real_save = torch.save
 
@@ -122,6 +121,7 @@ def test_kill_9_at_random_moments_never_leaves_a_false_good_folder(tmp_path):
     assert outcomes, "every kill landed after the run finished; the test proved nothing"
 
 
+@pytest.mark.slow  # trains 6 steps, then 2 more on resume
 def test_crash_inside_the_final_save_is_not_taken_for_a_finished_run(tmp_path, monkeypatch):
     """Dies between moving the adapter into place and writing llamalora.json: the folder must
     resolve to its last complete checkpoint, and --resume must finish it."""

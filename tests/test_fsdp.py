@@ -20,6 +20,8 @@ import torch
 
 from llamalora import fsdp
 
+from conftest import MEMO
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "benchmarks" / "fsdp2.yaml"
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
@@ -205,6 +207,7 @@ def _worker(out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_sharded_gradients_and_clipping_match_one_process(tmp_path):
     from llamalora.models import resolve_model
 
@@ -229,13 +232,7 @@ def test_sharded_gradients_and_clipping_match_one_process(tmp_path):
 
 # --- whole runs through accelerate launch (2 processes) --------------------------------------
 
-MEMO = [
-    {"instruction": "거푸집이란?", "output": "콘크리트를 굳히는 틀."},
-    {"instruction": "What is rebar?", "output": "A steel bar in concrete."},
-    {"instruction": "양생이란?", "input": "콘크리트", "output": "습도와 온도를 유지하는 일."},
-    {"instruction": "Define slump.", "output": "A test of fresh concrete.", "system": "Be brief."},
-]
-# 8 records, 2 held out for eval (1 eval batch: rank 1 runs a filler), 6 to train in 3
+# 8 records (MEMO twice), 2 held out for eval (1 eval batch: rank 1 runs a filler), 6 to train in 3
 # micro-batches of 2: one epoch is 2 steps of 2 micro-batches, and the second step has one
 # (rank 1 runs a filler). A checkpoint after step 1.
 COMMON = ["--model", "tiny", "--quant", "none", "--max-seq-length", "64", "--lora-dropout", "0",
@@ -295,6 +292,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_fsdp_run_equals_one_process_and_writes_the_same_files(tmp_path):
     from conftest import write_jsonl
 
@@ -343,6 +341,7 @@ def test_fsdp_run_equals_one_process_and_writes_the_same_files(tmp_path):
 # --- 2 GPUs -----------------------------------------------------------------------------------
 
 @pytest.mark.gpu
+@pytest.mark.multiprocess
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_fsdp_on_two_gpus_halves_the_weights_and_matches_one_gpu(tmp_path):
     """The tiny model in bf16 on 2 GPUs under FSDP vs 1 GPU with twice the accumulation."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -20,6 +19,8 @@ from llamalora import models
 from llamalora.config import LORA_TARGETS, lora_target_names
 from llamalora.errors import ConfigError, MissingExtraError, ModelError
 
+from conftest import needs_bnb
+
 IMAGE_TOKEN = 128256
 PAD = 128004
 
@@ -32,10 +33,6 @@ def _sha256(path) -> str:
 def tiny_dir(tmp_path_factory):
     # One build for the module; tests pass its path, so none of them writes to a real home.
     return models.tiny_model_dir(tmp_path_factory.mktemp("tiny-cache"))
-
-
-needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                               reason="bitsandbytes is not installed")
 
 
 def _image_batch(folder):

@@ -16,15 +16,9 @@ from llamalora.errors import ConfigError, DataError, OutputExistsError
 from llamalora.events import CheckpointSaved
 from llamalora.recipe import TrainingInterrupted, train
 
-from conftest import write_jsonl
+from conftest import MEMO, needs_bnb, write_jsonl
 
 runner = CliRunner()
-MEMO = [
-    {"instruction": "거푸집이란?", "output": "콘크리트를 굳히는 틀."},
-    {"instruction": "What is rebar?", "output": "A steel bar in concrete."},
-    {"instruction": "양생이란?", "input": "콘크리트", "output": "습도와 온도를 유지하는 일."},
-    {"instruction": "Define slump.", "output": "A test of fresh concrete.", "system": "Be brief."},
-]
 
 
 def _config(tmp_path, **kw) -> TrainConfig:
@@ -53,6 +47,7 @@ def test_old_script_command_line_dry_run(repo_root):
     assert not (repo_root / "unused").exists()
 
 
+@pytest.mark.slow  # builds the 11B's text model on the meta device: ~10-25 s here
 def test_default_model_dry_run_works_offline(repo_root):
     r = runner.invoke(app, ["train", str(repo_root / "data" / "sample.jsonl"), "--dry-run",
                             "--json"])
@@ -104,7 +99,8 @@ def _adapter(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["none", "8bit", "4bit"])
+@pytest.mark.parametrize("quant", ["none", pytest.param("8bit", marks=needs_bnb),
+                                   pytest.param("4bit", marks=needs_bnb)])
 def test_loss_falls_and_adapter_loads_with_plain_peft(tmp_path, quant):
     summary = train(_config(tmp_path, quant=quant, max_steps=25, eval_fraction=0.25,
                             eval_steps=10, gradient_checkpointing=True))
@@ -175,6 +171,7 @@ def test_records_with_images_train_on_the_vision_model(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_process_gloo_run_equals_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo) trains the same adapter as 1 process that takes
     the same 4 micro-batches per step by accumulation."""

@@ -1,4 +1,4 @@
-"""The validator: one test per error and warning code, each asserting the exact line."""
+"""llamalora.data's validator: one test per error and warning code, each at its exact line."""
 
 from __future__ import annotations
 
