@@ -264,7 +264,7 @@ def _export_merged(info: AdapterInfo, tmp: Path, out: Path, dtype: str, verify: 
     merged.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="5GB")
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(base_path).save_pretrained(str(tmp))
+    AutoTokenizer.from_pretrained(base_path, trust_remote_code=False).save_pretrained(str(tmp))
     if with_vision:
         from llamalora.models import load_image_processor
 
@@ -278,7 +278,8 @@ def _export_merged(info: AdapterInfo, tmp: Path, out: Path, dtype: str, verify: 
         del merged, model, base
         emit(Status("Checking the export: reloading with plain transformers"))
         cls = MllamaForConditionalGeneration if trained_with_vision else AutoModelForCausalLM
-        reloaded = cls.from_pretrained(str(tmp), dtype=getattr(torch, DTYPES[dtype])).to(device)
+        reloaded = cls.from_pretrained(str(tmp), dtype=getattr(torch, DTYPES[dtype]),
+                                       trust_remote_code=False).to(device)
         got = _probe_logits(reloaded, tokenizer, device)
         diff, scale = _diff(expected, got)
         tol = TOLERANCE[dtype] * scale

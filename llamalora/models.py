@@ -237,7 +237,7 @@ def load_base_model(name_or_path: str, *, quant: str = "8bit", with_vision: bool
     quiet = _drop_load_report() if not with_vision else contextlib.nullcontext()
     try:
         with quiet:
-            model, loading = model_cls.from_pretrained(path, **kwargs)
+            model, loading = model_cls.from_pretrained(path, trust_remote_code=False, **kwargs)
     except ImportError as exc:
         raise MissingExtraError(f"loading with --quant {quant} failed: {_first_line(exc)}; "
                                 f"{_QUANT_HINT}") from exc
@@ -298,7 +298,7 @@ def load_image_processor(name_or_path: str):
 
     path = resolve_model(name_or_path)
     try:
-        return AutoImageProcessor.from_pretrained(path)
+        return AutoImageProcessor.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:
         raise ModelError(f"cannot load the image processor of {name_or_path} ({_first_line(exc)})"
                          "; images need a Llama 3.2 Vision model folder") from exc
@@ -332,7 +332,7 @@ def _load_config(path: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:
         raise ModelError(_explain_load_error(path, path, exc)) from exc
 

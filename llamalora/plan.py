@@ -155,7 +155,7 @@ def load_model_config(model: str):
     from llamalora.tokenizer import DEFAULT_MODEL
 
     try:
-        return AutoConfig.from_pretrained(model), ""
+        return AutoConfig.from_pretrained(model, trust_remote_code=False), ""
     except Exception as exc:
         if model == DEFAULT_MODEL:
             return mllama_default_config(), (f"config.json of {model} could not be fetched "

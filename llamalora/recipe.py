@@ -635,7 +635,7 @@ def _tokenizer_folder(model_path: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model_path)
+        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     except Exception as exc:
         raise ModelError(f"cannot load the tokenizer of {model_path} ({exc})") from exc
 

@@ -227,9 +227,16 @@ class RunFolder:
         import torch
         from safetensors.torch import load_file
 
+        import pickle
+
         weights = load_file(str(self.resume_from / "adapter_model.safetensors"))
-        state = torch.load(self.resume_from / "training_state.pt", weights_only=True,
-                           map_location="cpu")
+        path = self.resume_from / "training_state.pt"
+        try:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError as exc:
+            raise ConfigError(f"{path} holds objects other than tensors and plain values (a "
+                              "pickle that could run code), so it is not loaded; resume from a "
+                              "checkpoint llamalora wrote, or start anew with --overwrite") from exc
         return weights, state
 
     def save_checkpoint(self, step: int, model, adapter: dict | None, training_state: dict,
