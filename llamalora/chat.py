@@ -16,10 +16,9 @@ from pathlib import Path
 from llamalora.adapters import AdapterInfo, apply_adapter, find_adapter
 from llamalora.data import image_error, read_image
 from llamalora.errors import ConfigError, UsageError
-from llamalora.template import IMAGE, render_segments
+from llamalora.template import IMAGE, PAD, STOPS, render_segments
 from llamalora.tokenizer import encode_segments
 
-STOP_IDS = (128001, 128008, 128009)  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
 
 
 @dataclass
@@ -50,8 +49,9 @@ class GenerationOptions:
 class _Streamer:
     """transformers' streamer protocol: `put` gets the prompt first, then one token at a time."""
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None, stop_ids: list[int]):
         self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
         self.on_text = on_text
         self.ids: list[int] = []
         self.printed = ""
@@ -67,7 +67,7 @@ class _Streamer:
             self.first_at = time.perf_counter()
         if self.on_text is None:
             return  # timing only: no copy to the host, no decoding
-        self.ids.extend(int(t) for t in value.reshape(-1).tolist() if int(t) not in STOP_IDS)
+        self.ids.extend(int(t) for t in value.reshape(-1).tolist() if int(t) not in self.stop_ids)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         # Hold back an incomplete UTF-8 sequence (Korean is 3 bytes a syllable).
         if text.endswith("\ufffd"):
@@ -100,6 +100,17 @@ class ChatSession:
     kernels: str = "bitsandbytes"
     history: list[tuple[str, str]] = field(default_factory=list)
     images: list[Path] = field(default_factory=list)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The tokenizer's ids of the tokens a reply ends at."""
+        ids = [self.tokenizer.token_to_id(t) for t in STOPS]
+        return [i for i in ids if i is not None]
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.token_to_id(PAD)
+        return pad if pad is not None else self.stop_ids[0]
 
     def reset(self) -> None:
         self.history.clear()
@@ -141,10 +152,10 @@ class ChatSession:
         dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
         batch = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
                  for k, v in batch.items()}
-        streamer = _Streamer(self.tokenizer, on_text)
+        streamer = _Streamer(self.tokenizer, on_text, self.stop_ids)
         sample = options.temperature > 0
         kwargs = {"do_sample": sample, "max_new_tokens": options.max_new_tokens,
-                  "eos_token_id": list(STOP_IDS), "pad_token_id": 128004, "streamer": streamer}
+                  "eos_token_id": self.stop_ids, "pad_token_id": self.pad_id, "streamer": streamer}
         if sample:
             kwargs.update(temperature=options.temperature, top_p=options.top_p)
         else:
@@ -152,7 +163,7 @@ class ChatSession:
         with torch.inference_mode():
             out = self.model.generate(**batch, **kwargs)
         end = time.perf_counter()
-        new = [t for t in out[0, len(ids):].tolist() if t not in STOP_IDS]
+        new = [t for t in out[0, len(ids):].tolist() if t not in self.stop_ids]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         first = (streamer.first_at or end) - streamer.start
         decode_s = end - (streamer.first_at or end)

@@ -179,9 +179,13 @@ def plan_training(config: TrainConfig) -> Plan:
     Raises:
         DataError: Invalid records (refused with validate's line-numbered messages).
         ConfigError / ModelError: Options or the model can't be used.
+        MissingExtraError: A `--report-to` tracker is not installed.
     """
     from llamalora.models import resolve_model
 
+    from llamalora.trackers import check_trackers
+
+    check_trackers(config.report_to_list())  # a missing extra fails here, before any data work
     data_path = Path(config.data_path)
     examples, _ = load_examples(data_path, skip_invalid=config.skip_invalid)
     with_vision = any(e.images for e in examples)

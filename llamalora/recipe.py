@@ -31,6 +31,7 @@ from llamalora.events import (CheckpointSaved, EvalDone, ModelReady, OnEvent, Pl
 from llamalora.plan import Plan, plan_training
 from llamalora.rundir import CHECKPOINTS, RunFolder, SaveError  # noqa: F401 (re-exported)
 from llamalora.step import GraphedStep, TrainStep
+from llamalora.template import PAD
 
 
 class TrainingInterrupted(LlamaLoraError):
@@ -68,7 +69,6 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         # 2. Data and plan: validation happens here, before any weights load.
         plan = plan or plan_training(config)
         run.check_data(plan.data_sha256, config.data_path)
-        trackers.check_trackers(config.report_to_list())
         emit(PlanReady(plan.to_dict()))
 
         # 3. Processes and model.
@@ -641,7 +641,10 @@ def _tokenizer_folder(model_path: str):
 
 
 def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 128004
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    pad = tokenizer.convert_tokens_to_ids(PAD)
+    return pad if pad is not None and pad != tokenizer.unk_token_id else tokenizer.eos_token_id
 
 
 def _versions() -> dict:

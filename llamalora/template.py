@@ -20,6 +20,8 @@ from __future__ import annotations
 BOS = "<|begin_of_text|>"
 EOT = "<|eot_id|>"
 IMAGE = "<|image|>"
+PAD = "<|finetune_right_pad_id|>"  # Llama 3's padding token
+STOPS = ("<|end_of_text|>", "<|eom_id|>", EOT)  # where a Llama 3 reply ends
 # An image's place in the text of a `messages` record (LLaMA-Factory's convention).
 IMAGE_PLACEHOLDER = "<image>"
 

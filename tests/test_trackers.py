@@ -329,3 +329,17 @@ def test_import_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_dry_run_names_a_missing_tracker_before_any_data_work(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from llamalora.cli.main import app
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "q", "output": "a"}\n', encoding="utf-8")
+    r = CliRunner().invoke(app, ["train", str(data), "--model", "tiny", "--dry-run",
+                                 "--report-to", "wandb"])
+    assert r.exit_code == 1, r.output
+    assert "pip install 'llamalora[wandb]'" in r.stderr and "Plan:" not in r.stderr
