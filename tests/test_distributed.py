@@ -389,3 +389,36 @@ def test_quantized_bases_train_data_parallel_like_one_process(tmp_path, quant):
     assert (run["world_size"], run["quant"], run["steps_run"]) == (2, quant, 2)
     _one_process(data, tmp_path / "one", quant=quant, gradient_accumulation_steps=2, max_steps=2)
     assert _max_diff(_adapter(out), _adapter(tmp_path / "one")) < 1e-4
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_each_train_like_one_process(tmp_path):
+    """A multi-node launch simulated on this machine: `torchrun --nnodes 2 --nproc-per-node 1`
+    twice (node ranks 0 and 1) on 127.0.0.1. Each process is LOCAL_RANK 0 of its node; only
+    global rank 0 writes, and the adapter is one process's that accumulates both micro-batches."""
+    from conftest import MEMO
+
+    data = write_jsonl(tmp_path / "memo.jsonl", MEMO * 2)
+    out, port = tmp_path / "two-nodes", _free_port()
+    args = ["-m", "llamalora", "train", str(data), "--output-dir", str(out), "--model", "tiny",
+            "--quant", "none", "--max-steps", "2", "--max-seq-length", "64", "--lora-dropout",
+            "0", "--learning-rate", "1e-2", "--warmup-ratio", "0", "--save-steps", "1",
+            "--gradient-accumulation-steps", "1", "--no-gradient-checkpointing", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+         "1", "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port",
+         str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for rank in (0, 1)]
+    results = [node.communicate(timeout=300) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, results):
+        assert node.returncode == 0, stderr[-3000:]
+    (out0, err0), (out1, err1) = results
+    assert "Plan:" in err0 and "Plan:" not in err1  # only global rank 0 speaks
+    run = json.loads(out0)
+    assert run["world_size"] == 2 and run["plan"]["effective_batch"] == 4 and not out1.strip()
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-000001"]  # written once, by rank 0
+    one = _one_process(data, tmp_path / "one", batch_size=2, gradient_accumulation_steps=2,
+                       max_steps=2)
+    assert one["plan"]["effective_batch"] == 4
+    assert _max_diff(_adapter(out), _adapter(tmp_path / "one")) < 1e-4
