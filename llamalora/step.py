@@ -190,6 +190,16 @@ class GraphedStep(TrainStep):
         return graph
 
     def _capture(self, batch: dict) -> _Graph:
+        # The warm-up passes draw dropout masks; the generators are put back afterwards, so a
+        # run's random stream (and a resumed run's) doesn't depend on how many shapes it captured.
+        cpu, cuda = torch.get_rng_state(), torch.cuda.get_rng_state()
+        try:
+            return self._capture_with(batch)
+        finally:
+            torch.set_rng_state(cpu)
+            torch.cuda.set_rng_state(cuda)
+
+    def _capture_with(self, batch: dict) -> _Graph:
         inputs = {name: tensor.clone() for name, tensor in batch.items()}
         scale = torch.ones((), dtype=torch.float32, device=self.params[0].device)
 
