@@ -7,7 +7,6 @@ Every export is checked after writing: what was written is loaded back the way a
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -29,7 +29,7 @@ from llamalora.errors import LlamaLoraError, ModelError
 from llamalora.events import (CheckpointSaved, EvalDone, ModelReady, OnEvent, PlanReady, Status,
                               StepDone, TrainFinished, TrainResult)
 from llamalora.plan import Plan, plan_training
-from llamalora.rundir import CHECKPOINTS, RunFolder, SaveError  # noqa: F401 (re-exported)
+from llamalora.rundir import CHECKPOINTS, RunFolder
 from llamalora.step import GraphedStep, TrainStep
 from llamalora.template import PAD
 

@@ -130,3 +130,38 @@ def good_file(tmp_path) -> Path:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+def make_records(lengths: list[int], seed: int = 0, prompt_share: float = 0.5) -> list:
+    """Random tokenized records (ids 10-4999) of these lengths; the first `prompt_share` of each
+    has no label."""
+    import torch
+
+    from llamalora.batching import Tokenized
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(10, 5000, (n,), generator=g).tolist()
+        prompt = int(n * prompt_share)
+        out.append(Tokenized(line=i + 1, input_ids=ids, labels=[-100] * prompt + ids[prompt:]))
+    return out
+
+
+def tiny_lora_model(dtype=None):
+    """The tiny model on the CPU with LoRA r 4 (no dropout) whose B is not zero, so every LoRA
+    weight gets a gradient; `dtype` (e.g. torch.float64) converts it."""
+    import torch
+
+    from llamalora.models import attach_lora, load_model_for_training
+
+    torch.manual_seed(0)
+    model, _ = load_model_for_training("tiny", quant="none", device="cpu")
+    model = attach_lora(model, r=4, alpha=8, dropout=0.0)
+    if dtype is not None:
+        model.to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model

@@ -26,7 +26,7 @@ from llamalora.rundir import checkpoint_dirs
 from llamalora.cli.main import app
 from llamalora.config import TrainConfig
 from llamalora.plan import plan_training
-from llamalora.events import CheckpointSaved, StepDone
+from llamalora.events import StepDone
 from llamalora.recipe import TrainingInterrupted, train
 
 from conftest import needs_bnb, write_jsonl

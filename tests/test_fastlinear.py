@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from llamalora import fastlinear
-from llamalora.batching import Tokenized, collate, pack
+from llamalora.batching import collate, pack
 from llamalora.config import TrainConfig
 from llamalora.recipe import _choose_checkpointing
 from llamalora.step import loss_sum
 
-from conftest import MEMO, needs_bnb, needs_triton, write_jsonl
+from conftest import MEMO, make_records as _records, needs_bnb, needs_triton, write_jsonl
 
 
 def _int8_layer(out_features: int, in_features: int, seed: int = 0):
@@ -105,16 +105,6 @@ def test_nf4_path_matches_bitsandbytes_and_keeps_no_dequantized_weight():
     w = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     assert _rel(y, plain) < 1e-5
     assert _rel(x.grad, torch.ones(5, 32) @ w) < 1e-5
-
-
-def _records(lengths: list[int], seed: int = 0) -> list[Tokenized]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i, n in enumerate(lengths):
-        ids = torch.randint(10, 5000, (n,), generator=g).tolist()
-        prompt = n // 2
-        out.append(Tokenized(line=i + 1, input_ids=ids, labels=[-100] * prompt + ids[prompt:]))
-    return out
 
 
 def test_pack_layout():

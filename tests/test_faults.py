@@ -22,8 +22,9 @@ from llamalora.rundir import checkpoint_dirs
 from llamalora.cli.main import app
 from llamalora.config import TrainConfig
 from llamalora.plan import plan_training
-from llamalora.events import CheckpointSaved, StepDone
-from llamalora.recipe import OutOfMemory, SaveError, train
+from llamalora.events import CheckpointSaved
+from llamalora.recipe import OutOfMemory, train
+from llamalora.rundir import SaveError
 
 from conftest import MEMO, needs_bnb, write_jsonl
 

@@ -142,17 +142,10 @@ def test_sequential_loading_takes_turns(monkeypatch):
 def _lora_model_and_batches():
     """The tiny model with LoRA (B not zero, so every LoRA weight gets a gradient) in float64,
     and three micro-batches of different lengths; the same on every process."""
-    from llamalora.models import attach_lora, load_model_for_training
+    from conftest import tiny_lora_model
 
-    torch.manual_seed(0)
-    model, _ = load_model_for_training("tiny", quant="none", device="cpu")
-    model = attach_lora(model, r=4, alpha=8, dropout=0.0)
     # float64, so summing the shards in another order than one process does cannot show.
-    model.double()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
+    model = tiny_lora_model(torch.float64)
     batches = []
     for length in (7, 12, 5):
         ids = torch.randint(10, 5000, (2, length))

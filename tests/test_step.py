@@ -6,18 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamalora.batching import Tokenized, pack, pack_padded, padded_length
+from llamalora.batching import pack, pack_padded, padded_length
 from llamalora.step import GraphedStep, TrainStep, loss_sum
 
+from conftest import make_records, tiny_lora_model
 
-def _records(lengths: list[int], seed: int = 0) -> list[Tokenized]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i, n in enumerate(lengths):
-        ids = torch.randint(10, 5000, (n,), generator=g).tolist()
-        prompt = n // 3
-        out.append(Tokenized(line=i + 1, input_ids=ids, labels=[-100] * prompt + ids[prompt:]))
-    return out
+
+def _records(lengths: list[int], seed: int = 0):
+    return make_records(lengths, seed, prompt_share=1 / 3)
 
 
 def test_padded_lengths_are_few_and_cover():
@@ -44,16 +40,7 @@ def test_pack_padded_layout():
 
 @pytest.mark.slow
 def test_static_row_loss_and_gradients_equal_the_packed_row():
-    from llamalora.models import attach_lora, load_model_for_training
-
-    torch.manual_seed(0)
-    model, _ = load_model_for_training("tiny", quant="none", device="cpu")
-    model = attach_lora(model, r=4, alpha=8, dropout=0.0)
-    model.double()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
+    model = tiny_lora_model(torch.float64)
     items = _records([37, 12, 60, 5], seed=3)
     results = []
     for batch in (pack(items), pack_padded(items, pad_id=128004)):
