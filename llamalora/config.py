@@ -217,10 +217,6 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def help_texts(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
-
-    @classmethod
     def options(cls) -> list[OptionSpec]:
         """Each field as an option: what `train --help` and config files are built from."""
         return list(_option_specs(cls))
