@@ -97,11 +97,16 @@ class Single:
         """Per-rank facts for llamalora.json (FSDP only). A collective."""
         return None
 
+    def close(self) -> None:
+        """Leaves the process group this run joined (after the last collective)."""
+
 
 class DataParallel(Single):
     """Several processes, each with a whole model; gradients summed by all-reduce."""
 
     name = "data-parallel"
+
+    joined = False  # this run started the process group (so it ends it too)
 
     def start(self):
         import torch
@@ -109,7 +114,18 @@ class DataParallel(Single):
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            self.joined = True
         return super().start()
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.joined and dist.is_initialized():
+            # Every rank gets here before any tears the group down, and none leaves it to the
+            # interpreter's exit: a gloo thread still holding work then can abort the process.
+            dist.barrier()
+            dist.destroy_process_group()
+            self.joined = False
 
     def for_run(self, config, plan) -> Single:
         from llamalora import fsdp

@@ -112,6 +112,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         if par.is_main:
             run.save_final(model, adapter, setup.saved_with_adapter(),
                            lambda: _finish(result, run))
+        par.close()
         emit(TrainFinished(result))
         return result
     finally:

@@ -197,6 +197,9 @@ def _worker(out: str) -> None:
     result = {name: _gradients(model, mine, n, sharded=True) for name, mine in layouts.items()}
     if rank == 0:
         torch.save(result, out)
+    # Both ranks leave together: a rank tearing gloo down while the other still works in it
+    # makes the other's gloo thread throw ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
