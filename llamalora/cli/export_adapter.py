@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from llamalora.cli._console import info, out, quiet_libraries
+from llamalora.cli._console import info, out, print_json, quiet_libraries
 from llamalora.cli._errors import handle_errors
 from llamalora.cli._options import JsonOpt
 from llamalora.errors import UsageError
@@ -63,6 +62,6 @@ def export_adapter(
         info(f"Merging into {dtype} moved the probe logits by at most {result.merge_diff:.3g} "
              f"(largest logit {result.logit_scale:.3g}); --dtype fp32 keeps the merge exact")
     if json_out:
-        out.print_json(json.dumps(result.to_dict()))
+        print_json(result.to_dict())
     else:
         out.print(f"Wrote {result.kind} to {result.out} ({result.bytes_written / 2**20:.1f} MiB)")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from llamalora.cli._console import info, out, spinner, warn
+from llamalora.cli._console import info, out, print_json, spinner, warn
 from llamalora.cli._errors import handle_errors
 from llamalora.cli._options import DataPathArg, JsonOpt, MaxSeqLenOpt, SkipInvalidOpt, TokenizerOpt
 from llamalora.stats import compute_stats, plot_histogram
@@ -58,7 +57,7 @@ def stats(
     if plot is not None:
         info(f"Wrote {plot_histogram(report, plot)}")
     if json_out:
-        out.print_json(json.dumps(data, ensure_ascii=False))
+        print_json(data)
         return
     _render(report, data, show_truncated)
 

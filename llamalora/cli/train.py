@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from llamalora.cli._console import err, info, out, quiet_libraries, spinner, warn
+from llamalora.cli._console import err, info, out, print_json, quiet_libraries, spinner, warn
 from llamalora.cli._errors import handle_errors
 from llamalora.cli._options import JsonOpt
 from llamalora.config import OptionSpec, TrainConfig, load_config_file
@@ -71,7 +70,7 @@ def train(
         _render_plan(plan.to_dict(), config)
     if dry_run:
         if json_out and is_main:
-            out.print_json(json.dumps({"plan": plan.to_dict()}))
+            print_json({"plan": plan.to_dict()})
         return
     renderer = _ProgressRenderer(enabled=is_main)
     with renderer:
@@ -127,7 +126,7 @@ train = _with_config_options(train)
 
 def _render_result(result: TrainResult, output_dir: str, json_out: bool) -> None:
     if json_out:
-        out.print_json(json.dumps(result.to_dict(), default=str))
+        print_json(result.to_dict())
         return
     parts = []  # no train loss when no step ran (a resume from the last step)
     if result.final_train_loss is not None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from llamalora.cli._console import err, out
+from llamalora.cli._console import err, out, print_json
 from llamalora.cli._errors import handle_errors
 from llamalora.cli._options import DataPathArg, JsonOpt
 from llamalora.data import validate_file
@@ -42,7 +41,7 @@ def validate(
     limit = max_errors if max_errors is not None else (100_000 if json_out else 50)
     report = validate_file(path, max_problems=limit, fix_out=fix)
     if json_out:
-        out.print_json(json.dumps(report.to_dict(), ensure_ascii=False))
+        print_json(report.to_dict())
     else:
         _render(report)
     if report.fixed_path:
