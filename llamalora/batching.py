@@ -166,6 +166,12 @@ def padded_length(n: int) -> int:
     return max(step, -(-n // step) * step)
 
 
+def padded_shape(items: list[Tokenized]) -> tuple[int, int]:
+    """(padded length, label slots) of `pack_padded(items)`, without building it."""
+    labels = sum(sum(x != IGNORE_INDEX for x in t.labels[1:]) for t in items)
+    return padded_length(sum(map(len, items))), padded_length(labels)
+
+
 def pack_padded(items: list[Tokenized], pad_id: int):
     """`pack`, padded to a static length, with the loss positions listed for a static gather.
 
@@ -189,11 +195,10 @@ def pack_padded(items: list[Tokenized], pad_id: int):
             if label != IGNORE_INDEX:
                 index.append(k)
                 targets.append(label)
-    n, length = len(ids), padded_length(len(ids))
+    n, (length, slots) = len(ids), padded_shape(items)
     ids += [pad_id] * (length - n)
     positions += range(length - n)
     segments += [len(items)] * (length - n)
-    slots = padded_length(len(index))
     index += [0] * (slots - len(index))
     targets += [IGNORE_INDEX] * (slots - len(targets))
     return {"input_ids": torch.tensor([ids], dtype=torch.long),

@@ -35,7 +35,8 @@ class Single:
 
     name = "single"
     fused_optimizer = True  # fused AdamW on CUDA (HF Trainer's default there too)
-    can_compile = True
+    shards_weights = False  # FSDP: every rank holds a slice of each weight (compile, CUDA graphs
+                            # and images are not supported then)
 
     def __init__(self, rank: int = 0, local_rank: int = 0, world_size: int = 1):
         self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
@@ -168,7 +169,7 @@ class Sharded(DataParallel):
 
     name = "fsdp2"
     fused_optimizer = False  # DTensor shards take the default AdamW
-    can_compile = False  # not measured compiled
+    shards_weights = True
 
     def __init__(self, rank: int, local_rank: int, world_size: int, settings):
         super().__init__(rank, local_rank, world_size)

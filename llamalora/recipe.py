@@ -23,7 +23,7 @@ from pathlib import Path
 
 from llamalora import __version__, parallel, trackers
 from llamalora.batching import (IGNORE_INDEX, Tokenized, add_vision_inputs, batch_order, collate,
-                                pack, pack_padded, padded_length)
+                                pack, pack_padded, padded_shape)
 from llamalora.config import TrainConfig
 from llamalora.errors import LlamaLoraError, ModelError
 from llamalora.events import (CheckpointSaved, EvalDone, ModelReady, OnEvent, PlanReady, Status,
@@ -96,8 +96,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         if setup.graphs:
             started_capture = time.perf_counter()
             count = step.warm(batches.shape_examples(run.start_step))
-            emit(Status(f"Captured {count} CUDA graph(s), one per padded step shape, in "
-                        f"{time.perf_counter() - started_capture:.1f} s"))
+            if not step.failure:  # else the loop's first step says why they are off
+                emit(Status(f"Captured {count} CUDA graph(s), one per padded step shape, in "
+                            f"{time.perf_counter() - started_capture:.1f} s"))
         log = trackers.open_trackers(
             config.report_to_list(), run.path, run_name=run.path.name, config=config.to_dict(),
             logging_steps=config.logging_steps, resume_step=run.start_step,
@@ -185,7 +186,7 @@ def _build_model(config: TrainConfig, plan: Plan, par, device, emit) -> tuple[ob
     if why:
         emit(Status(why))
     compiled, why = _choose_compile(config, plan, device, checkpointing,
-                                    sharded=not par.can_compile, graphs=graphs)
+                                    sharded=par.shards_weights, graphs=graphs)
     if compiled:
         from llamalora.speed import compile_layers
 
@@ -249,10 +250,10 @@ class StepBatches:
         import torch
 
         made = [self.make(items, static=self.setup.graphs) for items in self.rows(step)]
-        counts = torch.tensor([float(sum(m[1] for m in made)), float(sum(m[2] for m in made))],
-                              dtype=torch.float64, device=self.device)
-        n_targets, n_real = self.par.sum(counts).tolist() if self.par.world_size > 1 else \
-            counts.tolist()
+        n_targets, n_real = float(sum(m[1] for m in made)), float(sum(m[2] for m in made))
+        if self.par.world_size > 1:  # the step's counts over every rank
+            counts = torch.tensor([n_targets, n_real], dtype=torch.float64, device=self.device)
+            n_targets, n_real = self.par.sum(counts).tolist()
         return [m[0] for m in made], n_targets, n_real
 
     def rows(self, step: int) -> list[list[Tokenized]]:
@@ -286,9 +287,7 @@ class StepBatches:
         seen: dict[tuple[int, int], list[Tokenized]] = {}
         for step in range(start, self.plan.steps):
             for items in self.rows(step):
-                labels = sum(sum(x != IGNORE_INDEX for x in t.labels[1:]) for t in items)
-                seen.setdefault((padded_length(sum(map(len, items))), padded_length(labels)),
-                                items)
+                seen.setdefault(padded_shape(items), items)
         self._orders = {}
         return [self.make(items, static=True)[0] for items in seen.values()]
 
@@ -350,7 +349,7 @@ def _run_steps(config: TrainConfig, plan: Plan, run: RunFolder, par, step, batch
                 raise OutOfMemory(_oom_advice(config, plan, done=index, device=device,
                                               checkpointing=setup.gradient_checkpointing)) from exc
             loss = par.sum(loss)
-            if getattr(step, "failure", "") and not warned:
+            if step.failure and not warned:
                 warned = True
                 emit(Status(f"CUDA graphs off, steps run eagerly: {step.failure}", warning=True))
             if device.type == "cuda":
@@ -510,7 +509,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-
 def _choose_checkpointing(config: TrainConfig, plan: Plan, device) -> tuple[bool, str]:
     """--gradient-checkpointing as given, else on only where the plan won't fit without it.
 
@@ -521,38 +519,46 @@ def _choose_checkpointing(config: TrainConfig, plan: Plan, device) -> tuple[bool
         return config.gradient_checkpointing, ""
     if device.type != "cuda":
         return False, ""
-    import torch
-
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30
     need = plan.memory_gib[config.quant]
-    if need <= 0.9 * total:
+    fits, total = _fits_gpu(need, device)
+    if fits:
         return False, ""
     return True, (f"Gradient checkpointing on: the plan estimates {need} GiB without it, this GPU "
                   f"has {total:.0f} GiB (with it: "
                   f"{plan.memory_gib_checkpointed[config.quant]} GiB)")
 
 
+def _fits_gpu(need_gib: float, device) -> tuple[bool, float]:
+    """Whether a plan's estimate fits this GPU with a tenth to spare; and the GPU's GiB."""
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return need_gib <= 0.9 * total, total
+
+
 def _choose_graphs(config: TrainConfig, plan: Plan, device, checkpointing: bool,
                    par) -> tuple[bool, str]:
     """--cuda-graphs as given, else on for text-only CUDA runs whose fused step fits.
 
-    A graph needs the step's micro-batches fused into one row (so `--gradient-accumulation-steps`
+    A graph needs the step's micro-batches fused into rows (so `--gradient-accumulation-steps`
     only sets how many records a step takes, not how many passes it makes), and shapes that
-    repeat. Images, FSDP and gradient checkpointing stay eager: not measured with graphs.
+    repeat. Images, FSDP and gradient checkpointing stay eager: not measured with graphs; so
+    does an explicit --compile, unless --cuda-graphs is asked for too (the two together were not
+    measured).
     """
     asked = config.cuda_graphs
-    unsupported = ("records with images" if plan.with_vision else "FSDP" if not par.can_compile
+    unsupported = ("records with images" if plan.with_vision else "FSDP" if par.shards_weights
                    else "gradient checkpointing" if checkpointing else "")
     if device.type != "cuda" or asked is False:
         return False, ("--cuda-graphs ignored: they need a CUDA GPU"
                        if asked and device.type != "cuda" else "")
     if unsupported:
         return False, f"--cuda-graphs ignored: not with {unsupported}" if asked else ""
-    import torch
-
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if asked is None and config.compile:
+        return False, "CUDA graphs off: --compile asked for compiled layers instead"
     need = plan.memory_gib_fused[config.quant]
-    if asked is None and need > 0.9 * total:
+    fits, total = _fits_gpu(need, device)
+    if asked is None and not fits:
         return False, (f"CUDA graphs off: one pass over a step's {config.batch_size} x "
                        f"{config.gradient_accumulation_steps} records needs an estimated {need} "
                        f"GiB, this GPU has {total:.0f} GiB")

@@ -76,6 +76,8 @@ class TrainStep:
         max_grad_norm: Clip the gradients' global norm to this (0: no clipping).
     """
 
+    failure = ""  # GraphedStep: why its graphs could not be captured (the steps run eagerly)
+
     def __init__(self, model, optimizer, scheduler, params: list, parallel, max_grad_norm: float):
         self.model = model
         self.optimizer = optimizer
@@ -129,7 +131,6 @@ class GraphedStep(TrainStep):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.graphs: dict[tuple[int, int], _Graph] = {}
-        self.failure = ""  # why capturing failed; the steps then run eagerly
         self._sum: list = []  # a step's gradients summed over its rows
         self._pool = None  # one memory pool for every graph: they never run at the same time
 
@@ -140,11 +141,7 @@ class GraphedStep(TrainStep):
         try:
             graphs = [self._graph_for(batch) for batch in batches]
         except RuntimeError as exc:
-            # Something in the pass can't be captured (a host sync, say): the run goes on
-            # eagerly, and the recipe says why.
-            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            self.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            self._give_up(exc)
             return super().__call__(batches, n_targets)
         step_loss = None
         for index, (graph, batch) in enumerate(zip(graphs, batches)):
@@ -178,9 +175,17 @@ class GraphedStep(TrainStep):
             for batch in batches:
                 self._graph_for(batch)
         except RuntimeError as exc:
-            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            self.optimizer.zero_grad(set_to_none=True)
+            self._give_up(exc)
         return len(self.graphs)
+
+    def _give_up(self, exc: RuntimeError) -> None:
+        """Something in the pass can't be captured (a host sync, say): the run goes on eagerly,
+        and the recipe says why (`failure`)."""
+        self.failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+        self.graphs.clear()
+        self.optimizer.zero_grad(set_to_none=True)  # what a half-done warm-up left
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
     def _graph_for(self, batch: dict) -> _Graph:
         key = (batch["input_ids"].shape[1], batch["target_ids"].shape[0])

@@ -49,3 +49,37 @@ def test_shape_examples_cover_every_step_once_per_shape():
         for b in graphed(step)[0]:
             used.add((b["input_ids"].shape[1], b["target_ids"].shape[0]))
     assert shapes == used
+
+
+def test_cuda_graphs_are_chosen_only_where_they_were_measured(monkeypatch):
+    from llamalora.config import TrainConfig
+    from llamalora.parallel import Sharded, Single
+    from llamalora.recipe import _choose_graphs
+
+    class Props:
+        total_memory = 40 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props())
+    plan = SimpleNamespace(with_vision=False, memory_gib_fused={"8bit": 20.0, "none": 50.0})
+    cuda, cpu, one = torch.device("cuda", 0), torch.device("cpu"), Single()
+    cfg = lambda **kw: TrainConfig(data_path="x", **kw)  # noqa: E731
+    assert _choose_graphs(cfg(), plan, cuda, False, one) == (True, "")
+    assert _choose_graphs(cfg(), plan, cpu, False, one) == (False, "")
+    assert _choose_graphs(cfg(cuda_graphs=True), plan, cpu, False, one) == (
+        False, "--cuda-graphs ignored: they need a CUDA GPU")
+    on, why = _choose_graphs(cfg(quant="none"), plan, cuda, False, one)  # 50 GiB > 0.9 x 40
+    assert not on and "50.0 GiB" in why and "40 GiB" in why
+    assert _choose_graphs(cfg(quant="none", cuda_graphs=True), plan, cuda, False, one) == (
+        True, "")
+    assert _choose_graphs(cfg(cuda_graphs=False), plan, cuda, False, one) == (False, "")
+    assert _choose_graphs(cfg(), plan, cuda, True, one) == (False, "")  # checkpointing
+    vision = SimpleNamespace(**{**vars(plan), "with_vision": True})
+    assert _choose_graphs(cfg(cuda_graphs=True), vision, cuda, False, one) == (
+        False, "--cuda-graphs ignored: not with records with images")
+    fsdp = Sharded(0, 0, 2, settings=None)
+    assert _choose_graphs(cfg(cuda_graphs=True), plan, cuda, False, fsdp) == (
+        False, "--cuda-graphs ignored: not with FSDP")
+    on, why = _choose_graphs(cfg(compile=True), plan, cuda, False, one)
+    assert not on and "--compile" in why
+    assert _choose_graphs(cfg(compile=True, cuda_graphs=True), plan, cuda, False, one) == (
+        True, "")

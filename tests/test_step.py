@@ -95,3 +95,30 @@ def test_graphed_steps_equal_eager_steps():
     assert len(graphs) == 2  # (128, 128) and (256, 128)
     torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w_graphed, w_eager, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch):
+    """If a pass can't be captured, the step says why and runs eagerly: the same update as
+    `TrainStep` (the fallback runs on the CPU too, where capture is never tried)."""
+    runs = []
+    for cls in (TrainStep, GraphedStep):
+        model = tiny_lora_model()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        step = cls(model, opt, sched, params, _Null(), max_grad_norm=1.0)
+        if cls is GraphedStep:
+            def refuse(batch):
+                raise RuntimeError("operation not permitted when stream is capturing\nmore")
+            monkeypatch.setattr(step, "_capture", refuse)
+        batch = pack_padded(_records([30, 40], seed=1), pad_id=0)
+        n = float((batch["target_ids"] != -100).sum())
+        losses = [step([batch], n)[0].item() for _ in range(2)]
+        runs.append((losses, step, {k: v.detach().clone() for k, v in model.named_parameters()
+                                    if v.requires_grad}))
+    (eager, _, w_eager), (fallback, graphed, w_fallback) = runs
+    assert graphed.failure == "RuntimeError: operation not permitted when stream is capturing"
+    assert graphed.graphs == {} and TrainStep.failure == ""
+    assert fallback == eager
+    torch.testing.assert_close(w_fallback, w_eager, rtol=0, atol=0)
