@@ -8,6 +8,7 @@ drift apart. Generation stops at `<|eot_id|>`.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,16 +102,16 @@ class ChatSession:
     history: list[tuple[str, str]] = field(default_factory=list)
     images: list[Path] = field(default_factory=list)
 
-    @property
+    @functools.cached_property
     def stop_ids(self) -> list[int]:
         """The tokenizer's ids of the tokens a reply ends at."""
         ids = [self.tokenizer.token_to_id(t) for t in STOPS]
         return [i for i in ids if i is not None]
 
-    @property
-    def pad_id(self) -> int:
+    @functools.cached_property
+    def pad_id(self) -> int | None:
         pad = self.tokenizer.token_to_id(PAD)
-        return pad if pad is not None else self.stop_ids[0]
+        return pad if pad is not None else next(iter(self.stop_ids), None)
 
     def reset(self) -> None:
         self.history.clear()
