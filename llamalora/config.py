@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from llamalora.errors import ConfigError
 from llamalora.tokenizer import DEFAULT_MODEL
@@ -365,6 +364,8 @@ def _parse(path: Path, text: str) -> Any:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, "
                               f"column {exc.colno}") from None
+    import yaml  # only for --config: every command imports this module
+
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
