@@ -107,6 +107,10 @@ def test_export_adapter_loads_with_plain_peft_on_both_classes(memorized, tmp_pat
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md",
             "tokenizer.json"} <= set(result["files"])
     assert "sha256" in (out / "README.md").read_text()
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")  # the hub reads its metadata
+    assert card.data.library_name == "peft" and "lora" in card.data.tags
     base_path = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
     from safetensors.torch import load_file
 
@@ -152,6 +156,10 @@ def test_merged_model_loads_with_plain_transformers(memorized, tmp_path):
     assert "needs about" in r.stderr
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert not any("lora" in n for n, _ in model.named_parameters())
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers" and "no peft needed" in card.text
 
 
 @pytest.mark.slow
