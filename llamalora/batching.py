@@ -183,29 +183,23 @@ def pack_padded(items: list[Tokenized], pad_id: int):
     in a CUDA graph and replayed for any batch of the same padded length.
     """
     import torch
+    import torch.nn.functional as F
 
-    ids, positions, segments, index, targets = [], [], [], [], []
-    for seg, t in enumerate(items):
-        start = len(ids)
-        ids += t.input_ids
-        positions += range(len(t))
-        segments += [seg] * len(t)
-        # logits at position p predict token p + 1, within the record only
-        for k, label in enumerate(t.labels[1:], start=start):
-            if label != IGNORE_INDEX:
-                index.append(k)
-                targets.append(label)
-    n, (length, slots) = len(ids), padded_shape(items)
-    ids += [pad_id] * (length - n)
-    positions += range(length - n)
-    segments += [len(items)] * (length - n)
-    index += [0] * (slots - len(index))
-    targets += [IGNORE_INDEX] * (slots - len(targets))
-    return {"input_ids": torch.tensor([ids], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
-            "segment_ids": torch.tensor([segments], dtype=torch.long),
-            "target_index": torch.tensor(index, dtype=torch.long),
-            "target_ids": torch.tensor(targets, dtype=torch.long)}
+    packed = pack(items)  # the one layout of a packed row; padded and indexed below
+    labels = packed["labels"][0]
+    n, (length, slots) = labels.numel(), padded_shape(items)
+    # logits at position p predict token p + 1; pack's -100 at each record's first token keeps
+    # a record from predicting the next one's start
+    index = (labels[1:] != IGNORE_INDEX).nonzero()[:, 0]
+    segments = torch.repeat_interleave(torch.arange(len(items)),
+                                       torch.tensor([len(t) for t in items]))
+    return {"input_ids": F.pad(packed["input_ids"], (0, length - n), value=pad_id),
+            "position_ids": torch.cat([packed["position_ids"],
+                                       torch.arange(length - n)[None]], dim=1),
+            "segment_ids": F.pad(segments, (0, length - n), value=len(items))[None],
+            "target_index": F.pad(index, (0, slots - index.numel()), value=0),
+            "target_ids": F.pad(labels[1:][index], (0, slots - index.numel()),
+                                value=IGNORE_INDEX)}
 
 
 def add_vision_inputs(batch: dict, image_lists: list[list[Path]], image_processor,
