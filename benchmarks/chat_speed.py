@@ -5,7 +5,11 @@
 For each base (the run's adapter unmerged at each --quants, and the merged folder at each --quants)
 the model is loaded once; llamalora's ChatSession.ask and a plain `model.generate` with the same
 prompt ids and greedy decoding then run alternately, `--repeat` times each, on the same model
-object. Prints a table and one JSON line.
+object. The first ask (which captures the CUDA graph) is reported on its own. Then both decode
+`--max-new-tokens` greedy tokens with no stop token and the tokens are compared: `same_tokens`
+is how many lead the two sequences alike, and `max_logit_diff` the largest difference between
+the two paths' logits over that shared prefix (teacher-forced), which says whether a later
+divergence is a near-tie on a random model or a bug. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ class _Clock:
         pass
 
 
-def plain_generate(model, ids, max_new_tokens):
+def plain_generate(model, ids, max_new_tokens, tokens=None):
     import torch
 
     clock = _Clock()
@@ -53,7 +57,35 @@ def plain_generate(model, ids, max_new_tokens):
     torch.cuda.synchronize()
     end = time.perf_counter()
     n = out.shape[1] - ids.shape[1]
+    if tokens is not None:
+        tokens.extend(out[0, ids.shape[1]:].tolist())
     return clock.first - clock.start, (n - 1) / (end - clock.first), n
+
+
+def compare_tokens(model, decoder, ids, max_new_tokens):
+    """(same leading tokens, largest logit difference over them) of ours against generate."""
+    import torch
+
+    plain = []
+    plain_generate(model, ids, max_new_tokens, plain)
+    ours = list(decoder.generate(ids[0].tolist(), max_new_tokens=max_new_tokens, stop_ids=[],
+                                 choose=lambda logits: logits.argmax(-1)))
+    same = next((i for i, (a, b) in enumerate(zip(ours, plain)) if a != b), len(plain))
+    # Teacher-forced over the shared prefix plus one: the full sequence through the model
+    # once (its logits) against ours at each step.
+    seq = torch.cat([ids, torch.tensor([plain[:same + 1]], device=ids.device)], dim=1)
+    mine = []
+
+    def forced(logits):  # keeps our logits, feeds generate's token
+        mine.append(logits[0].clone())  # the graph's output buffer is rewritten each step
+        return torch.tensor([plain[len(mine) - 1]], device=ids.device)
+
+    with torch.inference_mode():
+        full = model(input_ids=seq).logits[0, ids.shape[1] - 1:-1].float()
+        list(decoder.generate(ids[0].tolist(), max_new_tokens=min(same + 1, len(plain)),
+                              stop_ids=[], choose=forced))
+    diff = (torch.stack(mine) - full[:len(mine)]).abs().max().item()
+    return same, diff
 
 
 def main() -> None:
@@ -99,20 +131,31 @@ def main() -> None:
         ids = torch.tensor([session.prompt_ids(PROMPT)], device=load["device"])
         # min_new_tokens keeps both paths generating the same count on a random model.
         options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=0)
-        ours, plain = [], []
-        # Plain `generate` runs on bitsandbytes' own layers (the reference), llamalora's on the
-        # kernels chat picks; the two alternate on the one loaded model.
-        for _ in range(args.repeat + 1):  # the first round warms up (autotuning, cuBLAS, cache)
-            fastlinear.enable(model, args.kernels)
+        ours = []
+        for _ in range(args.repeat + 1):  # the first ask captures the graph (and autotunes)
             session.reset()
             reply = session.ask(PROMPT, options=options)
             ours.append((reply.first_token_s, reply.decode_tokens_per_s, reply.new_tokens))
-            fastlinear.disable(model)
-            plain.append(plain_generate(model, ids, args.max_new_tokens))
-        ours, plain = ours[1:], plain[1:]
-        row = {"quant": quant, "kind": kind, "kernels": kernels, "load_s": round(load_s, 1),
-               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-        for name, runs in (("llamalora", ours), ("plain", plain)):
+        first_ours, ours = ours[0], ours[1:]
+        # generate on the same kernels isolates the decoding path; generate on bitsandbytes'
+        # own layers is what chat ran before (the reference). The layers are switched only
+        # after llamalora's runs: the captured graph holds the kernels' buffers.
+        same, logit_diff = compare_tokens(model, session.static_decoder, ids,
+                                          args.max_new_tokens)
+        generate_fast = [plain_generate(model, ids, args.max_new_tokens)
+                         for _ in range(args.repeat)]
+        fastlinear.disable(model)
+        plain = [plain_generate(model, ids, args.max_new_tokens)
+                 for _ in range(args.repeat + 1)][1:]
+        row = {"quant": quant, "kind": kind, "kernels": kernels, "decoding": session.decoding,
+               "load_s": round(load_s, 1),
+               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               "first_ask_ttft_s": round(first_ours[0], 4),
+               "first_ask_decode_tok_s": round(first_ours[1], 1),
+               "same_tokens": f"{same}/{args.max_new_tokens}",
+               "max_logit_diff": round(logit_diff, 4)}
+        for name, runs in (("llamalora", ours), ("generate_same_kernels", generate_fast),
+                           ("plain", plain)):
             row[f"{name}_ttft_s"] = round(statistics.median(r[0] for r in runs), 4)
             row[f"{name}_decode_tok_s"] = round(statistics.median(r[1] for r in runs), 1)
             row[f"{name}_tokens"] = runs[-1][2]

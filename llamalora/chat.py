@@ -113,6 +113,60 @@ class ChatSession:
         pad = self.tokenizer.token_to_id(PAD)
         return pad if pad is not None else next(iter(self.stop_ids), None)
 
+    @functools.cached_property
+    def static_decoder(self):
+        """The static-cache decoder for text turns, or None where `generate` runs instead."""
+        from llamalora import decode
+
+        if decode.supported(self.model) is not None:
+            return None
+        import torch
+
+        from llamalora.models import is_bnb_layer
+
+        # bitsandbytes' own int8 layer syncs with the host (outlier columns), which a CUDA graph
+        # cannot hold; llamalora's kernels (`--kernels auto|fast`) can.
+        graphs = not any(is_bnb_layer(m) and not getattr(m, "_llamalora_kernel", False)
+                         for m in self.model.modules())
+        return decode.StaticDecoder(self.model, graphs=graphs and torch.cuda.is_available())
+
+    @property
+    def decoding(self) -> str:
+        """How text turns are decoded, as the start-of-chat line says it."""
+        decoder = self.static_decoder
+        if decoder is None:
+            from llamalora import decode
+
+            return f"transformers generate ({decode.supported(self.model)})"
+        return "static cache + CUDA graphs" if decoder.graphs else "static cache"
+
+    def _decode(self, decoder, ids: list[int], options: GenerationOptions,
+                streamer: _Streamer) -> list[int]:
+        import torch
+
+        streamer.put(ids)
+        new = []
+        for token in decoder.generate(ids, max_new_tokens=options.max_new_tokens,
+                                      stop_ids=self.stop_ids, choose=_chooser(options)):
+            new.append(token)
+            streamer.put(torch.tensor([token]))
+        streamer.end()
+        return new
+
+    def _generate(self, batch: dict, options: GenerationOptions, streamer: _Streamer):
+        """transformers' `generate`: conversations with images (cross-attention) take it."""
+        import torch
+
+        sample = options.temperature > 0
+        kwargs = {"do_sample": sample, "max_new_tokens": options.max_new_tokens,
+                  "eos_token_id": self.stop_ids, "pad_token_id": self.pad_id, "streamer": streamer}
+        if sample:
+            kwargs.update(temperature=options.temperature, top_p=options.top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            return self.model.generate(**batch, **kwargs)
+
     def reset(self) -> None:
         self.history.clear()
         self.images.clear()
@@ -154,17 +208,13 @@ class ChatSession:
         batch = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
                  for k, v in batch.items()}
         streamer = _Streamer(self.tokenizer, on_text, self.stop_ids)
-        sample = options.temperature > 0
-        kwargs = {"do_sample": sample, "max_new_tokens": options.max_new_tokens,
-                  "eos_token_id": self.stop_ids, "pad_token_id": self.pad_id, "streamer": streamer}
-        if sample:
-            kwargs.update(temperature=options.temperature, top_p=options.top_p)
+        decoder = self.static_decoder if not images else None
+        if decoder is not None:
+            new = self._decode(decoder, ids, options, streamer)
         else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        with torch.inference_mode():
-            out = self.model.generate(**batch, **kwargs)
+            new = self._generate(batch, options, streamer)[0, len(ids):].tolist()
         end = time.perf_counter()
-        new = [t for t in out[0, len(ids):].tolist() if t not in self.stop_ids]
+        new = [t for t in new if t not in self.stop_ids]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         first = (streamer.first_at or end) - streamer.start
         decode_s = end - (streamer.first_at or end)
@@ -173,6 +223,27 @@ class ChatSession:
             self.images.append(image_path)
         return Reply(text, len(new), first,
                      (len(new) - 1) / decode_s if decode_s > 0 and len(new) > 1 else 0.0)
+
+
+def _chooser(options: GenerationOptions):
+    """The next-token rule `generate` follows with these options: argmax, or transformers'
+    warpers (temperature, generate's default top-k of 50, top-p) and a draw from what is left."""
+    import torch
+
+    if options.temperature <= 0:
+        return lambda logits: logits.argmax(-1)
+    from transformers.generation.logits_process import (LogitsProcessorList,
+                                                        TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(options.temperature),
+                                   TopKLogitsWarper(50), TopPLogitsWarper(options.top_p)])
+
+    def choose(logits):
+        scores = warpers(None, logits)
+        return torch.multinomial(torch.softmax(scores, dim=-1), 1).view(1)
+
+    return choose
 
 
 def open_chat(adapter: str | Path | None, *, model: str | None = None, quant: str | None = None,

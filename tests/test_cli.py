@@ -525,6 +525,7 @@ def test_chat_passes_its_options_to_the_core(monkeypatch):
 
     class Session:
         base_model, quant, kernels, adapter = "tiny", "none", "plain", None
+        decoding = "static cache"
 
         def ask(self, prompt, *, image, options, on_text):
             seen["ask"] = (prompt, image, options)

@@ -84,7 +84,8 @@ def chat(
         session = open_chat(adapter, model=model, quant=quant, no_adapter=no_adapter,
                             with_vision=image is not None or interactive, system=system,
                             kernels=kernels)
-    info(f"Model: {session.base_model} ({session.quant}, kernels: {session.kernels})"
+    info(f"Model: {session.base_model} ({session.quant}, kernels: {session.kernels}, "
+         f"decoding: {session.decoding})"
          + (f" + adapter {session.adapter.folder}" if session.adapter else " (no adapter)"))
     if not interactive:
         reply = session.ask(prompt, image=image, options=options,

@@ -1,0 +1,116 @@
+"""The static-cache decoder gives the tokens transformers' `generate` gives (CPU, eager; the
+CUDA-graph replay of the same step is checked by the `gpu` tests at the end)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamalora import decode
+from llamalora.decode import StaticDecoder
+
+from conftest import tiny_lora_model
+
+STOPS = [128001, 128008, 128009]
+
+
+def _plain(model, ids: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                             dtype=torch.long), max_new_tokens=n, do_sample=False,
+                             temperature=None, top_p=None, top_k=None, eos_token_id=STOPS,
+                             pad_token_id=128004)
+    return out[0, len(ids):].tolist()
+
+
+def _ours(decoder, ids: list[int], n: int) -> list[int]:
+    return list(decoder.generate(ids, max_new_tokens=n, stop_ids=STOPS,
+                                 choose=lambda logits: logits.argmax(-1)))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_lora_model(torch.float64).eval()
+
+
+def test_greedy_tokens_equal_generate(model):
+    decoder = StaticDecoder(model)
+    assert not decoder.graphs  # no CUDA here
+    for ids in ([128000, 9906, 1917], list(range(500, 540))):
+        expected = _plain(model, ids, 24)
+        assert len(set(expected)) > 2  # a sequence that says something about the cache
+        assert _ours(decoder, ids, 24) == expected
+
+
+def test_cache_grows_and_is_reused(model, monkeypatch):
+    monkeypatch.setattr(decode, "CACHE_STEP", 16)
+    decoder = StaticDecoder(model)
+    short = [128000, 9906, 1917]
+    assert _ours(decoder, short, 10) == _plain(model, short, 10)
+    first = decoder.cache
+    assert first.length == 16
+    long = list(range(700, 730))  # needs 30 + 12 positions: a new cache of 48
+    assert _ours(decoder, long, 12) == _plain(model, long, 12)
+    assert decoder.cache.length == 48
+    # A shorter prompt after a longer one: stale K/V past the prompt must stay masked.
+    assert _ours(decoder, short, 10) == _plain(model, short, 10)
+    assert decoder.cache.length == 48
+
+
+def test_stops_at_a_stop_id(model):
+    decoder = StaticDecoder(model)
+    ids = [128000, 9906, 1917]
+    first = _ours(decoder, ids, 1)[0]
+    got = list(decoder.generate(ids, max_new_tokens=20, stop_ids=[first],
+                                choose=lambda logits: logits.argmax(-1)))
+    assert got == [first]
+
+
+@pytest.mark.needs_bnb
+def test_8bit_greedy_tokens_equal_generate():
+    pytest.importorskip("bitsandbytes")
+    from llamalora.models import attach_lora, load_model_for_training
+
+    torch.manual_seed(0)
+    model, _ = load_model_for_training("tiny", quant="8bit", device="cpu")
+    model = attach_lora(model, r=4, alpha=8, dropout=0.0).eval()
+    ids = list(range(300, 320))
+    assert _ours(StaticDecoder(model), ids, 16) == _plain(model, ids, 16)
+
+
+def test_full_vision_model_decodes_text_through_its_language_model():
+    from llamalora.models import load_model_for_inference
+
+    model, _ = load_model_for_inference("tiny", quant="none", with_vision=True)
+    assert type(model).__name__ == "MllamaForConditionalGeneration"
+    assert decode.supported(model) is None
+    decoder = StaticDecoder(model)
+    # Mllama's cross-attention layers are skipped for text, as Mllama itself skips them.
+    assert len(decoder.layers) < len(decoder.decoder.layers)
+    ids = [128000, 9906, 1917, 374]
+    assert _ours(decoder, ids, 12) == _plain(model, ids, 12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", ["none", "8bit"])
+def test_cuda_graph_replay_gives_the_eager_tokens(quant):
+    """On a GPU the step is captured once and replayed over two prompts of different lengths:
+    the tokens are the eager step's (the same kernels), and in fp32 also generate's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from llamalora import fastlinear
+    from llamalora.models import attach_lora, load_model_for_training
+
+    torch.manual_seed(0)
+    dtype = "float32" if quant == "none" else None
+    model, _ = load_model_for_training("tiny", quant=quant, device="cuda", dtype=dtype)
+    model = attach_lora(model, r=4, alpha=8, dropout=0.0).eval()
+    fastlinear.enable(model, "auto")
+    graphed, eager = StaticDecoder(model), StaticDecoder(model, graphs=False)
+    assert graphed.graphs
+    for ids in ([128000, 9906, 1917], list(range(500, 540))):
+        tokens = _ours(graphed, ids, 24)
+        assert tokens == _ours(eager, ids, 24)
+        if quant == "none":
+            assert tokens == _plain(model, ids, 24)
+    assert graphed._graph is not None
