@@ -5,11 +5,10 @@
 For each base (the run's adapter unmerged at each --quants, and the merged folder at each --quants)
 the model is loaded once; llamalora's ChatSession.ask and a plain `model.generate` with the same
 prompt ids and greedy decoding then run alternately, `--repeat` times each, on the same model
-object. The first ask (which captures the CUDA graph) is reported on its own. Then both decode
-`--max-new-tokens` greedy tokens with no stop token and the tokens are compared: `same_tokens`
-is how many lead the two sequences alike, and `max_logit_diff` the largest difference between
-the two paths' logits over that shared prefix (teacher-forced), which says whether a later
-divergence is a near-tie on a random model or a bug. Prints a table and one JSON line.
+object. The first ask (which captures the CUDA graphs) is reported on its own. Then both decode
+`--max-new-tokens` greedy tokens with no stop token and are compared (`compare_tokens` says
+how), and one eager decoding step is profiled: its kernel count and GPU time. Prints a table and
+one JSON line.
 """
 
 from __future__ import annotations
@@ -63,29 +62,63 @@ def plain_generate(model, ids, max_new_tokens, tokens=None):
 
 
 def compare_tokens(model, decoder, ids, max_new_tokens):
-    """(same leading tokens, largest logit difference over them) of ours against generate."""
+    """How ours agrees with generate over `max_new_tokens` greedy tokens (no stop token).
+
+    Returns same (leading tokens alike), ours_diff (the largest difference of our logits from
+    one full forward over the shared prefix, teacher-forced), generate_diff (the same for
+    generate's own incremental logits: bf16's noise floor) and gap (at the first difference,
+    by how much the full forward prefers generate's token to ours: a near-tie is ~noise).
+    """
     import torch
 
-    plain = []
-    plain_generate(model, ids, max_new_tokens, plain)
+    with torch.inference_mode():
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                             do_sample=False, temperature=None, top_p=None, top_k=None,
+                             pad_token_id=128004, output_logits=True,
+                             return_dict_in_generate=True)
+    plain = gen.sequences[0, ids.shape[1]:].tolist()
+    gen_logits = torch.stack([x[0].float() for x in gen.logits])
     ours = list(decoder.generate(ids[0].tolist(), max_new_tokens=max_new_tokens, stop_ids=[],
                                  choose=lambda logits: logits.argmax(-1)))
     same = next((i for i, (a, b) in enumerate(zip(ours, plain)) if a != b), len(plain))
-    # Teacher-forced over the shared prefix plus one: the full sequence through the model
-    # once (its logits) against ours at each step.
-    seq = torch.cat([ids, torch.tensor([plain[:same + 1]], device=ids.device)], dim=1)
+    n = min(same + 1, len(plain))
     mine = []
 
     def forced(logits):  # keeps our logits, feeds generate's token
         mine.append(logits[0].clone())  # the graph's output buffer is rewritten each step
         return torch.tensor([plain[len(mine) - 1]], device=ids.device)
 
+    seq = torch.cat([ids, torch.tensor([plain[:n]], device=ids.device)], dim=1)
     with torch.inference_mode():
         full = model(input_ids=seq).logits[0, ids.shape[1] - 1:-1].float()
-        list(decoder.generate(ids[0].tolist(), max_new_tokens=min(same + 1, len(plain)),
-                              stop_ids=[], choose=forced))
-    diff = (torch.stack(mine) - full[:len(mine)]).abs().max().item()
-    return same, diff
+        list(decoder.generate(ids[0].tolist(), max_new_tokens=n, stop_ids=[], choose=forced))
+    result = {"same_tokens": f"{same}/{len(plain)}",
+              "ours_logit_diff": round((torch.stack(mine) - full).abs().max().item(), 4),
+              "generate_logit_diff": round((gen_logits[:n] - full).abs().max().item(), 4)}
+    if same < len(plain):
+        result["gap_at_first_difference"] = round(
+            (full[same, plain[same]] - full[same, ours[same]]).item(), 4)
+    return result
+
+
+def kernel_profile(decoder, ids):
+    """Kernels and their summed GPU time in one eager decoding step (what the graph replays)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs = decoder.graphs
+    decoder.graphs = False
+    list(decoder.generate(ids[0].tolist(), max_new_tokens=2, stop_ids=[],
+                          choose=lambda logits: logits.argmax(-1)))
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder._decode(torch.tensor([ids[0, -1].item()], device=ids.device),
+                        ids.shape[1])
+        torch.cuda.synchronize()
+    decoder.graphs = graphs
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_ms = sum(e.device_time for e in kernels) / 1e3
+    return {"step_kernels": len(kernels), "step_kernel_ms": round(total_ms, 2)}
 
 
 def main() -> None:
@@ -105,7 +138,7 @@ def main() -> None:
     import torch
 
     from llamalora.adapters import apply_adapter, find_adapter
-    from llamalora.chat import ChatSession, GenerationOptions
+    from llamalora.chat import ChatSession, GenerationOptions, merge_for_decoding
     from llamalora.models import load_model_for_inference
     from llamalora.tokenizer import load_model_tokenizer
 
@@ -119,15 +152,17 @@ def main() -> None:
         t0 = time.perf_counter()
         path = info.base_model if kind == "adapter" else str(args.merged)
         model, load = load_model_for_inference(path, quant=quant)
+        merged = False
         if kind == "adapter":
             model = apply_adapter(model, info.folder)
+            merged = merge_for_decoding(model)  # as chat does (bf16 base only)
         load_s = time.perf_counter() - t0
         from llamalora import fastlinear
 
         kernels = fastlinear.enable(model, args.kernels)
         session = ChatSession(model=model, tokenizer=tokenizer, image_processor=None,
                               device=load["device"], base_model=path, adapter=None, quant=quant,
-                              kernels=kernels)
+                              kernels=kernels, lora_merged=merged)
         ids = torch.tensor([session.prompt_ids(PROMPT)], device=load["device"])
         # min_new_tokens keeps both paths generating the same count on a random model.
         options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=0)
@@ -137,11 +172,14 @@ def main() -> None:
             reply = session.ask(PROMPT, options=options)
             ours.append((reply.first_token_s, reply.decode_tokens_per_s, reply.new_tokens))
         first_ours, ours = ours[0], ours[1:]
+        if merged:  # the comparisons below run on the adapter as trained, unmerged
+            model.unmerge_adapter()
+            session.static_decoder._graphs.clear()  # the captures have no LoRA kernels
         # generate on the same kernels isolates the decoding path; generate on bitsandbytes'
         # own layers is what chat ran before (the reference). The layers are switched only
         # after llamalora's runs: the captured graph holds the kernels' buffers.
-        same, logit_diff = compare_tokens(model, session.static_decoder, ids,
-                                          args.max_new_tokens)
+        agreement = compare_tokens(model, session.static_decoder, ids, args.max_new_tokens)
+        profile_row = kernel_profile(session.static_decoder, ids)
         generate_fast = [plain_generate(model, ids, args.max_new_tokens)
                          for _ in range(args.repeat)]
         fastlinear.disable(model)
@@ -152,8 +190,7 @@ def main() -> None:
                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                "first_ask_ttft_s": round(first_ours[0], 4),
                "first_ask_decode_tok_s": round(first_ours[1], 1),
-               "same_tokens": f"{same}/{args.max_new_tokens}",
-               "max_logit_diff": round(logit_diff, 4)}
+               **agreement, **profile_row}
         for name, runs in (("llamalora", ours), ("generate_same_kernels", generate_fast),
                            ("plain", plain)):
             row[f"{name}_ttft_s"] = round(statistics.median(r[0] for r in runs), 4)

@@ -15,9 +15,12 @@ STOPS = [128001, 128008, 128009]
 
 
 def _plain(model, ids: list[int], n: int) -> list[int]:
+    device = model.get_input_embeddings().weight.device
     with torch.inference_mode():
-        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                             dtype=torch.long), max_new_tokens=n, do_sample=False,
+        out = model.generate(input_ids=torch.tensor([ids], device=device),
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                                                       device=device),
+                             max_new_tokens=n, do_sample=False,
                              temperature=None, top_p=None, top_k=None, eos_token_id=STOPS,
                              pad_token_id=128004)
     return out[0, len(ids):].tolist()
@@ -40,6 +43,18 @@ def test_greedy_tokens_equal_generate(model):
         expected = _plain(model, ids, 24)
         assert len(set(expected)) > 2  # a sequence that says something about the cache
         assert _ours(decoder, ids, 24) == expected
+
+
+def test_padded_prompts_give_the_same_tokens(model, monkeypatch):
+    """The graphed path pads each prompt to a length bucket (here 16 and 32, past the end of
+    the first cache): the padding changes no token."""
+    monkeypatch.setattr(decode, "MIN_PREFILL_BUCKET", 16)
+    monkeypatch.setattr(decode, "CACHE_STEP", 16)
+    decoder = StaticDecoder(model)
+    decoder.pad_prompts = True
+    for ids in ([128000, 9906, 1917], list(range(500, 520)), [128000, 11]):
+        assert _ours(decoder, ids, 12) == _plain(model, ids, 12)
+    assert decoder.cache.length == 32
 
 
 def test_cache_grows_and_is_reused(model, monkeypatch):
@@ -107,10 +122,36 @@ def test_cuda_graph_replay_gives_the_eager_tokens(quant):
     model = attach_lora(model, r=4, alpha=8, dropout=0.0).eval()
     fastlinear.enable(model, "auto")
     graphed, eager = StaticDecoder(model), StaticDecoder(model, graphs=False)
+    eager.pad_prompts = True  # the same shapes, so the same kernels
     assert graphed.graphs
     for ids in ([128000, 9906, 1917], list(range(500, 540))):
         tokens = _ours(graphed, ids, 24)
         assert tokens == _ours(eager, ids, 24)
         if quant == "none":
             assert tokens == _plain(model, ids, 24)
-    assert graphed._graph is not None
+    assert set(graphed._graphs) == {1, 64}  # one decoding step, one prompt bucket
+
+
+def test_chat_merges_lora_only_into_an_unquantized_base_on_a_gpu(monkeypatch):
+    from llamalora.chat import merge_for_decoding
+
+    model = tiny_lora_model(torch.float64).eval()
+    ids = list(range(300, 320))
+    before = _ours(StaticDecoder(model), ids, 12)
+    assert not merge_for_decoding(model)  # no GPU: kept as trained
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert merge_for_decoding(model)
+    assert all(m.merged for m in model.modules() if hasattr(m, "merged_adapters"))
+    assert _ours(StaticDecoder(model), ids, 12) == before
+
+
+@pytest.mark.needs_bnb
+def test_chat_keeps_lora_apart_from_an_8bit_base(monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from llamalora.chat import merge_for_decoding
+    from llamalora.models import attach_lora, load_model_for_training
+
+    model, _ = load_model_for_training("tiny", quant="8bit", device="cpu")
+    model = attach_lora(model, r=4, alpha=8, dropout=0.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not merge_for_decoding(model)
