@@ -202,6 +202,34 @@ def pack_padded(items: list[Tokenized], pad_id: int):
                                 value=IGNORE_INDEX)}
 
 
+def _load_images(paths: list[Path]):
+    from PIL import Image
+
+    loaded = []
+    for p in paths:
+        with Image.open(p) as im:
+            loaded.append(im.convert("RGB"))
+    return loaded
+
+
+def _set_vision_inputs(batch: dict, rows: list, sparse: list, image_processor) -> dict:
+    """Mllama's image inputs for `rows` (one list of images per batch row), with `sparse` the
+    per-row, per-image [first, end) token spans that see the image."""
+    import numpy as np
+    import torch
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense)
+
+    feats = image_processor(images=rows, return_tensors="pt")
+    dense = convert_sparse_cross_attention_mask_to_dense(
+        sparse, num_tiles=feats.pop("num_tiles"), max_num_tiles=image_processor.max_image_tiles,
+        length=batch["input_ids"].shape[1])
+    batch.update(pixel_values=feats["pixel_values"], aspect_ratio_ids=feats["aspect_ratio_ids"],
+                 aspect_ratio_mask=feats["aspect_ratio_mask"],
+                 cross_attention_mask=torch.from_numpy(np.asarray(dense)))
+    return batch
+
+
 def add_vision_inputs(batch: dict, image_lists: list[list[Path]], image_processor,
                       image_token_id: int = IMAGE_TOKEN_ID) -> dict:
     """Adds Mllama's image inputs to a collated batch, in place: pixel values (tiles), aspect
@@ -210,28 +238,37 @@ def add_vision_inputs(batch: dict, image_lists: list[list[Path]], image_processo
     Rows without an image get a blank one (the processor wants one per row); the mask keeps
     every token of such a row from attending to it.
     """
-    import numpy as np
-    import torch
     from PIL import Image
-    from transformers.models.mllama.processing_mllama import (
-        convert_sparse_cross_attention_mask_to_dense, get_cross_attention_token_mask)
+    from transformers.models.mllama.processing_mllama import get_cross_attention_token_mask
 
     if not any(image_lists):
         return batch
-    rows = []
-    for paths in image_lists:
-        loaded = []
-        for p in paths:
-            with Image.open(p) as im:
-                loaded.append(im.convert("RGB"))
-        rows.append(loaded or [Image.new("RGB", (32, 32))])
-    feats = image_processor(images=rows, return_tensors="pt")
+    rows = [_load_images(paths) or [Image.new("RGB", (32, 32))] for paths in image_lists]
     sparse = [get_cross_attention_token_mask(row.tolist(), image_token_id)
               for row in batch["input_ids"]]
-    dense = convert_sparse_cross_attention_mask_to_dense(
-        sparse, num_tiles=feats.pop("num_tiles"), max_num_tiles=image_processor.max_image_tiles,
-        length=batch["input_ids"].shape[1])
-    batch.update(pixel_values=feats["pixel_values"], aspect_ratio_ids=feats["aspect_ratio_ids"],
-                 aspect_ratio_mask=feats["aspect_ratio_mask"],
-                 cross_attention_mask=torch.from_numpy(np.asarray(dense)))
-    return batch
+    return _set_vision_inputs(batch, rows, sparse, image_processor)
+
+
+def pack_vision(items: list[Tokenized], image_processor,
+                image_token_id: int = IMAGE_TOKEN_ID) -> dict:
+    """`pack` for records with images: one row, its records' images side by side on the image
+    axis, and a cross-attention mask that is block-diagonal by record.
+
+    Each record's tokens see only its own images, from each image's `<|image|>` on (Mllama's
+    rule, applied within the record); a record without an image sees none, and its tokens get
+    nothing from the cross-attention layers (`models.mask_imageless_cross_attention`), exactly
+    as in a padded batch. Only real images reach the vision tower: no blank image for a text
+    record and no padding image slots, which a padded batch of uneven image counts computes.
+    """
+    from transformers.models.mllama.processing_mllama import get_cross_attention_token_mask
+
+    batch = pack(items)
+    images = [p for t in items for p in t.images]
+    if not images:
+        return batch
+    spans, offset = [], 0
+    for t in items:
+        for first, end in get_cross_attention_token_mask(list(t.input_ids), image_token_id):
+            spans.append([offset + first, offset + (len(t) if end == -1 else end)])
+        offset += len(t)
+    return _set_vision_inputs(batch, [_load_images(images)], [spans], image_processor)

@@ -164,7 +164,8 @@ class TrainConfig:
               "min longer).",
         "--compile/--no-compile")
     packing: bool = _opt(True, "Pack each micro-batch's records into one padding-free row "
-                               "(text-only data).", "--packing/--no-packing")
+                               "(records with images too: each sees only its own).",
+                         "--packing/--no-packing")
     skip_invalid: bool = _opt(False, "Leave invalid records out instead of refusing the data.",
                               "--skip-invalid/--no-skip-invalid")
 

@@ -248,6 +248,8 @@ def load_base_model(name_or_path: str, *, quant: str = "8bit", with_vision: bool
         raise ModelError(f"--model {name_or_path}: {len(missing)} weights are missing from the "
                          f"checkpoint (e.g. {missing[0]}); its files don't match its config")
     _check_vision_unquantized(model)
+    if with_vision:
+        mask_imageless_cross_attention(model)
     info = {"quant": quant, "compute_dtype": str(dtype).removeprefix("torch."),
             "device": str(target), "model_class": type(model).__name__,
             "params_total": _count_params(model), "base_model": path}
@@ -416,6 +418,34 @@ def _explain_load_error(name: str, path: str, exc: BaseException) -> str:
         return (f"--model {name} could not be downloaded (offline?); fetch it first with "
                 f"`hf download {name}` where there is internet, or {fallback}")
     return f"cannot load --model {name} ({_first_line(exc)}); {fallback}"
+
+
+def mask_imageless_cross_attention(model) -> int:
+    """Gives text tokens that see no image nothing from Mllama's cross-attention layers; returns
+    how many layers it hooked.
+
+    transformers' Mllama zeroes such a token's cross-attention MLP output but keeps its
+    attention output: with every image masked its scores are all equal, so it adds the mean of
+    every vision state in its row. vLLM and SGLang zero both (Meta's reference model does too),
+    so we do, with hooks on the layers as loaded: a record's result then no longer depends on
+    the other images of its batch or packed row, and training matches those servers.
+    """
+    def stash(layer, args, kwargs):
+        layer.cross_attn._llamalora_rows = kwargs.get("full_text_row_masked_out_mask")
+
+    def apply(attn, args, output):
+        rows = getattr(attn, "_llamalora_rows", None)
+        if rows is None:
+            return output
+        return (output[0] * rows[:, 0], *output[1:])
+
+    hooked = 0
+    for module in model.modules():
+        if type(module).__name__ == "MllamaCrossAttentionDecoderLayer":
+            module.register_forward_pre_hook(stash, with_kwargs=True)
+            module.cross_attn.register_forward_hook(apply)
+            hooked += 1
+    return hooked
 
 
 def is_vision_name(name: str) -> bool:

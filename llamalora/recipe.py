@@ -23,7 +23,7 @@ from pathlib import Path
 
 from llamalora import __version__, parallel, trackers
 from llamalora.batching import (IGNORE_INDEX, Tokenized, add_vision_inputs, batch_order, collate,
-                                pack, pack_padded, padded_shape)
+                                pack, pack_padded, pack_vision, padded_shape)
 from llamalora.config import TrainConfig
 from llamalora.errors import LlamaLoraError, ModelError
 from llamalora.events import (CheckpointSaved, EvalDone, ModelReady, OnEvent, PlanReady, Status,
@@ -199,7 +199,7 @@ def _build_model(config: TrainConfig, plan: Plan, par, device, emit) -> tuple[ob
         model_path=model_path, model_class=info["model_class"], quant=config.quant,
         compute_dtype=info["compute_dtype"], device=str(device), kernels=kernels,
         gradient_checkpointing=checkpointing, compiled=compiled,
-        packing=config.packing and not plan.with_vision, graphs=graphs, tokenizer=tokenizer,
+        packing=config.packing, graphs=graphs, tokenizer=tokenizer,
         image_processor=load_image_processor(model_path) if plan.with_vision else None,
         pad_id=_pad_id(tokenizer))
 
@@ -299,9 +299,13 @@ class StepBatches:
             batch = pack_padded(items, self.setup.pad_id)
             n_targets = int((batch["target_ids"] != IGNORE_INDEX).sum())
             return to_device(batch, self.device, self.dtype), n_targets, sum(map(len, items))
-        batch = pack(items) if self.setup.packing else collate(items, self.setup.pad_id)
-        if self.setup.image_processor is not None:
-            add_vision_inputs(batch, [t.images for t in items], self.setup.image_processor)
+        images = self.setup.image_processor
+        if self.setup.packing:
+            batch = pack_vision(items, images) if images is not None else pack(items)
+        else:
+            batch = collate(items, self.setup.pad_id)
+            if images is not None:
+                add_vision_inputs(batch, [t.images for t in items], images)
         n_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         return to_device(batch, self.device, self.dtype), n_targets, sum(map(len, items))
 

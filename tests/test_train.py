@@ -7,7 +7,6 @@ import os
 import signal
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from llamalora.cli.main import app
@@ -162,12 +161,18 @@ def test_records_with_images_train_on_the_vision_model(tmp_path):
             {"instruction": "What color?", "output": "blue", "image": "img1.png"},
             {"instruction": "No image here.", "output": "fine"}]
     data = write_jsonl(tmp_path / "v.jsonl", recs)
-    summary = train(_config(tmp_path, data_path=str(data), max_steps=6, batch_size=3,
-                            gradient_accumulation_steps=1))
+    runs = {}
+    for packing in (True, False):
+        runs[packing] = train(_config(tmp_path, data_path=str(data), max_steps=6, batch_size=3,
+                                      gradient_accumulation_steps=1, lora_dropout=0.0,
+                                      packing=packing, output_dir=str(tmp_path / f"{packing}")))
+    summary = runs[True]
     assert summary.model_class == "MllamaForConditionalGeneration"
     assert summary.plan["with_vision"] is True
-    assert torch.isfinite(torch.tensor(summary.final_train_loss))
-    assert (tmp_path / "out" / "preprocessor_config.json").is_file()
+    assert summary.batches == "packed" and runs[False].batches == "padded to the longest record"
+    # Records with images packed into one row train as the padded batch does.
+    assert summary.final_train_loss == pytest.approx(runs[False].final_train_loss, rel=1e-4)
+    assert (tmp_path / "True" / "preprocessor_config.json").is_file()
 
 
 @pytest.mark.slow

@@ -1,0 +1,123 @@
+"""Records with images packed into one row give the padded batch's loss and gradients (tiny
+vision model, CPU, float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from llamalora.batching import (add_vision_inputs, collate, pack, pack_vision,
+                                tokenize_examples)
+from llamalora.data import load_examples
+from llamalora.step import loss_sum
+from llamalora.tokenizer import BUNDLED_TOKENIZER_DIR
+
+from conftest import write_jsonl
+
+TOK = Tokenizer.from_file(str(BUNDLED_TOKENIZER_DIR / "tokenizer.json"))
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def vision_model():
+    from llamalora.models import attach_lora, load_model_for_training
+
+    torch.manual_seed(0)
+    model, _ = load_model_for_training("tiny", quant="none", with_vision=True, device="cpu")
+    model = attach_lora(model, r=4, alpha=8, dropout=0.0).to(torch.float64)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+        # Open the cross-attention gates (zero at init in the tiny model, as in Mllama's
+        # pretraining start) so that images change the loss.
+        for name, p in model.named_parameters():
+            if "cross_attn_attn_gate" in name or "cross_attn_mlp_gate" in name:
+                p.fill_(0.8)
+    return model
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from llamalora.models import load_image_processor
+
+    return load_image_processor("tiny")
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """Records with 0, 1 and 2 images of 1 and 2 tiles, one of them two turns long."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("imgs")
+    Image.new("RGB", (60, 30), (200, 20, 20)).save(folder / "wide.png")  # 2 tiles
+    Image.new("RGB", (24, 24), (0, 90, 200)).save(folder / "square.png")  # 1 tile
+    Image.new("RGB", (20, 80), (10, 200, 10)).save(folder / "tall.png")  # 2 tiles
+    recs = [
+        {"instruction": "What is rebar?", "output": "A steel bar in concrete."},
+        {"instruction": "What is shown?", "output": "A red form.", "image": "wide.png"},
+        {"messages": [{"role": "user", "content": "<image>What is this?"},
+                      {"role": "assistant", "content": "A blue tile."},
+                      {"role": "user", "content": "And this one? <image>"},
+                      {"role": "assistant", "content": "A green post."}],
+         "images": ["square.png", "tall.png"]},
+        {"instruction": "양생이란?", "input": "콘크리트", "output": "습도와 온도를 유지하는 일."},
+        {"instruction": "Describe.", "output": "Blue.", "image": "square.png"},
+    ]
+    examples, _ = load_examples(write_jsonl(folder / "d.jsonl", recs))
+    items, _ = tokenize_examples(TOK, examples, max_seq_length=512)
+    assert [len(t.images) for t in items] == [0, 1, 2, 0, 1]
+    return items
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss, n = loss_sum(model, batch)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), int(n), grads
+
+
+def test_packed_images_give_the_padded_loss_and_gradients(vision_model, processor, records):
+    padded = add_vision_inputs(collate(records, pad_id=128004), [t.images for t in records],
+                               processor)
+    packed = pack_vision(records, processor)
+    # One row; only the 4 real images reach the vision tower (the padded batch computes 5 rows
+    # of 2 image slots: 10, a blank one for each text record among them).
+    assert packed["input_ids"].shape[0] == 1 and packed["pixel_values"].shape[:2] == (1, 4)
+    assert padded["pixel_values"].shape[:2] == (5, 2)
+    ref_loss, ref_n, ref_grads = _loss_and_grads(vision_model, padded)
+    loss, n, grads = _loss_and_grads(vision_model, packed)
+    assert n == ref_n
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-9)
+    assert grads.keys() == ref_grads.keys() and any("cross_attn" in k for k in grads)
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-7, atol=1e-9)
+
+
+def test_cross_attention_mask_is_block_diagonal_by_record(processor, records):
+    packed = pack_vision(records, processor)
+    mask = packed["cross_attention_mask"][0]  # [tokens, images, tiles]
+    starts = [0]
+    for t in records:
+        starts.append(starts[-1] + len(t))
+    image_of = [1, 2, 2, 4]  # the record of each of the 4 images, in order
+    for image, record in enumerate(image_of):
+        seen = mask[:, image].any(-1).nonzero()[:, 0]
+        assert starts[record] <= int(seen.min()) and int(seen.max()) < starts[record + 1]
+    # Text records and the tokens before a record's first <|image|> see nothing.
+    for record in (0, 3):
+        assert not mask[starts[record]:starts[record + 1]].any()
+    # Tiles: a 1-tile image is seen on its first tile only.
+    assert not mask[:, 1, 1:].any() and mask[:, 1, 0].any()  # square.png in record 2
+
+
+def test_a_text_record_beside_images_is_trained_as_alone(vision_model, processor, records):
+    """Tokens that see no image get nothing from cross-attention (as vLLM and SGLang run
+    Mllama), so a text record's loss does not depend on the images packed next to it."""
+    with torch.no_grad():
+        alone, _ = loss_sum(vision_model, pack(records[:1]))
+        beside, _ = loss_sum(vision_model, pack_vision(records[:2], processor))
+        image_only, _ = loss_sum(vision_model, pack_vision(records[1:2], processor))
+    torch.testing.assert_close(beside, alone + image_only, rtol=1e-9, atol=1e-9)
