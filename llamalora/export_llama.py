@@ -437,7 +437,7 @@ def write_model_card(folder: Path, info, gguf_name: str | None) -> None:
         'tokenizer = AutoTokenizer.from_pretrained("<this folder>")  # has the chat template',
         "```"]
     if gguf_name:
-        lines += ["", f"`{gguf_name}` (written beside it) runs in llama.cpp "
+        lines += ["", f"`{gguf_name}`, the GGUF written with it, runs in llama.cpp "
                   f"(`llama-cli -m {gguf_name}`) and Ollama (`FROM ./{gguf_name}` in a Modelfile)."]
     data = ModelCardData(library_name="transformers", base_model=info.base_model,
                          tags=["lora", "llamalora", "llama"], pipeline_tag="text-generation")
@@ -860,7 +860,7 @@ def export_text_llama(info, tmp: Path, out: Path, *, dtype: str, verify: bool, e
             result.max_logit_diff, result.tolerance, result.logit_scale = diff, tol, scale
             lap("verify_llama_s")
             if gguf_tmp is not None:
-                emit(Status(f"Checking the export: reloading the GGUF with transformers' GGUF "
+                emit(Status("Checking the export: reloading the GGUF with transformers' GGUF "
                             "loader"))
                 check_gguf_file(gguf_tmp, cfg, probe_text, probe_ids)
                 # The folder's config: transformers' GGUF loader reads no llama3 rope scaling

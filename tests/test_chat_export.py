@@ -197,7 +197,7 @@ def test_text_only_export_is_a_plain_llama_with_the_runs_answers(exported_llama)
     assert result["kind"] == "llama" and result["max_logit_diff"] <= result["tolerance"]
     assert result["gguf"]["type"] == "f16"
     assert result["gguf"]["max_logit_diff"] <= result["gguf"]["tolerance"]
-    assert "Reloaded the GGUF (f16) with transformers' GGUF loader" in stderr
+    assert "Reloaded the GGUF (f16) with transformers' GGUF loader: max logit" in stderr
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "tokenizer_config.json", "README.md", "model.gguf"} <= set(result["files"])
     config = json.loads((out / "config.json").read_text())

@@ -68,14 +68,19 @@ def export_adapter(
                         overwrite=overwrite, verify=not no_verify,
                         on_event=lambda event: info(event.message), text_only=text_only,
                         gguf=gguf, gguf_type=gguf_type)
-    if result.max_logit_diff is not None:
-        against = " vs the merged Mllama model" if result.kind == "llama" else ""
+    if result.kind == "llama" and result.max_logit_diff is not None:
+        checks = [("the Llama folder with plain transformers", result.max_logit_diff,
+                   result.tolerance, result.details["adapter_diff"])]
+        if result.gguf is not None:
+            checks.append((f"the GGUF ({result.gguf['type']}) with transformers' GGUF loader",
+                           result.gguf["max_logit_diff"], result.gguf["tolerance"],
+                           result.gguf["adapter_diff"]))
+        for what, diff, tol, adapter_diff in checks:
+            info(f"Reloaded {what}: max logit difference {diff:.3g} vs the merged Mllama model "
+                 f"(tolerance {tol:.3g}), {adapter_diff:.3g} vs the Mllama model + adapter")
+    elif result.max_logit_diff is not None:
         info(f"Reloaded and compared on a probe prompt: max logit difference "
-             f"{result.max_logit_diff:.3g}{against} (tolerance {result.tolerance:.3g})")
-    if result.gguf is not None and result.gguf.get("max_logit_diff") is not None:
-        info(f"Reloaded the GGUF ({result.gguf['type']}) with transformers' GGUF loader: max "
-             f"logit difference {result.gguf['max_logit_diff']:.3g} (tolerance "
-             f"{result.gguf['tolerance']:.3g})")
+             f"{result.max_logit_diff:.3g} (tolerance {result.tolerance:.3g})")
     if result.merge_diff is not None:
         info(f"Merging into {dtype} moved the probe logits by at most {result.merge_diff:.3g} "
              f"(largest logit {result.logit_scale:.3g}); --dtype fp32 keeps the merge exact")
