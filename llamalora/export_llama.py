@@ -679,33 +679,69 @@ def check_rope_factors(config: dict, reference_inv_freq) -> None:
         raise ModelError("the GGUF's rope factors would not give the model's rotary frequencies")
 
 
-def check_gguf_file(path: Path, config: dict, probe_text: str, probe_ids: list[int]) -> None:
-    """What llama.cpp reads beyond the weights: the shape metadata (through transformers' GGUF
-    config reader) and the tokenizer (transformers builds one from the file's tokens, merges and
-    pre-tokenizer name: it must split the probe prompt into the same ids)."""
-    from transformers import AutoConfig, AutoTokenizer
+def check_gguf_file(path: Path, config: dict, folder: Path) -> None:
+    """What llama.cpp reads besides the weights, read back with gguf-py: the shape metadata, the
+    rope factors, and a vocabulary equal to the folder's tokenizer.json (every token at its id,
+    control tokens marked, the merges in order, the special ids, the chat template).
 
-    meta = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    rope_theta = (getattr(meta, "rope_parameters", None) or {}).get(
-        "rope_theta", getattr(meta, "rope_theta", None))
-    got = {"num_hidden_layers": meta.num_hidden_layers, "hidden_size": meta.hidden_size,
-           "intermediate_size": meta.intermediate_size,
-           "num_attention_heads": meta.num_attention_heads,
-           "num_key_value_heads": meta.num_key_value_heads, "vocab_size": meta.vocab_size,
-           "max_position_embeddings": meta.max_position_embeddings,
-           "rms_norm_eps": meta.rms_norm_eps, "rope_theta": rope_theta,
-           "tie_word_embeddings": meta.tie_word_embeddings}
-    want = {k: config[k] for k in got}
-    bad = {k: (got[k], want[k]) for k in got
-           if not (math.isclose(got[k], want[k], rel_tol=1e-6) if isinstance(want[k], float)
-                   else got[k] == want[k])}
-    if bad:
-        raise ModelError(f"the GGUF's metadata does not describe the model: {bad}")
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    ids = tokenizer(probe_text, add_special_tokens=False).input_ids
-    if ids != probe_ids:
-        raise ModelError("the GGUF's tokenizer splits the probe prompt differently "
-                         f"({len(ids)} ids, not {len(probe_ids)})")
+    gguf-py reads what llama.cpp reads; transformers' tokenizer built from a GGUF is a rebuild
+    whose pre-tokenizer handling has changed across 5.x releases, so it is no judge of the file.
+    """
+    gguf = require_gguf()
+    reader = gguf.GGUFReader(str(path))
+
+    def value(key: str):
+        field = reader.get_field(key)
+        if field is None:
+            raise ModelError(f"the GGUF has no {key}")
+        return field.contents()
+
+    want = {"llama.block_count": config["num_hidden_layers"],
+            "llama.context_length": config["max_position_embeddings"],
+            "llama.embedding_length": config["hidden_size"],
+            "llama.feed_forward_length": config["intermediate_size"],
+            "llama.attention.head_count": config["num_attention_heads"],
+            "llama.attention.head_count_kv": config["num_key_value_heads"],
+            "llama.rope.dimension_count": config["hidden_size"] // config["num_attention_heads"],
+            "llama.rope.freq_base": config["rope_theta"],
+            "llama.attention.layer_norm_rms_epsilon": config["rms_norm_eps"],
+            "general.architecture": "llama", "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.pre": "llama-bpe"}
+    for key, expected in want.items():
+        got = value(key)
+        same = (math.isclose(got, expected, rel_tol=1e-6) if isinstance(expected, float)
+                else got == expected)
+        if not same:
+            raise ModelError(f"the GGUF's {key} is {got!r}, not {expected!r}")
+
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    by_id = {i: t for t, i in data["model"]["vocab"].items()}
+    added = {t["id"]: t for t in data["added_tokens"]}
+    by_id.update({i: t["content"] for i, t in added.items()})
+    tokens = value("tokenizer.ggml.tokens")
+    if len(tokens) != config["vocab_size"] or any(
+            tokens[i] != by_id.get(i, f"[PAD{i}]") for i in range(len(tokens))):
+        raise ModelError("the GGUF's token list is not the tokenizer's")
+    types = value("tokenizer.ggml.token_type")
+    control = {i for i, t in added.items() if t.get("special")}
+    if [i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL] != sorted(control):
+        raise ModelError("the GGUF marks other tokens as control tokens than the tokenizer")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    if value("tokenizer.ggml.merges") != merges:
+        raise ModelError("the GGUF's BPE merges are not the tokenizer's")
+    ids = {t["content"]: i for i, t in added.items()}
+    for key, token in (("bos", "bos_token"), ("eos", "eos_token"), ("padding", "pad_token")):
+        if tok_config.get(token) and value(f"tokenizer.ggml.{key}_token_id") != ids[
+                tok_config[token]]:
+            raise ModelError(f"the GGUF's {key} token is not {tok_config[token]}")
+    if value("tokenizer.chat_template") != tok_config["chat_template"]:
+        raise ModelError("the GGUF's chat template is not the tokenizer's")
+    factors = rope_factors(config)
+    stored = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if (factors is None) != (stored is None) or (
+            factors is not None and not (stored.data == factors.numpy()).all()):
+        raise ModelError("the GGUF's rope_freqs.weight is not the llama3 rope scaling")
 
 
 # --- the export -------------------------------------------------------------------------------
@@ -756,7 +792,7 @@ def export_text_llama(info, tmp: Path, out: Path, *, dtype: str, verify: bool, e
     from llamalora.export import DTYPES, TOLERANCE, _diff, _load_base, _probe_logits
     from llamalora.models import resolve_model
     from llamalora.plan import load_model_config
-    from llamalora.tokenizer import encode_segments, load_model_tokenizer
+    from llamalora.tokenizer import load_model_tokenizer
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -836,9 +872,6 @@ def export_text_llama(info, tmp: Path, out: Path, *, dtype: str, verify: bool, e
     try:
         if verify:
             result.merge_diff, _ = _diff(adapter_logits, expected)
-            segments = _probe_segments()
-            probe_text = "".join(text for text, _ in segments)
-            probe_ids = [t for seg, _ in encode_segments(tokenizer, [segments])[0] for t in seg]
             emit(Status("Checking the export: reloading the Llama folder with plain transformers"))
             from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -862,7 +895,7 @@ def export_text_llama(info, tmp: Path, out: Path, *, dtype: str, verify: bool, e
             if gguf_tmp is not None:
                 emit(Status("Checking the export: reloading the GGUF with transformers' GGUF "
                             "loader"))
-                check_gguf_file(gguf_tmp, cfg, probe_text, probe_ids)
+                check_gguf_file(gguf_tmp, cfg, tmp)
                 # The folder's config: transformers' GGUF loader reads no llama3 rope scaling
                 # (llama.cpp takes it from rope_freqs.weight, checked just above).
                 from_gguf = AutoModelForCausalLM.from_pretrained(
@@ -892,13 +925,6 @@ def export_text_llama(info, tmp: Path, out: Path, *, dtype: str, verify: bool, e
             gguf_tmp.unlink(missing_ok=True)
         raise
     return result
-
-
-def _probe_segments():
-    from llamalora.export import PROBE_QUESTION
-    from llamalora.template import render_segments
-
-    return render_segments(None, [("user", PROBE_QUESTION)], add_generation_prompt=True)
 
 
 def _refuse_trained_cross_attention(info, text_config) -> None:
