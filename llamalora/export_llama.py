@@ -849,7 +849,7 @@ def export_text_llama(info, tmp: Path, out: Path, *, dtype: str, verify: bool, e
     if gguf_path is not None:
         emit(Status(f"Writing the GGUF ({gguf_type}) to {gguf_path}"))
         gguf_tmp = (tmp / gguf_path.name if gguf_in_folder
-                    else gguf_path.with_name(f".{gguf_path.name}.tmp"))
+                    else gguf_path.with_name(f".{gguf_path.stem}.tmp.gguf"))  # readers want .gguf
         gguf_tmp.parent.mkdir(parents=True, exist_ok=True)
         name = f"{Path(info.base_model).name or 'llama'} + LoRA (llamalora)"
         check_rope_factors(cfg, reference_inv_freq)
