@@ -39,9 +39,10 @@ GGUF_HINT = "pip install 'llamalora[gguf]'"
 # Max |logit difference| of the GGUF, relative to the largest |logit|. f16 holds bf16 and fp16
 # weights exactly (fp32 ones round to 11 bits, hence at least fp16's tolerance). Q8_0 rounds each
 # weight to a step of 1/127 of its block's largest: on the probe prompt that moved the tiny
-# model's logits by 1.9% of the largest one (an adapter with random B, bf16), and 8% leaves room
-# for a deeper model while a wrong tensor layout moves them by about as much as the logits are.
-GGUF_Q8_TOLERANCE = 0.08
+# model's logits by 1.9% (bf16) and 3.3% (fp32) of the largest one, for an adapter with random B;
+# 15% leaves room for a deeper model (benchmarks/gpu_export_check.sh q8 measures the 11B's) while
+# a wrong tensor layout moves the logits by about as much as they are.
+GGUF_Q8_TOLERANCE = 0.15
 SHARD_BYTES = 5 * 2**30  # safetensors shards of at most 5 GiB, as transformers writes them
 # The ids the Llama 3 tokenizer ends a reply with: <|end_of_text|>, <|eom_id|>, <|eot_id|>.
 LLAMA3_STOP_IDS = (128001, 128008, 128009)
