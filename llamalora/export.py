@@ -1,4 +1,5 @@
-"""Exporting a run: a clean PEFT adapter folder, a merged standalone model, or a bare state dict.
+"""Exporting a run: a clean PEFT adapter folder, a merged standalone model, or a bare state dict;
+for a text-trained run also a plain Llama checkpoint and a GGUF file (llamalora/export_llama.py).
 
 Every export is checked after writing: what was written is loaded back the way a user would load it
 (plain peft, plain transformers, or torch.load) and compared with the model it came from.
@@ -32,19 +33,26 @@ class ExportResult:
     """What was written and how well it matched on the probe prompt."""
 
     out: Path
-    kind: str  # adapter | merged | state_dict
+    kind: str  # adapter | merged | state_dict | llama (--merge --text-only)
     files: list[str] = field(default_factory=list)
     max_logit_diff: float | None = None
     tolerance: float | None = None  # absolute: the dtype's relative tolerance x logit_scale
     logit_scale: float | None = None  # the largest |logit| on the probe prompt (at least 1)
     merge_diff: float | None = None  # merged vs unmerged model, before saving (--merge only)
     bytes_written: int = 0
+    details: dict | None = None  # --text-only: layers kept and dropped, vocabulary rows, timings
+    gguf: dict | None = None  # --gguf: path, type, bytes, its max_logit_diff and tolerance
 
     def to_dict(self) -> dict:
-        return {"out": str(self.out), "kind": self.kind, "files": self.files,
-                "max_logit_diff": self.max_logit_diff, "tolerance": self.tolerance,
-                "logit_scale": self.logit_scale, "merge_diff": self.merge_diff,
-                "bytes_written": self.bytes_written}
+        out = {"out": str(self.out), "kind": self.kind, "files": self.files,
+               "max_logit_diff": self.max_logit_diff, "tolerance": self.tolerance,
+               "logit_scale": self.logit_scale, "merge_diff": self.merge_diff,
+               "bytes_written": self.bytes_written}
+        if self.details is not None:
+            out["details"] = self.details
+        if self.gguf is not None:
+            out["gguf"] = self.gguf
+        return out
 
 
 def _check_target(out: Path, overwrite: bool, is_file: bool = False) -> None:
@@ -120,7 +128,8 @@ def _diff(a, b) -> tuple[float, float]:
 def export_adapter(run: str | Path, out: str | Path, *, merge: bool = False, dtype: str = "bf16",
                    state_dict: str | Path | None = None, overwrite: bool = False,
                    verify: bool = True,
-                   on_event: OnEvent | None = None) -> ExportResult:
+                   on_event: OnEvent | None = None, text_only: bool = False,
+                   gguf: str | Path | None = None, gguf_type: str = "f16") -> ExportResult:
     """Exports the adapter of a run (or a checkpoint inside one).
 
     Args:
@@ -131,6 +140,10 @@ def export_adapter(run: str | Path, out: str | Path, *, merge: bool = False, dty
         state_dict: Write only the adapter state dict (torch.save) to this file.
         overwrite: Replace an existing target.
         verify: Reload what was written and compare logits on a probe prompt.
+        text_only: With `merge`, write the language model as a plain `LlamaForCausalLM` (the
+            cross-attention layers dropped); text-trained runs only.
+        gguf: With `text_only`, also write this GGUF file (llama.cpp, Ollama).
+        gguf_type: The GGUF's weights: "f16" or "q8_0".
 
     Raises:
         UsageError, OutputExistsError, ModelError.
@@ -138,7 +151,12 @@ def export_adapter(run: str | Path, out: str | Path, *, merge: bool = False, dty
     emit = on_event or (lambda event: None)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    _check_text_only_options(merge, text_only, gguf, gguf_type, state_dict)
     info = find_adapter(run)
+    if text_only and _trained_with_vision(info):
+        raise UsageError(f"{info.run_dir} was trained with images: its answers depend on the "
+                         "cross-attention layers that --text-only drops; export it with --merge "
+                         "(the full vision model) instead")
     from safetensors.torch import load_file, save_file
 
     weights = load_file(str(info.folder / ADAPTER_WEIGHTS))
@@ -161,12 +179,20 @@ def export_adapter(run: str | Path, out: str | Path, *, merge: bool = False, dty
 
     out = Path(out)
     _check_target(out, overwrite)
+    gguf_path = None
+    if gguf is not None:
+        from llamalora.export_llama import gguf_target, require_gguf
+
+        require_gguf()  # before any loading: the fix is one pip install
+        gguf_path = gguf_target(gguf, out, overwrite)
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        if merge:
+        if text_only:
+            result = _export_llama(info, tmp, out, dtype, verify, emit, gguf_path, gguf_type)
+        elif merge:
             result = _export_merged(info, tmp, out, dtype, verify, emit)
         else:
             # Each weight under both layer names (safetensors wants separate storage for each).
@@ -193,6 +219,34 @@ def export_adapter(run: str | Path, out: str | Path, *, merge: bool = False, dty
     result.files = sorted(p.name for p in out.iterdir())
     result.bytes_written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return result
+
+
+def _check_text_only_options(merge: bool, text_only: bool, gguf, gguf_type: str,
+                             state_dict) -> None:
+    if text_only and not merge:
+        raise UsageError("--text-only writes a merged model: pass --merge --text-only")
+    if gguf is not None and not text_only:
+        raise UsageError("--gguf converts the text-only Llama model: pass --merge --text-only "
+                         "--gguf FILE")
+    if text_only and state_dict is not None:
+        raise UsageError("--state-dict writes the adapter alone; use it without --text-only")
+    if gguf is not None:
+        from llamalora.export_llama import GGUF_TYPES
+
+        if gguf_type not in GGUF_TYPES:
+            raise UsageError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got "
+                             f"{gguf_type!r}")
+
+
+def _export_llama(info: AdapterInfo, tmp: Path, out: Path, dtype: str, verify: bool, emit,
+                  gguf_path: Path | None, gguf_type: str) -> ExportResult:
+    from llamalora.export_llama import export_text_llama
+
+    done = export_text_llama(info, tmp, out, dtype=dtype, verify=verify, emit=emit,
+                             gguf_path=gguf_path, gguf_type=gguf_type)
+    return ExportResult(out, "llama", max_logit_diff=done.max_logit_diff,
+                        tolerance=done.tolerance, logit_scale=done.logit_scale,
+                        merge_diff=done.merge_diff, details=done.details, gguf=done.gguf)
 
 
 def _load_base(info: AdapterInfo, dtype: str, with_vision: bool):

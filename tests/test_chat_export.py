@@ -169,3 +169,82 @@ def test_state_dict_export(memorized, tmp_path):
     assert r.exit_code == 0, r.output
     state = torch.load(target, weights_only=True)
     assert state and all(".lora_" in k for k in state)
+
+
+@pytest.fixture(scope="module")
+def exported_llama(memorized, tmp_path_factory):
+    """The memorized run as a plain Llama folder with an f16 GGUF inside (the CLI's JSON too)."""
+    out = tmp_path_factory.mktemp("llama") / "llama"
+    r = runner.invoke(app, ["export-adapter", str(memorized), "--out", str(out), "--merge",
+                            "--text-only", "--gguf", str(out / "model.gguf"), "--json"])
+    assert r.exit_code == 0, r.output
+    return out, json.loads(r.stdout), r.stderr
+
+
+def _training_prompt_ids(tokenizer, question: str) -> list[int]:
+    from llamalora.template import render_segments
+
+    text = "".join(t for t, _ in render_segments(None, [("user", question)],
+                                                 add_generation_prompt=True))
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+@pytest.mark.slow
+def test_text_only_export_is_a_plain_llama_with_the_runs_answers(exported_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    out, result, stderr = exported_llama
+    assert result["kind"] == "llama" and result["max_logit_diff"] <= result["tolerance"]
+    assert result["gguf"]["type"] == "f16"
+    assert result["gguf"]["max_logit_diff"] <= result["gguf"]["tolerance"]
+    assert "Reloaded the GGUF (f16) with transformers' GGUF loader: max logit" in stderr
+    # Against the Mllama model + adapter (unmerged): within what merging into bf16 moves.
+    assert result["details"]["adapter_diff"] <= 2e-2 * result["logit_scale"]
+    assert result["gguf"]["adapter_diff"] <= 2e-2 * result["logit_scale"]
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", "README.md", "model.gguf"} <= set(result["files"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 2
+    assert result["details"]["dropped_cross_attention_layers"] == [1]
+    assert 128009 in json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert type(model) is LlamaForCausalLM
+    assert model.get_input_embeddings().weight.shape[0] == 128256
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.eos_token == "<|eot_id|>" and "<|image|>" not in tokenizer.get_vocab()
+    assert "Today Date: 26 Jul 2024" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    # Plain transformers generate, stopping where generation_config says, gives what the run
+    # memorized (prompted in the format it was trained on).
+    for rec in MEMO_QUESTIONS:
+        ids = torch.tensor([_training_prompt_ids(tokenizer, rec["instruction"])])
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, max_new_tokens=24, do_sample=False)
+        assert tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True) == rec["output"]
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_gguf(exported_llama):
+    """Where llama-cpp-python is installed: llama.cpp reads the GGUF's tokenizer and weights the
+    way transformers reads the folder (same ids, logits within f16 rounding, same answers)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _, _ = exported_llama
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=256, logits_all=True,
+                          verbose=False)
+    assert llm.token_eos() == 128009 and llm.n_vocab() == 128256
+    for rec in MEMO_QUESTIONS:
+        ids = _training_prompt_ids(tokenizer, rec["instruction"])
+        text = tokenizer.decode(ids)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        llm.reset()
+        llm.eval(ids)
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0]
+        got = torch.tensor(llm.scores[:len(ids)])
+        assert (got - expected).abs().max() <= 5e-3 * max(1.0, expected.abs().max().item())
+        answer = llm.create_completion(ids, max_tokens=24, temperature=0.0)["choices"][0]["text"]
+        assert answer.strip() == rec["output"]

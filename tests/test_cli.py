@@ -513,8 +513,13 @@ def test_export_adapter_passes_its_options_to_the_core(monkeypatch, tmp_path):
             "fp32", "--no-verify")
     assert r.exit_code == 0, r.output
     assert seen == {"run": Path("runs/a"), "out": tmp_path / "m", "merge": True, "dtype": "fp32",
-                    "state_dict": None, "overwrite": False, "verify": False}
+                    "state_dict": None, "overwrite": False, "verify": False, "text_only": False,
+                    "gguf": None, "gguf_type": "f16"}
     assert r.stdout.strip() == f"Wrote merged to {tmp_path / 'm'} (1.0 MiB)"
+    r = run("export-adapter", "runs/a", "--out", str(tmp_path / "m"), "--merge", "--text-only",
+            "--gguf", "m.gguf", "--gguf-type", "q8_0")
+    assert r.exit_code == 0, r.output
+    assert (seen["text_only"], seen["gguf"], seen["gguf_type"]) == (True, Path("m.gguf"), "q8_0")
 
 
 def test_chat_passes_its_options_to_the_core(monkeypatch):

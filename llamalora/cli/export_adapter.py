@@ -19,6 +19,8 @@ EXAMPLES = """Examples:
   llamalora export-adapter out/ --out merged/ --merge --dtype bf16
 
   llamalora export-adapter out/checkpoints/step-000100 --state-dict lora_adapter_state_dict.pt
+
+  llamalora export-adapter out/ --out llama/ --merge --text-only --gguf llama/model.gguf
 """
 
 
@@ -42,9 +44,19 @@ def export_adapter(
                          ] = False,
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip reloading the export and comparing logits.")] = False,
+    text_only: Annotated[bool, typer.Option(
+        "--text-only", help="With --merge: write a plain Llama checkpoint (the cross-attention "
+                            "layers dropped) that llama.cpp, Ollama and vLLM serve; for runs "
+                            "trained on text only.")] = False,
+    gguf: Annotated[Path | None, typer.Option(
+        "--gguf", help="With --merge --text-only: also write this .gguf file (llama.cpp, "
+                       "Ollama); needs the gguf extra.", show_default=False)] = None,
+    gguf_type: Annotated[str, typer.Option(
+        "--gguf-type", help="f16 or q8_0 (8-bit, about half the size): the GGUF's weights.")
+                         ] = "f16",
     json_out: JsonOpt = False,
 ) -> None:
-    """Export a trained adapter: PEFT folder, merged model, or state dict."""
+    """Export a trained adapter: PEFT folder, merged model, plain Llama + GGUF, or state dict."""
     if state_dict is None and out_dir is None:
         raise UsageError("pass --out DIR (or --state-dict FILE.pt)")
     if state_dict is not None and (merge or out_dir is not None):
@@ -54,8 +66,19 @@ def export_adapter(
 
     result = run_export(run, out_dir, merge=merge, dtype=dtype, state_dict=state_dict,
                         overwrite=overwrite, verify=not no_verify,
-                        on_event=lambda event: info(event.message))
-    if result.max_logit_diff is not None:
+                        on_event=lambda event: info(event.message), text_only=text_only,
+                        gguf=gguf, gguf_type=gguf_type)
+    if result.kind == "llama" and result.max_logit_diff is not None:
+        checks = [("the Llama folder with plain transformers", result.max_logit_diff,
+                   result.tolerance, result.details["adapter_diff"])]
+        if result.gguf is not None:
+            checks.append((f"the GGUF ({result.gguf['type']}) with transformers' GGUF loader",
+                           result.gguf["max_logit_diff"], result.gguf["tolerance"],
+                           result.gguf["adapter_diff"]))
+        for what, diff, tol, adapter_diff in checks:
+            info(f"Reloaded {what}: max logit difference {diff:.3g} vs the merged Mllama model "
+                 f"(tolerance {tol:.3g}), {adapter_diff:.3g} vs the Mllama model + adapter")
+    elif result.max_logit_diff is not None:
         info(f"Reloaded and compared on a probe prompt: max logit difference "
              f"{result.max_logit_diff:.3g} (tolerance {result.tolerance:.3g})")
     if result.merge_diff is not None:
@@ -65,3 +88,6 @@ def export_adapter(
         print_json(result.to_dict())
     else:
         out.print(f"Wrote {result.kind} to {result.out} ({result.bytes_written / 2**20:.1f} MiB)")
+        if result.gguf is not None:
+            out.print(f"Wrote GGUF ({result.gguf['type']}) to {result.gguf['path']} "
+                      f"({result.gguf['bytes'] / 2**20:.1f} MiB)")
