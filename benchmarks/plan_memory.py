@@ -41,14 +41,16 @@ def make_file(path: Path, n: int, seed: int = 0) -> None:
 def measure(cmd: list[str], env: dict) -> tuple[float, int]:
     """(wall seconds, peak RSS in KiB) of one child process."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # cwd is the tree: `python -m` puts the current folder before PYTHONPATH.
+    proc = subprocess.Popen(cmd, env=env, cwd=env["PYTHONPATH"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
-    out, err = proc.stdout.read(), proc.stderr.read()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.decode()[-2000:]}")
-    sys.stderr.write(err.decode()[-600:])
+    sys.stderr.write(err.decode()[-400:])
     return wall, usage.ru_maxrss
 
 
@@ -56,13 +58,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--tree", type=Path, default=ROOT, help="the llamalora checkout to run")
+    ap.add_argument("--home", type=Path, default=None, help="LLAMALORA_HOME (its tokenized "
+                                                           "cache); default: the usual one")
     ap.add_argument("--file", type=Path, default=None, help="reuse this data file")
     ap.add_argument("--repeat", type=int, default=1, help="runs (a second one reuses caches)")
     args = ap.parse_args()
-    path = args.file or Path(f"/tmp/plan_memory_{args.records}.jsonl")
+    path = (args.file or Path(f"/tmp/plan_memory_{args.records}.jsonl")).resolve()
     if not path.exists():
         make_file(path, args.records)
-    env = {**os.environ, "PYTHONPATH": str(args.tree), "LLAMALORA_QUIET": "1"}
+    env = {**os.environ, "PYTHONPATH": str(args.tree.resolve()), "LLAMALORA_QUIET": "1"}
+    if args.home is not None:
+        env["LLAMALORA_HOME"] = str(args.home)
     cmd = [sys.executable, "-m", "llamalora", "train", str(path), "--model", "tiny",
            "--dry-run", "--json"]
     rows = []

@@ -62,8 +62,11 @@ class Records:
 
         self._indices = np.asarray(indices, dtype=np.int64)
         table = dataset.data
-        self._columns = {name: table.column(name) for name in ("line", "input_ids", "labels",
-                                                               "images")}
+        self._lines = table.column("line").to_numpy()
+        self._ids, self._labels = _lists(table.column("input_ids")), _lists(
+            table.column("labels"))
+        images = table.column("images")
+        self._images = images if any(len(c.values) for c in images.chunks) else None
         self.lengths: list[int] = table.column("length").to_numpy()[self._indices].tolist()
         self.targets: list[int] = table.column("targets").to_numpy()[self._indices].tolist()
 
@@ -72,15 +75,30 @@ class Records:
 
     def __getitem__(self, i: int) -> Tokenized:
         j = int(self._indices[i])
-        c = self._columns
-        # ListScalar.values is a zero-copy slice of the memory-mapped file; tolist() makes the
-        # Python ints the batching code wants (one record at a time, so little at once).
-        return Tokenized(c["line"][j].as_py(), c["input_ids"][j].values.to_numpy().tolist(),
-                         c["labels"][j].values.to_numpy().tolist(),
-                         [Path(p) for p in c["images"][j].as_py()])
+        images = [Path(p) for p in self._images[j].as_py()] if self._images is not None else []
+        return Tokenized(int(self._lines[j]), self._ids(j), self._labels(j), images)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+
+def _lists(column):
+    """Row j of a list<int32> column as a Python list, read from the memory-mapped buffers (a
+    pyarrow scalar per row costs ~10x as much; the trainer asks for rows one at a time)."""
+    import numpy as np
+
+    chunks = column.chunks
+    starts = np.cumsum([0] + [len(c) for c in chunks])
+    # A chunk's offsets point into its whole child array (`values`), slices included.
+    parts = [(c.offsets.to_numpy(), c.values.to_numpy()) for c in chunks]
+
+    def row(j: int) -> list[int]:
+        k = int(np.searchsorted(starts, j, side="right")) - 1 if len(parts) > 1 else 0
+        offsets, values = parts[k]
+        local = j - starts[k]
+        return values[offsets[local]:offsets[local + 1]].tolist()
+
+    return row
 
 
 def cache_root() -> Path:

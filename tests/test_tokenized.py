@@ -125,3 +125,16 @@ def test_the_plan_holds_records_not_token_lists(tmp_path):
     assert (plan.train_records, plan.eval_records) == (len(plan.train), len(plan.eval)) == (6, 1)
     assert plan.tokens_per_epoch == sum(plan.train.lengths) == sum(map(len, plan.train))
     assert sorted(t.line for t in [*plan.train, *plan.eval]) == list(range(1, len(RECORDS)))
+
+
+def test_images_survive_the_cache(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
+    path = write_jsonl(tmp_path / "d.jsonl", GOOD + [
+        {"instruction": "What colour?", "output": "black", "image": "a.png"}])
+    data = tokenized.tokenize_data(str(path), TOK, **OPTIONS, image_root=str(tmp_path / "imgs"))
+    records = tokenized.Records(data.dataset, data.kept())
+    assert data.with_vision and records[3].images == [tmp_path / "imgs" / "a.png"]
+    assert records[0].images == [] and TOK.token_to_id("<|image|>") in records[3].input_ids
