@@ -808,6 +808,13 @@ def _load_table(source: Source):
             builder, options = TABLE_FILES[source.path.suffix.lower()]
             ds = datasets.load_dataset(builder, data_files=str(source.path), split="train",
                                        **options)
+        elif source.path is not None and ((source.path / "state.json").is_file() or (
+                source.path / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(source.path))  # a `save_to_disk` folder
+            if isinstance(ds, datasets.DatasetDict):
+                if source.split not in ds:
+                    raise ValueError(f"Unknown split {source.split!r}; it has {list(ds)}")
+                ds = ds[source.split]
         else:
             ds = datasets.load_dataset(str(source.path or source.name), split=source.split)
     except ValueError as exc:

@@ -544,3 +544,17 @@ def test_hub_id_offline_is_one_clear_error(tmp_path, monkeypatch):
         validate_file("someorg/missing-set")
     with pytest.raises(UsageError, match="no such file"):
         validate_file("someorg/missing-set.jsonl")
+
+
+def test_a_save_to_disk_folder_reads_by_split(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]
+    DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list(rows[:1])}
+                ).save_to_disk(str(tmp_path / "dd"))
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    assert validate_file(tmp_path / "dd").records == 2
+    assert validate_file(tmp_path / "dd", split="test").records == 1
+    assert validate_file(tmp_path / "one").records_ok == 2
+    with pytest.raises(UsageError, match="--split dev"):
+        validate_file(tmp_path / "dd", split="dev")
