@@ -51,16 +51,32 @@ def make_duplicates(path: Path, n: int) -> None:
 
 
 PEAK = {}  # command -> the largest peak RSS (KiB) seen over its runs
+# Runs `python -m MODULE ARGS` and writes the process's own peak (VmHWM) to a file: a forked
+# child's ru_maxrss would count this benchmark's memory too.
+MEASURED = """
+import re, runpy, sys
+peak_file = sys.argv.pop(1)
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+finally:
+    status = open("/proc/self/status").read()
+    open(peak_file, "w").write(re.search(r"VmHWM:\\s+(\\d+)", status)[1])
+"""
+
+
+def measured(module_args: list[str], peak_file: Path) -> list[str]:
+    return [sys.executable, "-c", MEASURED, str(peak_file), *module_args]
 
 
 def _wall(cmd: list[str]) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
+    code = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
     wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) not in (0, 1):  # validate exits 1 on errors
-        sys.exit(f"{' '.join(cmd)} failed")
-    PEAK[tuple(cmd)] = max(PEAK.get(tuple(cmd), 0), usage.ru_maxrss)
+    if code not in (0, 1):  # validate exits 1 when the data has errors
+        sys.exit(f"{' '.join(cmd)} failed ({code})")
+    if cmd[1] == "-c" and cmd[2] == MEASURED:
+        PEAK[tuple(cmd)] = max(PEAK.get(tuple(cmd), 0), int(Path(cmd[3]).read_text()))
     return wall
 
 
@@ -123,8 +139,10 @@ def main() -> None:
                 [py, "-m", "llamalora", "stats", str(small), "--tokenizer", "bundled", "--json"],
                 [py, "-c", BARE_TOKENIZE, str(texts), str(tok_file)], args.repeat)),
             ("validate --json", "validate (tables)", *best_of_pair(
-                json_cmd := [py, "-m", "llamalora", "validate", str(dups), "--json"],
-                table_cmd := [py, "-m", "llamalora", "validate", str(dups)], args.repeat)),
+                json_cmd := measured(["llamalora", "validate", str(dups), "--json"],
+                                     tmp / "peak-json"),
+                table_cmd := measured(["llamalora", "validate", str(dups)], tmp / "peak-table"),
+                args.repeat)),
         ]
     result = []
     for name, base_name, t, base in rows:

@@ -6,7 +6,8 @@
 Records are English instruction/input/output triples of random words (seeded), ~170 tokens each
 with the Llama 3 tokenizer, as Stanford Alpaca's average. The dry run validates, tokenizes and
 plans (`--model tiny`: no weights beyond the tiny model's config); the peak is the process's
-maximum resident set (wait4's rusage), the figure `/usr/bin/time -v` prints.
+maximum resident set (wait4's rusage), the figure `/usr/bin/time -v` prints; a forked child's
+also counts what this script held when it forked (~15 MiB: it holds no records).
 """
 
 from __future__ import annotations
