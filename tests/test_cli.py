@@ -550,3 +550,11 @@ def test_chat_passes_its_options_to_the_core(monkeypatch):
                             "with_vision": False, "system": "짧게.", "kernels": "plain"}
     assert seen["ask"] == ("거푸집이란?", None, llamalora.chat.GenerationOptions(7, 0.0, 0.9))
     assert r.stdout == "거푸집은 틀입니다.\n"
+    # --image starts from --image-root; a missing root is refused before any model loads
+    r = run("chat", "--model", "tiny", "--no-adapter", "--prompt", "?", "--image", "a.png",
+            "--image-root", str(Path.cwd()))
+    assert r.exit_code == 0, r.output
+    assert seen["ask"][1] == Path.cwd() / "a.png" and seen["open"]["with_vision"]
+    seen.clear()
+    r = run("chat", "--model", "tiny", "--no-adapter", "--prompt", "?", "--image-root", "nope/")
+    assert r.exit_code == 2 and "--image-root nope: no such folder" in r.stderr and not seen
