@@ -3,14 +3,18 @@
     python3 benchmarks/data_speed.py            # 300,000 records for validate, 20,000 for stats
 
 validate is compared with a bare `json.loads` loop over the same file; stats with bare batched
-tokenization (`tokenizers`, encode_batch_fast) of the same training texts. Each command runs
-`--repeat` times, alternating with its baseline; the best time of each counts.
+tokenization (`tokenizers`, encode_batch_fast) of the same training texts; and `validate --json`
+with validate's table output on a warning-heavy file (300,000 copies of one record, every 300th
+varied: 299,000 duplicate warnings, 100,000 of them listed in the JSON), with each one's peak
+memory. Each command runs `--repeat` times, alternating with its baseline; the best time of
+each counts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -36,10 +40,44 @@ def make_file(path: Path, n: int, seed: int = 0) -> None:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
+def make_duplicates(path: Path, n: int) -> None:
+    """n copies of one record, every 300th varied: nearly every line a duplicate warning."""
+    line = json.dumps({"instruction": "다음 건설 용어를 설명하세요.", "input": "거푸집",
+                       "output": "콘크리트를 부어 원하는 모양으로 굳히기 위한 임시 틀입니다."},
+                      ensure_ascii=False)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write((line.replace("거푸집", f"거푸집 {i}") if i % 300 == 0 else line) + "\n")
+
+
+PEAK = {}  # command -> the largest peak RSS (KiB) seen over its runs
+# Runs `python -m MODULE ARGS` and writes the process's own peak (VmHWM) to a file: a forked
+# child's ru_maxrss would count this benchmark's memory too.
+MEASURED = """
+import re, runpy, sys
+peak_file = sys.argv.pop(1)
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+finally:
+    status = open("/proc/self/status").read()
+    open(peak_file, "w").write(re.search(r"VmHWM:\\s+(\\d+)", status)[1])
+"""
+
+
+def measured(module_args: list[str], peak_file: Path) -> list[str]:
+    return [sys.executable, "-c", MEASURED, str(peak_file), *module_args]
+
+
 def _wall(cmd: list[str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    code = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+    wall = time.perf_counter() - t0
+    if code not in (0, 1):  # validate exits 1 when the data has errors
+        sys.exit(f"{' '.join(cmd)} failed ({code})")
+    if cmd[1] == "-c" and cmd[2] == MEASURED:
+        PEAK[tuple(cmd)] = max(PEAK.get(tuple(cmd), 0), int(Path(cmd[3]).read_text()))
+    return wall
 
 
 def best_of_pair(cmd: list[str], baseline: list[str], repeat: int) -> tuple[float, float]:
@@ -85,8 +123,9 @@ def main() -> None:
     tok_file = ROOT / "llamalora" / "assets" / "llama3_2_tokenizer" / "tokenizer.json"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        big, small = tmp / "big.jsonl", tmp / "small.jsonl"
+        big, small, dups = tmp / "big.jsonl", tmp / "small.jsonl", tmp / "dups.jsonl"
         make_file(big, args.validate_records)
+        make_duplicates(dups, args.validate_records)
         make_file(small, args.stats_records, seed=1)
         examples, _ = load_examples(small)
         texts = tmp / "texts.json"
@@ -99,12 +138,21 @@ def main() -> None:
             ("stats", "batched tokenization", *best_of_pair(
                 [py, "-m", "llamalora", "stats", str(small), "--tokenizer", "bundled", "--json"],
                 [py, "-c", BARE_TOKENIZE, str(texts), str(tok_file)], args.repeat)),
+            ("validate --json", "validate (tables)", *best_of_pair(
+                json_cmd := measured(["llamalora", "validate", str(dups), "--json"],
+                                     tmp / "peak-json"),
+                table_cmd := measured(["llamalora", "validate", str(dups)], tmp / "peak-table"),
+                args.repeat)),
         ]
     result = []
     for name, base_name, t, base in rows:
-        print(f"{name:<9} {t:7.2f} s   {base_name:<22} {base:7.2f} s   ratio {t / base:.2f}x")
+        print(f"{name:<15} {t:7.2f} s   {base_name:<22} {base:7.2f} s   ratio {t / base:.2f}x")
         result.append({"command": name, "seconds": round(t, 3), "baseline": base_name,
                        "baseline_seconds": round(base, 3), "ratio": round(t / base, 3)})
+    result[-1].update(peak_mib=round(PEAK[tuple(json_cmd)] / 1024),
+                      baseline_peak_mib=round(PEAK[tuple(table_cmd)] / 1024))
+    print(f"peak memory: validate --json {result[-1]['peak_mib']} MiB, tables "
+          f"{result[-1]['baseline_peak_mib']} MiB")
     print(json.dumps(result))
 
 

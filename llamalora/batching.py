@@ -7,8 +7,10 @@ does, so the truncation train reports is the one stats predicted.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from llamalora.data import Example
 from llamalora.stats import measure
@@ -43,6 +45,15 @@ class TruncationSummary:
     records_dropped: int = 0  # over the limit with --truncation drop, or left with no response
     dropped_lines: list[int] = field(default_factory=list)
 
+    def add(self, line: int, enc: Encoded, max_seq_length: int) -> None:
+        """Counts one record of `tokenize_records`."""
+        if enc.untruncated > max_seq_length:
+            self.records_over += 1
+        self.response_tokens_lost += enc.response_lost
+        if enc.tokenized is None:
+            self.records_dropped += 1
+            self.dropped_lines.append(line)
+
     def to_dict(self) -> dict:
         return {"mode": self.mode, "max_seq_length": self.max_seq_length,
                 "records_over": self.records_over,
@@ -51,10 +62,19 @@ class TruncationSummary:
                 "dropped_lines": self.dropped_lines[:100]}
 
 
-def tokenize_examples(tokenizer, examples: list[Example], *, max_seq_length: int,
-                      train_on_prompt: bool = False, truncation: str = "truncate",
-                      chunk: int = 2000) -> tuple[list[Tokenized], TruncationSummary]:
-    """Tokenizes records and builds their labels.
+class Encoded(NamedTuple):
+    """One record through `tokenize_records`: its Tokenized (None when it is left out), the
+    tokens it had before truncation, and the response tokens truncation cost it."""
+
+    tokenized: Tokenized | None
+    untruncated: int
+    response_lost: int
+
+
+def tokenize_records(tokenizer, examples: list[Example], *, max_seq_length: int,
+                     train_on_prompt: bool = False, truncation: str = "truncate",
+                     chunk: int = 2000) -> Iterator[Encoded]:
+    """Tokenizes records and builds their labels, one `Encoded` per record in order.
 
     Labels are -100 on the prompt (unless `train_on_prompt`) and always on `<|image|>`, which
     lies outside the language model's output classes. Records longer than `max_seq_length` are
@@ -64,8 +84,6 @@ def tokenize_examples(tokenizer, examples: list[Example], *, max_seq_length: int
     if truncation not in ("truncate", "drop"):
         raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
     image_id = tokenizer.token_to_id(IMAGE)
-    summary = TruncationSummary(truncation, max_seq_length)
-    out: list[Tokenized] = []
     for start in range(0, len(examples), chunk):
         part = examples[start:start + chunk]
         encoded = encode_segments(tokenizer, [render_segments(e.system, e.messages) for e in part])
@@ -78,18 +96,39 @@ def tokenize_examples(tokenizer, examples: list[Example], *, max_seq_length: int
                               else [IGNORE_INDEX] * len(seg_ids))
             if image_id is not None:
                 labels = [IGNORE_INDEX if t == image_id else t for t in labels]
-            if len(ids) > max_seq_length:
-                summary.records_over += 1
+            n = len(ids)
+            if n > max_seq_length:
                 _, response, kept = measure([(len(i), r) for i, r in segments], max_seq_length)
                 if truncation == "drop" or kept == 0:
-                    summary.records_dropped += 1
-                    summary.dropped_lines.append(example.line)
-                    summary.response_tokens_lost += response
+                    yield Encoded(None, n, response)
                     continue
-                summary.response_tokens_lost += response - kept
-                ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-            out.append(Tokenized(example.line, ids, labels, list(example.images)))
+                yield Encoded(Tokenized(example.line, ids[:max_seq_length],
+                                        labels[:max_seq_length], list(example.images)),
+                              n, response - kept)
+                continue
+            yield Encoded(Tokenized(example.line, ids, labels, list(example.images)), n, 0)
+
+
+def tokenize_examples(tokenizer, examples: list[Example], *, max_seq_length: int,
+                      train_on_prompt: bool = False, truncation: str = "truncate",
+                      chunk: int = 2000) -> tuple[list[Tokenized], TruncationSummary]:
+    """`tokenize_records` as a list of the records kept, and what truncation did."""
+    summary = TruncationSummary(truncation, max_seq_length)
+    out: list[Tokenized] = []
+    for example, enc in zip(examples, tokenize_records(
+            tokenizer, examples, max_seq_length=max_seq_length, train_on_prompt=train_on_prompt,
+            truncation=truncation, chunk=chunk)):
+        summary.add(example.line, enc, max_seq_length)
+        if enc.tokenized is not None:
+            out.append(enc.tokenized)
     return out, summary
+
+
+def record_lengths(records) -> list[int]:
+    """Token counts of training records: the stored `lengths` of a tokenized data set
+    (`llamalora.tokenized.Records`), else each record's len() (a list of Tokenized)."""
+    lengths = getattr(records, "lengths", None)
+    return list(lengths) if lengths is not None else [len(t) for t in records]
 
 
 def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

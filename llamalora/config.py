@@ -99,7 +99,11 @@ def _opt(default, help_text: str, *flags: str):
 class TrainConfig:
     """Everything one training run needs; `llamalora.json` records it."""
 
-    data_path: str = _opt("", "Training data: JSONL, or a JSON array of records.", "--data-path")
+    data_path: str = _opt("", "Training data: JSONL, a JSON array, parquet, CSV or Arrow file, a "
+                              "dataset folder, or a Hub dataset id (ORG/NAME).", "--data-path")
+    split: str = _opt("train", "The split of a dataset folder or Hub dataset.", "--split")
+    image_root: str = _opt("", "Folder that relative image paths start from (default: the data "
+                               "file's folder).", "--image-root")
     output_dir: str = _opt("", "Folder for the adapter, checkpoints and metrics.", "--output-dir")
     model: str = _opt(DEFAULT_MODEL, "Hub id, local folder, or `tiny` (a built-in random model).",
                       "--model", "--model-name-or-path")
@@ -168,6 +172,8 @@ class TrainConfig:
                          "--packing/--no-packing")
     skip_invalid: bool = _opt(False, "Leave invalid records out instead of refusing the data.",
                               "--skip-invalid/--no-skip-invalid")
+    num_proc: int = _opt(0, "Processes that tokenize the data (0: one for under 50,000 records, "
+                            "else up to 8).", "--num-proc", "--preprocessing-num-workers")
 
     def __post_init__(self) -> None:
         for spec in self.options():
@@ -187,7 +193,7 @@ class TrainConfig:
         if self.max_seq_length < 16:  # room for the template's header tokens and an answer
             raise ConfigError(f"--max-seq-length must be at least 16, got {self.max_seq_length}")
         for name in ("num_train_epochs", "weight_decay", "max_grad_norm", "eval_steps",
-                     "save_steps", "save_total_limit"):
+                     "save_steps", "save_total_limit", "num_proc"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got "
                                   f"{getattr(self, name)}")

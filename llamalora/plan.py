@@ -7,16 +7,14 @@ a model of where memory goes, not a measurement: llamalora.json records the meas
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from llamalora.batching import Tokenized, TruncationSummary, split_eval, tokenize_examples
+from llamalora.batching import Tokenized, TruncationSummary, split_eval
 from llamalora.config import QUANT_CHOICES as QUANTS, TrainConfig
-from llamalora.data import load_examples
 from llamalora.errors import ConfigError, ModelError
 from llamalora.parallel import world
+from llamalora.tokenized import Records, tokenize_data
 from llamalora.tokenizer import load_model_tokenizer
 
 GIB = 1024**3
@@ -130,10 +128,13 @@ class Plan:
     # A step's micro-batches run as one pass (CUDA graphs): batch x accumulation records at once.
     memory_gib_fused: dict[str, float]
     params: dict[str, int]
-    data_sha256: str
+    data_sha256: str  # the data file's SHA-256 (a table's `datasets` fingerprint)
     model_note: str = ""
-    train: list[Tokenized] = field(default_factory=list, repr=False)
-    eval: list[Tokenized] = field(default_factory=list, repr=False)
+    # The records by index (`tokenized.Records`: memory-mapped, not token lists) or, from tests
+    # and benchmarks, plain lists of Tokenized.
+    train: Records | list[Tokenized] = field(default_factory=list, repr=False)
+    eval: Records | list[Tokenized] = field(default_factory=list, repr=False)
+    data_note: str = ""  # e.g. that the tokenized data came from the cache
 
     def to_dict(self) -> dict:
         return {"records": self.records, "train_records": self.train_records,
@@ -165,14 +166,6 @@ def load_model_config(model: str):
                          "folder, `tiny`, or log in for a gated hub model") from exc
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def plan_training(config: TrainConfig) -> Plan:
     """Checks and tokenizes the data and estimates memory; loads no weights.
 
@@ -186,21 +179,24 @@ def plan_training(config: TrainConfig) -> Plan:
     from llamalora.trackers import check_trackers
 
     check_trackers(config.report_to_list())  # a missing extra fails here, before any data work
-    data_path = Path(config.data_path)
-    examples, _ = load_examples(data_path, skip_invalid=config.skip_invalid)
-    with_vision = any(e.images for e in examples)
     model = resolve_model(config.model)
     tokenizer, tok_note = load_model_tokenizer(model)
-    tokenized, truncation = tokenize_examples(
-        tokenizer, examples, max_seq_length=config.max_seq_length,
-        train_on_prompt=config.train_on_prompt, truncation=config.truncation)
-    if not tokenized:
+    _, local_rank, world_size = world()
+    notes = []
+    data = tokenize_data(
+        config.data_path, tokenizer, max_seq_length=config.max_seq_length,
+        train_on_prompt=config.train_on_prompt, truncation=config.truncation,
+        skip_invalid=config.skip_invalid, image_root=config.image_root or None,
+        split=config.split, num_proc=config.num_proc, builder=local_rank == 0,
+        on_status=notes.append)
+    kept = data.kept()
+    if not len(kept):
         raise ConfigError(f"no record fits --max-seq-length {config.max_seq_length} with a "
                           "response left; raise it (see `llamalora stats`)")
-    train_idx, eval_idx = split_eval(len(tokenized), config.eval_fraction, config.seed)
-    train_set = [tokenized[i] for i in train_idx]
-    eval_set = [tokenized[i] for i in eval_idx]
-    _, _, world_size = world()
+    train_idx, eval_idx = split_eval(len(kept), config.eval_fraction, config.seed)
+    train_set, eval_set = Records(data.dataset, kept[train_idx]), Records(data.dataset,
+                                                                          kept[eval_idx])
+    with_vision, truncation = data.with_vision, data.truncation
     batches = math.ceil(len(train_set) / config.batch_size)
     per_step = config.gradient_accumulation_steps * world_size
     steps_per_epoch = math.ceil(batches / per_step)
@@ -210,9 +206,9 @@ def plan_training(config: TrainConfig) -> Plan:
     counts = count_params(model_config, with_vision)
     targets = config.target_module_list()
     lora = lora_param_count(counts, config.lora_rank, targets)
-    longest = max(len(t) for t in train_set)
-    response_share = sum(sum(1 for x in t.labels if x != -100) for t in train_set) / max(
-        1, sum(len(t) for t in train_set))
+    longest = max(train_set.lengths)
+    tokens_per_epoch = sum(train_set.lengths)
+    response_share = sum(train_set.targets) / max(1, tokens_per_epoch)
 
     def estimate(quant: str, checkpointing: bool, batch_size: int = config.batch_size) -> float:
         return estimate_peak_gib(counts, quant=quant, batch_size=batch_size,
@@ -225,14 +221,14 @@ def plan_training(config: TrainConfig) -> Plan:
     memory_checkpointed = {q: estimate(q, True) for q in QUANTS}
     memory_fused = {q: estimate(q, False, config.batch_size * config.gradient_accumulation_steps)
                     for q in QUANTS}
-    return Plan(config=config, records=len(examples), train_records=len(train_set),
+    return Plan(config=config, records=data.records, train_records=len(train_set),
                 eval_records=len(eval_set), with_vision=with_vision,
-                tokens_per_epoch=sum(len(t) for t in train_set), steps=steps,
+                tokens_per_epoch=tokens_per_epoch, steps=steps,
                 steps_per_epoch=steps_per_epoch, world_size=world_size,
                 effective_batch=config.batch_size * per_step, truncation=truncation,
                 memory_gib=memory, memory_gib_checkpointed=memory_checkpointed,
                 memory_gib_fused=memory_fused,
                 params={"base": counts.total, "lora": lora},
-                data_sha256=_sha256(data_path), model_note="; ".join(
+                data_sha256=data.data_fingerprint, model_note="; ".join(
                     n for n in (tok_note, cfg_note) if n),
-                train=train_set, eval=eval_set)
+                train=train_set, eval=eval_set, data_note="; ".join(notes))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from llamalora import __version__, parallel, trackers
 from llamalora.batching import (IGNORE_INDEX, Tokenized, add_vision_inputs, batch_order, collate,
-                                pack, pack_padded, pack_vision, padded_shape)
+                                pack, pack_padded, pack_vision, padded_shape, record_lengths)
 from llamalora.config import TrainConfig
 from llamalora.errors import LlamaLoraError, ModelError
 from llamalora.events import (CheckpointSaved, EvalDone, ModelReady, OnEvent, PlanReady, Status,
@@ -234,7 +234,7 @@ class StepBatches:
 
         self.config, self.plan, self.par, self.setup, self.device = config, plan, par, setup, device
         self.dtype = getattr(torch, setup.compute_dtype)
-        self.lengths = [len(t) for t in plan.train]
+        self.lengths = record_lengths(plan.train)
         self.per_epoch = math.ceil(len(plan.train) / config.batch_size)
         self.per_step = config.gradient_accumulation_steps * par.world_size
         self.positions = plan.steps * self.per_step if config.max_steps else math.ceil(
@@ -312,7 +312,7 @@ class StepBatches:
     def eval_batches(self) -> list[list[Tokenized]]:
         """This rank's share of the held-out records, in batches of similar length."""
         items = self.plan.eval
-        order = sorted(range(len(items)), key=lambda i: len(items[i]))
+        order = sorted(range(len(items)), key=record_lengths(items).__getitem__)
         size = self.config.batch_size
         batches = [[items[i] for i in order[k:k + size]] for k in range(0, len(order), size)]
         return batches[self.par.rank::self.par.world_size]

@@ -172,6 +172,7 @@ class RunFolder:
         self.resume_from: Path | None = None  # the checkpoint this run continues
         self.resumed: dict = {}  # its state.json
         self.metrics = self.path / "metrics.jsonl"
+        self.created = False  # this run made the folder (so a failed run takes it away again)
 
     def open(self, *, overwrite: bool, resume: bool) -> str:
         """Locks the folder, refuses to clobber, and finds the checkpoint to resume.
@@ -186,6 +187,7 @@ class RunFolder:
         if self.is_main:
             if self.path.exists() and not self.path.is_dir():
                 raise OutputExistsError(f"{self.path} is a file; pass a folder to --output-dir")
+            self.created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             self.lock.acquire()
             prepare_output_dir(self.path, overwrite=overwrite, resume=resume)
@@ -291,7 +293,11 @@ class RunFolder:
         write_json_atomic(self.path / RUN_MARKER, summary())
 
     def close(self) -> None:
+        """Releases the lock; a folder this run created and left empty (it failed before
+        writing anything) is removed, so a retry does not find a stray folder."""
         self.lock.release()
+        if self.created and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
 
 
 def save_adapter(model, folder: Path, adapter: dict | None = None) -> None:

@@ -97,13 +97,16 @@ class StatsReport:
     extra: dict = field(default_factory=dict)
 
     def histogram(self, bins: int = 16) -> list[tuple[int, int, int]]:
-        """(low, high, count) bins of total tokens, spanning max_seq_length too."""
-        top = max(max(r.total for r in self.lengths), self.max_seq_length) + 1
-        width = max(1, -(-top // bins))
-        counts = [0] * bins
-        for r in self.lengths:
-            counts[min(r.total // width, bins - 1)] += 1
-        return [(i * width, (i + 1) * width - 1, c) for i, c in enumerate(counts)]
+        """(low, high, count): at most `bins` equal bins of total tokens from the shortest record
+        to the longest (a range running on to max_seq_length would leave most bins empty on
+        short data)."""
+        totals = [r.total for r in self.lengths]
+        low, span = min(totals), max(totals) - min(totals) + 1
+        width = -(-span // bins)
+        counts = [0] * -(-span // width)
+        for t in totals:
+            counts[(t - low) // width] += 1
+        return [(low + i * width, low + (i + 1) * width - 1, c) for i, c in enumerate(counts)]
 
     def to_dict(self) -> dict:
         totals = [r.total for r in self.lengths]
@@ -139,7 +142,8 @@ class StatsReport:
 
 def compute_stats(path: str | Path, tokenizer, *, tokenizer_name: str = "",
                   max_seq_length: int = 512, batch_size: int = 2, skip_invalid: bool = False,
-                  on_progress: Callable[[int], None] | None = None) -> StatsReport:
+                  on_progress: Callable[[int], None] | None = None,
+                  image_root: str | Path | None = None, split: str = "train") -> StatsReport:
     """Streams a data file and measures each record's training text in tokens.
 
     Args:
@@ -150,6 +154,8 @@ def compute_stats(path: str | Path, tokenizer, *, tokenizer_name: str = "",
         max_seq_length: The length records are cut at in training.
         batch_size: Records per batch, for the padding estimate.
         on_progress: Called with the number of records measured so far, after each chunk.
+        image_root: Where relative image paths start (default: the data file's folder).
+        split: The split of a dataset folder or Hub dataset.
 
     Raises:
         DataError: Invalid records (without `skip_invalid`) or no valid record.
@@ -172,7 +178,7 @@ def compute_stats(path: str | Path, tokenizer, *, tokenizer_name: str = "",
         if len(pending) >= _CHUNK:
             flush()
 
-    report = scan_examples(path, on_example)
+    report = scan_examples(path, on_example, image_root=image_root, split=split)
     require_valid(report, skip_invalid=skip_invalid)
     if pending:
         flush()

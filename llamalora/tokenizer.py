@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from llamalora.errors import ModelError
+from llamalora.errors import ModelError, UsageError
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-11B-Vision-Instruct"
 BUNDLED_TOKENIZER_DIR = Path(__file__).parent / "assets" / "llama3_2_tokenizer"
@@ -35,6 +35,12 @@ def _is_llama3_id(name: str) -> bool:
     # so only these may fall back to it.
     lowered = name.lower()
     return lowered.startswith("meta-llama/") and "llama-3" in lowered
+
+
+def _is_path(name: str) -> bool:
+    """A name only a path can be (a hub id is NAME or ORG/NAME)."""
+    return (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+            or name.endswith("/"))
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -78,6 +84,7 @@ def load_tokenizer(name: str | None = None) -> TokenizerSource:
     (offline, gated, not logged in); the reason is returned for the caller to show.
 
     Raises:
+        UsageError: `name` is a path (./x, /x, a/b/c) with nothing there.
         ModelError: The tokenizer can't be loaded and no fallback applies.
     """
     from tokenizers import Tokenizer
@@ -92,6 +99,9 @@ def load_tokenizer(name: str | None = None) -> TokenizerSource:
             raise ModelError(f"{local} has no tokenizer.json; pass a folder saved with "
                              "save_pretrained, or a hub id")
         return TokenizerSource(Tokenizer.from_file(str(file)), str(file))
+    if _is_path(name):
+        raise UsageError(f"{name}: no such folder; pass a folder holding tokenizer.json, a hub "
+                         "id (ORG/NAME), or `bundled`")
     try:
         return TokenizerSource(Tokenizer.from_file(_hub_tokenizer_file(name)), f"hub:{name}")
     except Exception as exc:

@@ -136,3 +136,15 @@ def test_numerics_mode_runs_on_the_tiny_model(tmp_path):
         # The adapter gives the same eval loss on plain transformers + peft (fp32 on the CPU).
         assert r["eval_rel_diff"] < 0.01
         assert f"| {quant} |" in table
+
+
+@pytest.mark.slow
+def test_data_speed_measures_json_against_tables():
+    """benchmarks/data_speed.py on small files: every row, and the JSON row's peak memory."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_speed.py"),
+                          "--validate-records", "3000", "--stats-records", "300", "--repeat",
+                          "1"], capture_output=True, text=True, check=True, timeout=600)
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [r["command"] for r in rows] == ["validate", "stats", "validate --json"]
+    assert all(r["seconds"] > 0 and r["ratio"] > 0 for r in rows)
+    assert rows[-1]["baseline"] == "validate (tables)" and rows[-1]["peak_mib"] > 0

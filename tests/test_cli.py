@@ -182,7 +182,7 @@ def core(monkeypatch):
 
     def plan_training(config):
         calls["plan_config"] = config
-        return types.SimpleNamespace(to_dict=lambda: PLAN, model_note=None)
+        return types.SimpleNamespace(to_dict=lambda: PLAN, model_note=None, data_note="")
 
     def train(config, *, resume, overwrite, on_event, plan):
         calls["train"] = {"config": config, "resume": resume, "overwrite": overwrite, "plan": plan}
@@ -305,7 +305,8 @@ def test_every_old_flag_sets_its_field(core, flag, value, name, expected):
 # A valid value other than the default, for each field given on the command line below.
 VALUES = {int: "17", float: "0.25", "data_path": "x.jsonl", "output_dir": "o2", "model": "tiny",
           "quant": "4bit", "target_modules": "all-linear", "lr_scheduler": "cosine",
-          "report_to": "wandb", "truncation": "drop", "kernels": "fast"}
+          "report_to": "wandb", "truncation": "drop", "kernels": "fast", "split": "test",
+          "image_root": "images"}
 
 
 @pytest.mark.parametrize("spec", TrainConfig.options(), ids=lambda s: s.name)
@@ -463,17 +464,19 @@ def test_validate_passes_its_options_to_the_core(monkeypatch, tmp_path):
 
     seen = []
 
-    def fake(path, *, max_problems, fix_out):
-        seen.append((path, max_problems, fix_out))
-        return ValidationReport(path=str(path), records=2, records_ok=2)
+    def fake(path, *, max_problems, fix_out, image_root, split):
+        seen.append((path, max_problems, fix_out, image_root, split))
+        return ValidationReport(path=str(path), records=2, records_ok=2, fixed_records=2,
+                                fixed_path=fix_out and str(fix_out))
 
     monkeypatch.setattr(validate_cmd, "validate_file", fake)
     assert run("validate", "d.jsonl").exit_code == 0
-    assert run("validate", "d.jsonl", "--json").exit_code == 0
-    r = run("validate", "d.jsonl", "--max-errors", "3", "--fix", str(tmp_path / "c.jsonl"))
+    assert run("validate", "org/set", "--json", "--split", "test").exit_code == 0
+    r = run("validate", "d.jsonl", "--max-errors", "3", "--fix", str(tmp_path / "c.jsonl"),
+            "--image-root", str(tmp_path))
     assert r.exit_code == 0, r.output
-    assert seen == [(Path("d.jsonl"), 50, None), (Path("d.jsonl"), 100_000, None),
-                    (Path("d.jsonl"), 3, tmp_path / "c.jsonl")]
+    assert seen == [("d.jsonl", 50, None, None, "train"), ("org/set", 100_000, None, None, "test"),
+                    ("d.jsonl", 3, tmp_path / "c.jsonl", tmp_path, "train")]
 
 
 def test_stats_passes_its_options_to_the_core(monkeypatch):
@@ -490,11 +493,12 @@ def test_stats_passes_its_options_to_the_core(monkeypatch):
 
     monkeypatch.setattr(stats_cmd, "compute_stats", fake)
     r = run("stats", "d.jsonl", "--tokenizer", "bundled", "--max_seq_length", "128",
-            "--batch-size", "8", "--skip-invalid", "--json")
+            "--batch-size", "8", "--skip-invalid", "--json", "--image-root", "imgs")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout) == {"records": 1}
-    assert seen == {"path": Path("d.jsonl"), "tokenizer": "TOK", "tokenizer_name": "src:bundled",
-                    "max_seq_length": 128, "batch_size": 8, "skip_invalid": True}
+    assert seen == {"path": "d.jsonl", "tokenizer": "TOK", "tokenizer_name": "src:bundled",
+                    "max_seq_length": 128, "batch_size": 8, "skip_invalid": True,
+                    "image_root": Path("imgs"), "split": "train"}
 
 
 def test_export_adapter_passes_its_options_to_the_core(monkeypatch, tmp_path):
@@ -552,3 +556,11 @@ def test_chat_passes_its_options_to_the_core(monkeypatch):
                             "with_vision": False, "system": "짧게.", "kernels": "plain"}
     assert seen["ask"] == ("거푸집이란?", None, llamalora.chat.GenerationOptions(7, 0.0, 0.9))
     assert r.stdout == "거푸집은 틀입니다.\n"
+    # --image starts from --image-root; a missing root is refused before any model loads
+    r = run("chat", "--model", "tiny", "--no-adapter", "--prompt", "?", "--image", "a.png",
+            "--image-root", str(Path.cwd()))
+    assert r.exit_code == 0, r.output
+    assert seen["ask"][1] == Path.cwd() / "a.png" and seen["open"]["with_vision"]
+    seen.clear()
+    r = run("chat", "--model", "tiny", "--no-adapter", "--prompt", "?", "--image-root", "nope/")
+    assert r.exit_code == 2 and "--image-root nope: no such folder" in r.stderr and not seen

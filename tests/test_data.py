@@ -159,8 +159,9 @@ def test_json_array_syntax_error_line(tmp_path):
 def test_missing_file_and_folder_are_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
         validate_file(tmp_path / "nope.jsonl")
-    with pytest.raises(UsageError, match="folder"):
-        validate_file(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="dataset folder .*empty"):
+        validate_file(tmp_path / "empty")
 
 
 def test_fix_writes_clean_copy_and_keeps_input(tmp_path):
@@ -332,3 +333,228 @@ def test_validate_json_report_of_many_warnings_stays_small(tmp_path):
     assert report["records"] == 100_000 and len(report["warnings"]) == 99_999
     peak_mib = int(out.stderr.strip().splitlines()[-1]) / 1024
     assert peak_mib < 200, peak_mib
+
+
+# --- the layouts users have --------------------------------------------------------------------
+
+def _png(path, color="red"):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), color).save(path)
+    return path
+
+
+def _one(tmp_path, record, **kwargs):
+    examples, report = load_examples(write_jsonl(tmp_path / "d.jsonl", [record]), **kwargs)
+    assert report.ok and not report.warnings, [p.to_dict() for p in report.warnings]
+    return examples[0]
+
+
+def test_sharegpt_and_llava_conversations(tmp_path):
+    _png(tmp_path / "images" / "coco" / "a.png")
+    rec = {"id": "0001", "image": "coco/a.png", "system_prompt": "Be exact.",
+           "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                             {"from": "gpt", "value": "A red square."},
+                             {"from": "human", "value": "Sure?"},
+                             {"from": "gpt", "value": "Yes."}]}
+    ex = _one(tmp_path, rec, image_root=tmp_path / "images")
+    assert ex.system == "Be exact." and ex.images == [tmp_path / "images" / "coco" / "a.png"]
+    assert ex.messages == [("user", "<|image|>\nWhat is it?"), ("assistant", "A red square."),
+                           ("user", "Sure?"), ("assistant", "Yes.")]
+
+
+def test_messages_with_from_value_and_a_system_turn(tmp_path):
+    rec = {"messages": [{"from": "system", "value": "s"}, {"from": "user", "value": "q"},
+                        {"from": "assistant", "value": "a"}]}
+    ex = _one(tmp_path, rec)
+    assert ex.system == "s" and ex.messages == [("user", "q"), ("assistant", "a")]
+
+
+def test_openai_content_parts_place_images(tmp_path):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png", "blue")
+    rec = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Compare "}, {"type": "image", "image": "a.png"},
+        {"type": "text", "text": " and "}, {"type": "image_url", "image_url": {"url": "b.png"}}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Red, blue."}]}]}
+    ex = _one(tmp_path, rec)
+    assert ex.messages[0] == ("user", "Compare <|image|> and <|image|>")
+    assert ex.images == [tmp_path / "a.png", tmp_path / "b.png"]
+    # image parts without paths take the record's `images`, in order
+    rec2 = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                          "text": "?"}]},
+                         {"role": "assistant", "content": "red"}], "images": ["a.png"]}
+    assert _one(tmp_path, rec2).messages[0] == ("user", "<|image|>?")
+
+
+def test_alpaca_image_list_system_prompt_and_placeholders(tmp_path):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    ex = _one(tmp_path, {"instruction": "Which is left?", "output": "a",
+                         "image": ["a.png", "b.png"], "system_prompt": "s"})
+    assert ex.messages[0] == ("user", "<|image|><|image|>Which is left?") and ex.system == "s"
+    ex = _one(tmp_path, {"instruction": "Left <image>, right <image>: same?", "output": "yes",
+                         "images": ["a.png", "b.png"]})
+    assert ex.messages[0] == ("user", "Left <|image|>, right <|image|>: same?")
+    assert len(ex.images) == 2
+
+
+@pytest.mark.parametrize("record, code, field, words", [
+    ({"instruction": "Describe <image>", "output": "x"}, "bad_messages", "images",
+     "1 `<image>` placeholder(s) but 0 image(s)"),
+    ({"instruction": "a", "output": "b", "video": "v.mp4"}, "video_unsupported", "video",
+     "not supported"),
+    ({"conversations": [{"from": "human", "value": "<video>?"}, {"from": "gpt", "value": "b"}],
+      "videos": ["v.mp4"]}, "video_unsupported", "videos", "images"),
+    ({"instruction": "a", "response": "b"}, "missing_field", "output", "`response`: rename"),
+    ({"prompt": "a", "output": "b"}, "missing_field", "instruction", "`prompt`: rename"),
+    ({"input": "a", "output": "b"}, "missing_field", "instruction", "`input`: rename"),
+    ({"instruction": "t", "instances": [{"input": "a", "output": "b"}]}, "missing_field",
+     "output", "`instances`"),
+    ({"text": "plain text"}, "missing_field", "instruction", "plain text"),
+    ({"instruction": "a", "output": {"text": "b", "score": 1}}, "wrong_type", "output",
+     "`output.text`"),
+    ({"instruction": "a", "input": {"context": "c"}, "output": "b"}, "wrong_type", "input",
+     "`input.context`"),
+    ({"conversations": [{"from": "human", "value": "a"}, {"from": "function_call",
+                                                         "value": "b"}]},
+     "bad_messages", "conversations[1].role", "human or gpt"),
+    ({"instruction": "a", "output": "b", "system": "s", "system_prompt": "t"}, "wrong_type",
+     "system", "not both"),
+])
+def test_wrong_layouts_get_a_hint(tmp_path, record, code, field, words):
+    _, p = _check(tmp_path, json.dumps(record), code, field=field)
+    assert words in p.message, p.message
+
+
+def test_missing_image_names_the_path_tried_and_the_option(tmp_path):
+    _png(tmp_path / "images" / "a.png")
+    _, p = _check(tmp_path, '{"instruction": "a", "output": "b", "image": "a.png"}',
+                  "image_missing", field="image")
+    assert str(tmp_path / "a.png") in p.message
+    assert f"--image-root {tmp_path / 'images'}" in p.message
+    _, p = _check(tmp_path, '{"instruction": "a", "output": "b", "image": "zz.png"}',
+                  "image_missing", field="image")
+    assert "--image-root DIR" in p.message
+    with pytest.raises(UsageError, match="no such folder"):
+        validate_file(write_jsonl(tmp_path / "x.jsonl", GOOD), image_root=tmp_path / "nope")
+
+
+def test_fix_renames_and_spreads_instances(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        {"instruction": "a", "response": "b"},
+        {"question": "q", "answer": 7},
+        {"input": "only input", "output": "o"},
+        {"instruction": "Translate.", "instances": [{"input": "one", "output": "하나"},
+                                                    {"input": "two", "output": "둘"}]},
+        {"instruction": "x", "output": {"nested": True}},
+    ])
+    out = tmp_path / "out.jsonl"
+    report = validate_file(path, fix_out=out)
+    assert not report.ok and report.fixed_records == 5 and report.dropped_lines == [5]
+    fixed = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert fixed == [{"instruction": "a", "output": "b"},
+                     {"instruction": "q", "output": "7"},
+                     {"instruction": "only input", "output": "o"},
+                     {"instruction": "Translate.", "input": "one", "output": "하나"},
+                     {"instruction": "Translate.", "input": "two", "output": "둘"}]
+    assert validate_file(out).ok
+
+
+def test_fix_with_nothing_left_writes_nothing_and_says_so(tmp_path):
+    from typer.testing import CliRunner
+
+    from llamalora.cli.main import app
+
+    path = write_jsonl(tmp_path / "in.jsonl", [{"instruction": "a", "output": ["x"]}])
+    out = tmp_path / "out.jsonl"
+    report = validate_file(path, fix_out=out)
+    assert report.fixed_records == 0 and report.fixed_path is None and not out.exists()
+    result = CliRunner().invoke(app, ["validate", str(path), "--fix", str(out)])
+    assert result.exit_code == 1 and not out.exists()
+    assert "Nothing written" in result.stderr and "with --fix OUT" not in result.stderr
+
+
+# --- tables through `datasets` ----------------------------------------------------------------
+
+ROWS = [dict(GOOD[0]), {"instruction": "b", "output": "c"}, {"instruction": "d", "output": 5}]
+
+
+def _table_file(tmp_path, suffix: str):
+    import pyarrow as pa
+
+    # `input` is null where a row has none; the bad row's output is "" (a column holds one type).
+    rows = [dict(r) for r in ROWS]
+    rows[2]["output"] = ""
+    table = pa.Table.from_pylist(rows)
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+    elif suffix == ".csv":
+        import pyarrow.csv as pc
+
+        pc.write_csv(table, path)
+    else:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".arrow"])
+def test_table_files_name_the_row(tmp_path, suffix):
+    path = _table_file(tmp_path, suffix)
+    report = validate_file(path)
+    assert report.unit == "row" and report.records == 3 and report.records_ok == 2
+    (p,) = report.errors
+    # CSV has no empty string apart from a missing value
+    code = "missing_field" if suffix == ".csv" else "empty_field"
+    assert (p.line, p.field, p.code) == (3, "output", code)
+    assert str(p).startswith("row 3:") and p.to_dict()["row"] == 3
+    examples, _ = load_examples(path, skip_invalid=True)
+    assert examples[0].messages[0] == ("user", "다음 건설 용어를 설명하세요.\n거푸집")
+    assert examples[1].messages == [("user", "b"), ("assistant", "c")]
+
+
+def test_dataset_folder_with_splits_loads_offline(tmp_path):
+    """A Hub-style dataset folder (data/train-*.parquet, data/test-*.parquet) as
+    `load_dataset` reads it; HF_HUB_OFFLINE is set for every test."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "org_name"
+    (folder / "data").mkdir(parents=True)
+    convo = [{"conversations": [{"from": "human", "value": f"q{i}"},
+                                {"from": "gpt", "value": f"a{i}"}]} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(convo), folder / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(convo[:1]),
+                   folder / "data" / "test-00000-of-00001.parquet")
+    examples, report = load_examples(folder)
+    assert report.records == 3 and examples[2].messages == [("user", "q2"), ("assistant", "a2")]
+    assert validate_file(folder, split="test").records == 1
+    with pytest.raises(UsageError, match="--split dev"):
+        validate_file(folder, split="dev")
+
+
+def test_hub_id_offline_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="Hub dataset someorg/missing-set.*hf auth login"):
+        validate_file("someorg/missing-set")
+    with pytest.raises(UsageError, match="no such file"):
+        validate_file("someorg/missing-set.jsonl")
+
+
+def test_a_save_to_disk_folder_reads_by_split(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]
+    DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list(rows[:1])}
+                ).save_to_disk(str(tmp_path / "dd"))
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    assert validate_file(tmp_path / "dd").records == 2
+    assert validate_file(tmp_path / "dd", split="test").records == 1
+    assert validate_file(tmp_path / "one").records_ok == 2
+    with pytest.raises(UsageError, match="--split dev"):
+        validate_file(tmp_path / "dd", split="dev")

@@ -61,3 +61,24 @@ def test_half_written_checkpoints_do_not_count(tmp_path):
     assert find_adapter(tmp_path).folder == root / "step-000004"
     with pytest.raises(UsageError, match="no finished run"):
         find_adapter(tmp_path / "checkpoints" / "step-000008")
+
+
+def test_failed_run_removes_the_folder_it_made_empty(tmp_path):
+    from llamalora.rundir import RunFolder
+
+    made = RunFolder(tmp_path / "new" / "run")
+    made.open(overwrite=False, resume=False)
+    made.close()  # as the recipe's `finally` does after a failure: nothing written
+    assert not (tmp_path / "new" / "run").exists() and (tmp_path / "new").is_dir()
+
+    kept = RunFolder(tmp_path / "ran")
+    kept.open(overwrite=False, resume=False)
+    (tmp_path / "ran" / "metrics.jsonl").write_text("{}\n")
+    kept.close()
+    assert (tmp_path / "ran" / "metrics.jsonl").is_file()
+
+    (tmp_path / "mine").mkdir()  # the user's own empty folder stays
+    theirs = RunFolder(tmp_path / "mine")
+    theirs.open(overwrite=False, resume=False)
+    theirs.close()
+    assert (tmp_path / "mine").is_dir()

@@ -92,3 +92,27 @@ def test_tokenizer_falls_back_for_llama_ids_only(tmp_path):
         load_tokenizer("someone/other-model")
     with pytest.raises(ModelError, match="no tokenizer.json"):
         load_tokenizer(str(tmp_path))
+
+
+def test_missing_tokenizer_folder_is_a_usage_error(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from llamalora.cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    path = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    result = CliRunner().invoke(app, ["stats", str(path), "--tokenizer", "./typo-folder"])
+    assert result.exit_code == 2
+    assert "./typo-folder: no such folder" in result.stderr and "unreachable" not in result.stderr
+
+
+def test_histogram_spans_the_datas_range(tmp_path, tok):
+    recs = [{"instruction": "x " * n, "output": "y"} for n in (10, 40, 80, 200)]
+    report = compute_stats(write_jsonl(tmp_path / "d.jsonl", recs), tok, max_seq_length=4096)
+    bins = report.histogram()
+    totals = sorted(r.total for r in report.lengths)
+    assert bins[0][0] == totals[0] and bins[-1][0] <= totals[-1] <= bins[-1][1]
+    assert sum(c for *_, c in bins) == 4 and bins[0][2] >= 1 and bins[-1][2] == 1
+    assert bins[-1][1] - totals[-1] < bins[0][1] - bins[0][0] + 1  # no bin past the data
+    one = compute_stats(write_jsonl(tmp_path / "e.jsonl", recs[:1]), tok).histogram()
+    assert one == [(totals[0], totals[0], 1)]

@@ -7,9 +7,14 @@ from typing import Annotated
 
 import typer
 
-DataPathArg = Annotated[Path, typer.Argument(
-    help="Training data: JSONL, or a JSON file holding one array of records.",
-    show_default=False)]
+DataPathArg = Annotated[str, typer.Argument(
+    help="Training data: JSONL, a JSON array, parquet, CSV or Arrow file, a dataset folder, or "
+         "a Hub dataset id (ORG/NAME).", show_default=False)]
+SplitOpt = Annotated[str, typer.Option(
+    "--split", help="The split of a dataset folder or Hub dataset.")]
+ImageRootOpt = Annotated[Path | None, typer.Option(
+    "--image-root", help="Folder that relative image paths start from (default: the data "
+                         "file's folder).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout instead "
                                                       "of tables.")]
 MaxSeqLenOpt = Annotated[int, typer.Option(

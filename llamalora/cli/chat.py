@@ -11,6 +11,7 @@ import typer
 from llamalora.cli._console import err, info, out, quiet_libraries, spinner
 from llamalora.cli._errors import handle_errors
 from llamalora.config import KERNEL_CHOICES, QUANT_CHOICES, check_choice
+from llamalora.data import resolve_image
 from llamalora.errors import UsageError
 
 EXAMPLES = """Examples:
@@ -64,6 +65,9 @@ def chat(
                           "CUDA GPUs).")] = "auto",
     verbose: Annotated[bool, typer.Option(
         "--verbose", help="Show time to first token and decode speed after each answer.")] = False,
+    image_root: Annotated[Path | None, typer.Option(
+        "--image-root", help="Folder that relative --image and /image paths start from "
+                             "(default: the current folder).", show_default=False)] = None,
 ) -> None:
     """Chat with a fine-tuned model (base model + LoRA adapter)."""
     if adapter is None and (model is None or not no_adapter):
@@ -71,6 +75,9 @@ def chat(
     if quant is not None:
         check_choice("quant", quant, QUANT_CHOICES)
     check_choice("kernels", kernels, KERNEL_CHOICES)
+    root = _image_root(image_root)
+    if image is not None:
+        image = resolve_image(image, root)
     if prompt == "-":
         prompt = sys.stdin.read().strip()
         if not prompt:
@@ -93,7 +100,16 @@ def chat(
         out.print(markup=False)
         _stats(reply, verbose)
         return
-    _repl(session, options, image, verbose)
+    _repl(session, options, image, verbose, root)
+
+
+def _image_root(image_root: Path | None) -> Path:
+    """Where relative --image and /image paths start: --image-root, else the current folder."""
+    if image_root is None:
+        return Path.cwd()
+    if not image_root.is_dir():
+        raise UsageError(f"--image-root {image_root}: no such folder")
+    return image_root
 
 
 def _stats(reply, verbose: bool) -> None:
@@ -102,7 +118,7 @@ def _stats(reply, verbose: bool) -> None:
                   f"{reply.decode_tokens_per_s:.1f} tokens/s]", markup=False)
 
 
-def _repl(session, options, image: Path | None, verbose: bool) -> None:
+def _repl(session, options, image: Path | None, verbose: bool, root: Path) -> None:
     info(HELP)
     pending_image = image
     while True:
@@ -126,7 +142,7 @@ def _repl(session, options, image: Path | None, verbose: bool) -> None:
             info(f"(system message {'set' if session.system else 'cleared'})")
             continue
         if text.startswith("/image"):
-            path = Path(text[len("/image"):].strip()).expanduser()
+            path = resolve_image(Path(text[len("/image"):].strip()).expanduser(), root)
             if not path.is_file():
                 err.print(f"Error: image not found: {path}", markup=False)
                 continue

@@ -10,7 +10,8 @@ from rich.table import Table
 
 from llamalora.cli._console import info, out, print_json, spinner, warn
 from llamalora.cli._errors import handle_errors
-from llamalora.cli._options import DataPathArg, JsonOpt, MaxSeqLenOpt, SkipInvalidOpt, TokenizerOpt
+from llamalora.cli._options import (DataPathArg, ImageRootOpt, JsonOpt, MaxSeqLenOpt,
+                                    SkipInvalidOpt, SplitOpt, TokenizerOpt)
 from llamalora.stats import compute_stats, plot_histogram
 from llamalora.tokenizer import DEFAULT_MODEL, load_tokenizer
 
@@ -39,6 +40,8 @@ def stats(
         "--plot", help="Also write a PNG histogram to this file (needs matplotlib).",
         show_default=False)] = None,
     skip_invalid: SkipInvalidOpt = False,
+    image_root: ImageRootOpt = None,
+    split: SplitOpt = "train",
 ) -> None:
     """Show how the training text tokenizes: lengths, truncation and padding."""
     with spinner("Loading the tokenizer"):
@@ -48,7 +51,7 @@ def stats(
     with spinner("Tokenizing") as update:
         report = compute_stats(path, source.tokenizer, tokenizer_name=source.source,
                                max_seq_length=max_seq_length, batch_size=batch_size,
-                               skip_invalid=skip_invalid,
+                               skip_invalid=skip_invalid, image_root=image_root, split=split,
                                on_progress=lambda n: update(f"Tokenizing: {n} records"))
     if report.skipped_invalid:
         warn(f"left out {report.skipped_invalid} invalid record(s) (--skip-invalid); "
@@ -76,7 +79,10 @@ def _render(report, d: dict, show_truncated: int) -> None:
     limit = d["max_seq_length"]
     bins = report.histogram()
     peak = max(c for _, _, c in bins) or 1
-    out.print(f"\nTotal tokens per record (| marks --max-seq-length {limit}):")
+    top = bins[-1][1]
+    where = ("| marks" if bins[0][0] <= limit <= top else
+             "every record is within" if limit > top else "every record is over")
+    out.print(f"\nTotal tokens per record ({where} --max-seq-length {limit}):")
     for low, high, count in bins:
         mark = "|" if low <= limit <= high else " "
         bar = "█" * round(30 * count / peak)

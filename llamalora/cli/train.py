@@ -67,6 +67,8 @@ def train(
     if is_main:
         if plan.model_note:
             warn(plan.model_note)
+        if plan.data_note:
+            info(plan.data_note)
         _render_plan(plan.to_dict(), config)
     if dry_run:
         if json_out and is_main:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from llamalora.cli._console import err, out, print_json
 from llamalora.cli._errors import handle_errors
-from llamalora.cli._options import DataPathArg, JsonOpt
+from llamalora.cli._options import DataPathArg, ImageRootOpt, JsonOpt, SplitOpt
 from llamalora.data import validate_file
 
 EXAMPLES = """Examples:
@@ -20,6 +20,12 @@ EXAMPLES = """Examples:
   llamalora validate data.jsonl --json > report.json
 
   llamalora validate data.jsonl --fix data.clean.jsonl
+
+  llamalora validate llava.json --image-root images/
+
+  llamalora validate train.parquet
+
+  llamalora validate ORG/NAME --split validation
 """
 
 
@@ -34,25 +40,33 @@ def validate(
         "--max-errors", min=1, help="List at most this many errors and warnings each (counts "
                                     "stay complete); default 50 in tables, 100,000 with --json.",
         show_default=False)] = None,
+    image_root: ImageRootOpt = None,
+    split: SplitOpt = "train",
 ) -> None:
     """Check a data file and report every bad record with its line number."""
     # --json lists every problem up to 100,000 of each kind (counts stay complete), so a file of
     # garbage can't make the report itself unbounded.
     limit = max_errors if max_errors is not None else (100_000 if json_out else 50)
-    report = validate_file(path, max_problems=limit, fix_out=fix)
+    report = validate_file(path, max_problems=limit, fix_out=fix, image_root=image_root,
+                           split=split)
     if json_out:
-        print_json(report.to_dict())
+        print_json(report.to_dict(lazy=True))
     else:
         _render(report)
+    unit = report.unit
     if report.fixed_path:
         dropped = report.dropped_lines
         err.print(f"Wrote {report.fixed_records} record(s) to {report.fixed_path}"
-                  + (f"; left out line(s) {_lines(dropped)}" if dropped else ""), markup=False)
+                  + (f"; left out {unit}(s) {_lines(dropped)}" if dropped else ""), markup=False)
+    elif fix is not None:
+        err.print(f"Nothing written to {fix}: none of the {report.records} record(s) is valid, "
+                  "even after the renames and conversions --fix makes; fix the "
+                  f"{unit}s listed by hand", markup=False, soft_wrap=True)
     if not report.ok:
         n = sum(report.error_counts.values())
+        fix_hint = "" if fix is not None else ", or write a cleaned copy with --fix OUT"
         err.print(f"Error: {n} error(s) in {report.records - report.records_ok} record(s); "
-                  "fix the lines listed, or write a cleaned copy with --fix OUT", markup=False,
-                  soft_wrap=True)
+                  f"fix the {unit}s listed{fix_hint}", markup=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -76,7 +90,7 @@ def _render(report) -> None:
     problems = report.errors + report.warnings
     if not problems:
         return
-    table = Table("line", "kind", "field", "code", "message", "excerpt")
+    table = Table(report.unit, "kind", "field", "code", "message", "excerpt")
     for p in sorted(problems, key=lambda p: (p.line or 0, not p.is_error)):
         table.add_row(str(p.line or "-"), "error" if p.is_error else "warning", p.field or "-",
                       p.code, p.message, p.excerpt)

@@ -1,0 +1,140 @@
+"""The tokenized cache (llamalora.tokenized): the same records as tokenize_examples, reused by
+fingerprint, read by the ranks that did not build it, and a plan that holds no token lists."""
+
+from __future__ import annotations
+
+import pytest
+
+import llamalora.tokenized as tokenized
+from llamalora.batching import tokenize_examples
+from llamalora.data import load_examples
+from llamalora.errors import DataError
+from llamalora.tokenizer import load_tokenizer
+
+from conftest import GOOD, MEMO, write_jsonl
+
+TOK = load_tokenizer("bundled").tokenizer
+OPTIONS = dict(max_seq_length=40, train_on_prompt=False, truncation="truncate")
+RECORDS = GOOD + MEMO + [{"instruction": "long " * 60, "output": "cut"}]
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    # The session's cache is content-addressed and shared: a test's first build must be its own.
+    monkeypatch.setenv("LLAMALORA_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the records tokenize_records is given (the map runs in this process)."""
+    calls = []
+    real = tokenized.tokenize_records
+
+    def counting(tokenizer, examples, **kw):
+        calls.append(len(examples))
+        return real(tokenizer, examples, **kw)
+
+    monkeypatch.setattr(tokenized, "tokenize_records", counting)
+    return calls
+
+
+def _same(records, expected):
+    assert len(records) == len(expected)
+    for got, want in zip(records, expected):
+        assert (got.line, got.input_ids, got.labels, got.images) == (
+            want.line, want.input_ids, want.labels, want.images)
+    assert records.lengths == [len(t) for t in expected]
+
+
+def test_cache_equals_tokenize_examples_and_is_reused(tmp_path, counted):
+    path = write_jsonl(tmp_path / "d.jsonl", RECORDS)
+    first = tokenized.tokenize_data(str(path), TOK, **OPTIONS)
+    assert not first.reused and sum(counted) == len(RECORDS)
+    examples, _ = load_examples(path)
+    expected, summary = tokenize_examples(TOK, examples, **OPTIONS)
+    _same(tokenized.Records(first.dataset, first.kept()), expected)
+    assert first.truncation == summary and summary.records_over == 3
+    assert first.records == len(RECORDS) and not first.with_vision
+
+    counted.clear()
+    notes = []
+    second = tokenized.tokenize_data(str(path), TOK, **OPTIONS, on_status=notes.append)
+    assert second.reused and counted == [] and "from the cache" in notes[0]
+    _same(tokenized.Records(second.dataset, second.kept()), expected)
+
+    # Another option tokenizes again (from the stored examples); other data is another entry.
+    third = tokenized.tokenize_data(str(path), TOK, **{**OPTIONS, "truncation": "drop"})
+    assert not third.reused and third.truncation.records_dropped == 3
+    assert len(third.kept()) == len(RECORDS) - 3
+    path.write_text(path.read_text() + '{"instruction": "new", "output": "one"}\n')
+    assert tokenized.tokenize_data(str(path), TOK, **OPTIONS).records == len(RECORDS) + 1
+
+
+def test_other_ranks_read_what_rank_0_built(tmp_path, counted):
+    path = write_jsonl(tmp_path / "d.jsonl", RECORDS)
+    built = tokenized.tokenize_data(str(path), TOK, **OPTIONS)
+    counted.clear()
+    read = tokenized.tokenize_data(str(path), TOK, **OPTIONS, builder=False)
+    assert counted == [] and read.truncation == built.truncation
+    assert read.column("length").tolist() == built.column("length").tolist()
+
+
+def test_a_failed_build_reaches_the_waiting_ranks(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", GOOD + [{"instruction": "x", "output": 1}])
+    with pytest.raises(DataError, match="line 4") as built:
+        tokenized.tokenize_data(str(path), TOK, **OPTIONS)
+    with pytest.raises(DataError) as waited:
+        tokenized.tokenize_data(str(path), TOK, **OPTIONS, builder=False)
+    assert str(waited.value) == str(built.value)
+
+
+def test_parquet_and_skip_invalid(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [dict(r) for r in GOOD] + [{"instruction": "x", "output": ""}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    data = tokenized.tokenize_data(str(tmp_path / "d.parquet"), TOK, **OPTIONS,
+                                   skip_invalid=True)
+    assert data.records == 3 and data.column("line").tolist() == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_num_proc_2_gives_the_same_records(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"instruction": f"{r['instruction']} {i}", "output": r["output"]}
+        for i in range(300) for r in GOOD])
+    two = tokenized.tokenize_data(str(path), TOK, **OPTIONS, num_proc=2)
+    assert len(list((tokenized.cache_root()).glob("*/tokenized-*_of_00002.arrow"))) == 2
+    expected, _ = tokenize_examples(TOK, load_examples(path)[0], **OPTIONS)
+    _same(tokenized.Records(two.dataset, two.kept()), expected)
+    again = tokenized.tokenize_data(str(path), TOK, **OPTIONS, num_proc=2)
+    assert again.reused and len(again.dataset) == 900
+
+
+def test_the_plan_holds_records_not_token_lists(tmp_path):
+    from llamalora.config import TrainConfig
+    from llamalora.plan import plan_training
+
+    path = write_jsonl(tmp_path / "d.jsonl", RECORDS)
+    plan = plan_training(TrainConfig(data_path=str(path), model="tiny", max_seq_length=40,
+                                     eval_fraction=0.2))
+    assert isinstance(plan.train, tokenized.Records) and isinstance(plan.eval, tokenized.Records)
+    # the last record's response is cut away whole, so it is left out
+    assert plan.records == len(RECORDS) and plan.truncation.dropped_lines == [len(RECORDS)]
+    assert (plan.train_records, plan.eval_records) == (len(plan.train), len(plan.eval)) == (6, 1)
+    assert plan.tokens_per_epoch == sum(plan.train.lengths) == sum(map(len, plan.train))
+    assert sorted(t.line for t in [*plan.train, *plan.eval]) == list(range(1, len(RECORDS)))
+
+
+def test_images_survive_the_cache(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
+    path = write_jsonl(tmp_path / "d.jsonl", GOOD + [
+        {"instruction": "What colour?", "output": "black", "image": "a.png"}])
+    data = tokenized.tokenize_data(str(path), TOK, **OPTIONS, image_root=str(tmp_path / "imgs"))
+    records = tokenized.Records(data.dataset, data.kept())
+    assert data.with_vision and records[3].images == [tmp_path / "imgs" / "a.png"]
+    assert records[0].images == [] and TOK.token_to_id("<|image|>") in records[3].input_ids
