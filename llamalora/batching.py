@@ -12,7 +12,7 @@ from pathlib import Path
 
 from llamalora.data import Example
 from llamalora.stats import measure
-from llamalora.template import IMAGE, render_segments
+from llamalora.template import IMAGE, render_examples, template_of
 from llamalora.tokenizer import encode_segments
 
 IGNORE_INDEX = -100
@@ -68,7 +68,7 @@ def tokenize_examples(tokenizer, examples: list[Example], *, max_seq_length: int
     out: list[Tokenized] = []
     for start in range(0, len(examples), chunk):
         part = examples[start:start + chunk]
-        encoded = encode_segments(tokenizer, [render_segments(e.system, e.messages) for e in part])
+        encoded = encode_segments(tokenizer, render_examples(part, template_of(tokenizer)))
         for example, segments in zip(part, encoded):
             ids: list[int] = []
             labels: list[int] = []

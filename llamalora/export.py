@@ -14,7 +14,7 @@ from llamalora.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterInfo, ap
                                 find_adapter, rename_keys)
 from llamalora.errors import ModelError, OutputExistsError, UsageError
 from llamalora.events import OnEvent, Status
-from llamalora.template import render_segments
+from llamalora.template import render_segments, template_of
 from llamalora.tokenizer import encode_segments
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -105,7 +105,8 @@ def _model_card(info: AdapterInfo, merged: bool):
 def _probe_logits(model, tokenizer, device):
     import torch
 
-    segments = render_segments(None, [("user", PROBE_QUESTION)], add_generation_prompt=True)
+    segments = render_segments(None, [("user", PROBE_QUESTION)], add_generation_prompt=True,
+                               template=template_of(tokenizer))
     ids = [t for seg, _ in encode_segments(tokenizer, [segments])[0] for t in seg]
     ids = torch.tensor([ids], device=device)
     with torch.inference_mode():
