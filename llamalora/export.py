@@ -170,9 +170,10 @@ def export_adapter(run: str | Path, out: str | Path, *, merge: bool = False, dty
         if merge:
             result = _export_merged(info, tmp, out, dtype, verify, emit)
         else:
-            # Each weight under both layer names (safetensors wants separate storage for each).
+            # Each weight under both layer names of Mllama (safetensors wants separate storage
+            # for each); a plain Llama has one.
             both = dict(weights)
-            for to_vision in (True, False):
+            for to_vision in (True, False) if _is_mllama(info) else ():
                 both.update({k: v.clone() for k, v in rename_keys(weights, to_vision).items()
                              if k not in both})
             save_file(both, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -202,6 +203,14 @@ def _load_base(info: AdapterInfo, dtype: str, with_vision: bool):
 
     return load_model_for_inference(resolve_model(info.base_model), quant="none",
                                     with_vision=with_vision, dtype=DTYPES[dtype])
+
+
+def _is_mllama(info: AdapterInfo) -> bool:
+    from llamalora.models import resolve_model
+    from llamalora.plan import load_model_config
+
+    config, _ = load_model_config(resolve_model(info.base_model))
+    return getattr(config, "model_type", None) == "mllama"
 
 
 def _trained_with_vision(info: AdapterInfo) -> bool:

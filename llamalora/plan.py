@@ -7,7 +7,6 @@ a model of where memory goes, not a measurement: llamalora.json records the meas
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from llamalora.batching import Tokenized, TruncationSummary, split_eval, tokeniz
 from llamalora.config import QUANT_CHOICES as QUANTS, TrainConfig
 from llamalora.data import load_examples
 from llamalora.errors import ConfigError, ModelError
+from llamalora.models import file_sha256
 from llamalora.parallel import world
 from llamalora.tokenizer import load_model_tokenizer
 
@@ -35,6 +35,9 @@ class ParamCounts:
     intermediate: int
     vocab: int
     active_layers: int = 0  # layers that run: text-only batches skip cross-attention layers
+    # in + out features summed over the language model's linears of each name ("q_proj": ...):
+    # what LoRA of rank r adds is r times this, per adapted name.
+    lora_dims: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -51,35 +54,40 @@ def mllama_default_config():
 
 
 def count_params(config, with_vision: bool) -> ParamCounts:
-    """Counts parameters without allocating them (meta device)."""
+    """Counts parameters without allocating them (meta device): Mllama (text-only or with its
+    vision tower) or any causal LM config (LlamaConfig: Llama 3.x, SmolLM2)."""
     import torch
-    from transformers import MllamaForCausalLM, MllamaForConditionalGeneration
+    from transformers import AutoModelForCausalLM, MllamaForCausalLM, MllamaForConditionalGeneration
 
+    mllama = getattr(config, "model_type", None) == "mllama"
     with torch.device("meta"):
-        if with_vision:
+        if mllama and with_vision:
             model = MllamaForConditionalGeneration(config)
-        else:
+        elif mllama:
             model = MllamaForCausalLM(config.text_config)
-    quantizable = other = 0
+        else:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    quantizable = 0
+    lora_dims: dict[str, int] = {}
     for name, module in model.named_modules():
         in_text_model = "vision" not in name and "projector" not in name
         if isinstance(module, torch.nn.Linear) and in_text_model and not name.endswith("lm_head"):
             quantizable += module.weight.numel()
+            short = name.rsplit(".", 1)[-1]
+            lora_dims[short] = lora_dims.get(short, 0) + module.in_features + module.out_features
+    # parameters() yields a tied embedding / lm_head weight once, as it is stored.
     other = sum(p.numel() for p in model.parameters()) - quantizable
-    text = config.text_config
+    text = config.get_text_config()
     skipped = 0 if with_vision else len(getattr(text, "cross_attention_layers", None) or [])
     return ParamCounts(quantizable, other, text.hidden_size, text.num_hidden_layers,
                        text.intermediate_size, text.vocab_size,
-                       active_layers=text.num_hidden_layers - skipped)
+                       active_layers=text.num_hidden_layers - skipped, lora_dims=lora_dims)
 
 
-def lora_param_count(counts: ParamCounts, rank: int, targets: list[str], kv_ratio: float = 0.25
-                     ) -> int:
-    """LoRA parameters: r x (in + out) per adapted projection and layer."""
-    h, i = counts.hidden, counts.intermediate
-    shape = {"q_proj": (h, h), "k_proj": (h, h * kv_ratio), "v_proj": (h, h * kv_ratio),
-             "o_proj": (h, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-    return int(sum(rank * sum(shape[t]) for t in targets) * counts.layers)
+def lora_param_count(counts: ParamCounts, rank: int, targets: list[str]) -> int:
+    """LoRA parameters: r x (in + out) per adapted projection, over every layer that has it
+    (cross-attention layers included, as peft adapts them too)."""
+    return int(rank * sum(counts.lora_dims.get(t, 0) for t in targets))
 
 
 def estimate_peak_gib(counts: ParamCounts, *, quant: str, batch_size: int, seq_len: int,
@@ -165,14 +173,6 @@ def load_model_config(model: str):
                          "folder, `tiny`, or log in for a gated hub model") from exc
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def plan_training(config: TrainConfig) -> Plan:
     """Checks and tokenizes the data and estimates memory; loads no weights.
 
@@ -181,11 +181,13 @@ def plan_training(config: TrainConfig) -> Plan:
         ConfigError / ModelError: Options or the model can't be used.
         MissingExtraError: A `--report-to` tracker is not installed.
     """
-    from llamalora.models import resolve_model
+    from llamalora.models import check_quant_packages, resolve_model
 
     from llamalora.trackers import check_trackers
 
-    check_trackers(config.report_to_list())  # a missing extra fails here, before any data work
+    # A missing package fails here, before any data work (and --dry-run reports it).
+    check_trackers(config.report_to_list())
+    check_quant_packages(config.quant)
     data_path = Path(config.data_path)
     examples, _ = load_examples(data_path, skip_invalid=config.skip_invalid)
     with_vision = any(e.images for e in examples)
@@ -233,6 +235,6 @@ def plan_training(config: TrainConfig) -> Plan:
                 memory_gib=memory, memory_gib_checkpointed=memory_checkpointed,
                 memory_gib_fused=memory_fused,
                 params={"base": counts.total, "lora": lora},
-                data_sha256=_sha256(data_path), model_note="; ".join(
+                data_sha256=file_sha256(data_path), model_note="; ".join(
                     n for n in (tok_note, cfg_note) if n),
                 train=train_set, eval=eval_set)

@@ -129,7 +129,7 @@ def _bundled():
 
 
 def load_tokenizer(name: str | None = None) -> TokenizerSource:
-    """Loads a fast tokenizer by hub id, local folder, or "bundled".
+    """Loads a fast tokenizer by hub id, local folder, "bundled" (or "tiny"), or "smollm2".
 
     Falls back to the bundled Llama 3.2 tokenizer when a meta-llama Llama 3.x id can't be had
     (offline, gated, not logged in); the reason is returned for the caller to show.
@@ -142,6 +142,10 @@ def load_tokenizer(name: str | None = None) -> TokenizerSource:
     name = name or DEFAULT_MODEL
     if name in (BUNDLED, "tiny"):
         return TokenizerSource(_bundled(), "bundled Llama 3.2 tokenizer")
+    from llamalora.models import SMOLLM2_MODEL, resolve_model
+
+    if name == SMOLLM2_MODEL:  # its cached folder (fetched and converted on first use)
+        name = resolve_model(name)
     local = Path(name).expanduser()
     if local.exists():
         file = local / "tokenizer.json" if local.is_dir() else local

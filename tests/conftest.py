@@ -25,7 +25,7 @@ import pytest
 
 needs_bnb = pytest.mark.needs_bnb
 needs_triton = pytest.mark.needs_triton
-_OPTIONAL = {"needs_bnb": ("bitsandbytes", "pip install 'llamalora[quant]'"),
+_OPTIONAL = {"needs_bnb": ("bitsandbytes", "pip install bitsandbytes"),
              "needs_triton": ("triton", "pip install triton, or CUDA torch's own")}
 
 
