@@ -17,16 +17,9 @@ from llamalora.config import TrainConfig
 from llamalora.errors import ModelError
 from llamalora.tokenizer import BUNDLED_TOKENIZER_DIR
 
-from conftest import MEMO_QUESTIONS, needs_bnb, write_jsonl
+from conftest import LLAMA3_TEMPLATE as LLAMA3, MEMO_QUESTIONS, needs_bnb, write_jsonl
 
 runner = CliRunner()
-# Llama 3 8B-Instruct's template: no dated system block, so it differs from the bundled one.
-LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}"
-          "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-          "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-          "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-          "{% endif %}")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ from llamalora.template import (DATE_STRING, ChatTemplate, TemplateRenderError, 
                                 render_examples, render_segments, template_of, user_text)
 from llamalora.tokenizer import BUNDLED_TOKENIZER_DIR, encode_segments, load_tokenizer
 
+from conftest import LLAMA3_TEMPLATE as LLAMA3
+
 SYSTEM_BLOCK = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
                 "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n")
 # SmolLM2-Instruct's template (ChatML with a default system message), as its GGUF ships it.
@@ -20,13 +22,6 @@ CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role']
           "Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
           "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
           "{{ '<|im_start|>assistant\n' }}{% endif %}")
-# Llama 3's format without a default system block (Llama 3 8B-Instruct's template).
-LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}"
-          "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-          "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-          "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-          "{% endif %}")
 
 RECORDS = {
     "text": (None, [("user", user_text("Define", "rebar")), ("assistant", "Steel.")]),
