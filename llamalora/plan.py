@@ -185,11 +185,11 @@ def plan_training(config: TrainConfig) -> Plan:
 
     from llamalora.trackers import check_trackers
 
-    # A missing package fails here, before any data work (and --dry-run reports it).
-    check_trackers(config.report_to_list())
-    check_quant_packages(config.quant)
+    check_trackers(config.report_to_list())  # a missing extra fails here, before any data work
     data_path = Path(config.data_path)
     examples, _ = load_examples(data_path, skip_invalid=config.skip_invalid)
+    # After the data's own errors, before tokenizing: --dry-run says so too.
+    check_quant_packages(config.quant)
     with_vision = any(e.images for e in examples)
     model = resolve_model(config.model)
     tokenizer, tok_note = load_model_tokenizer(model)
