@@ -1,7 +1,8 @@
 """Token-length statistics of a data file's training text, against a max sequence length.
 
-Lengths come from `template.render_segments` (the tokenizer's chat template) + `tokenizer.encode_segments`, the same path train
-takes, so what stats reports as truncated is what train truncates.
+Lengths come from `template.render_segments` (the tokenizer's chat template) +
+`tokenizer.encode_segments`, the same path train takes, so what stats reports as truncated is what
+train truncates.
 """
 
 from __future__ import annotations

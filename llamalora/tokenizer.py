@@ -1,8 +1,8 @@
 """Finding a model's tokenizer and chat template: a local folder, the Hugging Face Hub, or the
 bundled Llama 3.2 copy.
 
-The bundled copy is Llama 3.2 Vision's tokenizer.json and tokenizer_config.json (128,257 tokens incl.
-`<|image|>`, and Meta's chat template), shipped under the Llama 3.2 Community License (see
+The bundled copy is Llama 3.2 Vision's tokenizer.json and tokenizer_config.json (128,257 tokens
+incl. `<|image|>`, and Meta's chat template), shipped under the Llama 3.2 Community License (see
 assets/llama3_2_tokenizer/NOTICE). This module uses the `tokenizers` library only, so `stats` runs
 without torch or transformers. Each loaded tokenizer carries its chat template
 (`template.template_of`).
