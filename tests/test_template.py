@@ -74,16 +74,13 @@ def test_multi_turn_marks_every_assistant_turn_and_chat_prompt():
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(tmp_path_factory):
+def hf_tokenizer():
     """The bundled tokenizer in transformers, with ChatML's two special tokens added (so one
     tokenizer serves all three templates)."""
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = load_tokenizer("bundled").tokenizer
-    from tokenizers import Tokenizer
-
-    raw = Tokenizer.from_str(tokenizer.to_str())
+    raw = Tokenizer.from_str(load_tokenizer("bundled").tokenizer.to_str())
     raw.add_special_tokens([AddedToken("<|im_start|>", special=True),
                             AddedToken("<|im_end|>", special=True)])
     fast = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|begin_of_text|>",
