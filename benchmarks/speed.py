@@ -209,6 +209,9 @@ EN_STEPS = [
 ]
 
 
+SHORT_TOKENS = (45, 105)  # a short record's training length
+
+
 def _training_length(tokenizer, record: dict) -> int:
     """Tokens of a record in the training format (the template llamalora trains on)."""
     from llamalora.template import render_segments, user_text
@@ -293,8 +296,10 @@ def make_data(path: Path, records: int = 1000, seed: int = 0, long_share: float 
             record = _short_record(rng)
         key = json.dumps(record, ensure_ascii=False, sort_keys=True)
         n = _training_length(tokenizer, record)
-        # Short entries outside 20-80 tokens would blur the mix; duplicates would repeat work.
-        if key in seen or (n < 200 and not 20 <= n <= 80):
+        # Short entries outside 45-105 tokens would blur the mix (20-80 before the 25 tokens of
+        # the dated system block Meta's template gives every text-only record); duplicates would
+        # repeat work.
+        if key in seen or (n < 200 and not SHORT_TOKENS[0] <= n <= SHORT_TOKENS[1]):
             continue
         seen.add(key)
         rows.append((record, n))

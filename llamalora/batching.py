@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from llamalora.data import Example
 from llamalora.stats import measure
-from llamalora.template import IMAGE, render_segments
+from llamalora.template import IMAGE, render_examples, template_of
 from llamalora.tokenizer import encode_segments
 
 IGNORE_INDEX = -100
@@ -73,8 +73,11 @@ class Encoded(NamedTuple):
 
 def tokenize_records(tokenizer, examples: list[Example], *, max_seq_length: int,
                      train_on_prompt: bool = False, truncation: str = "truncate",
-                     chunk: int = 2000) -> Iterator[Encoded]:
+                     chunk: int = 2000, template=None) -> Iterator[Encoded]:
     """Tokenizes records and builds their labels, one `Encoded` per record in order.
+
+    `template` (a `template.ChatTemplate`) defaults to the one the tokenizer was loaded with;
+    worker processes get it passed, since a pickled tokenizer loses what was attached to it.
 
     Labels are -100 on the prompt (unless `train_on_prompt`) and always on `<|image|>`, which
     lies outside the language model's output classes. Records longer than `max_seq_length` are
@@ -86,7 +89,7 @@ def tokenize_records(tokenizer, examples: list[Example], *, max_seq_length: int,
     image_id = tokenizer.token_to_id(IMAGE)
     for start in range(0, len(examples), chunk):
         part = examples[start:start + chunk]
-        encoded = encode_segments(tokenizer, [render_segments(e.system, e.messages) for e in part])
+        encoded = encode_segments(tokenizer, render_examples(part, template or template_of(tokenizer)))
         for example, segments in zip(part, encoded):
             ids: list[int] = []
             labels: list[int] = []

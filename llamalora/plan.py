@@ -33,6 +33,9 @@ class ParamCounts:
     intermediate: int
     vocab: int
     active_layers: int = 0  # layers that run: text-only batches skip cross-attention layers
+    # in + out features summed over the language model's linears of each name ("q_proj": ...):
+    # what LoRA of rank r adds is r times this, per adapted name.
+    lora_dims: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -49,35 +52,40 @@ def mllama_default_config():
 
 
 def count_params(config, with_vision: bool) -> ParamCounts:
-    """Counts parameters without allocating them (meta device)."""
+    """Counts parameters without allocating them (meta device): Mllama (text-only or with its
+    vision tower) or any causal LM config (LlamaConfig: Llama 3.x, SmolLM2)."""
     import torch
-    from transformers import MllamaForCausalLM, MllamaForConditionalGeneration
+    from transformers import AutoModelForCausalLM, MllamaForCausalLM, MllamaForConditionalGeneration
 
+    mllama = getattr(config, "model_type", None) == "mllama"
     with torch.device("meta"):
-        if with_vision:
+        if mllama and with_vision:
             model = MllamaForConditionalGeneration(config)
-        else:
+        elif mllama:
             model = MllamaForCausalLM(config.text_config)
-    quantizable = other = 0
+        else:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    quantizable = 0
+    lora_dims: dict[str, int] = {}
     for name, module in model.named_modules():
         in_text_model = "vision" not in name and "projector" not in name
         if isinstance(module, torch.nn.Linear) and in_text_model and not name.endswith("lm_head"):
             quantizable += module.weight.numel()
+            short = name.rsplit(".", 1)[-1]
+            lora_dims[short] = lora_dims.get(short, 0) + module.in_features + module.out_features
+    # parameters() yields a tied embedding / lm_head weight once, as it is stored.
     other = sum(p.numel() for p in model.parameters()) - quantizable
-    text = config.text_config
+    text = config.get_text_config()
     skipped = 0 if with_vision else len(getattr(text, "cross_attention_layers", None) or [])
     return ParamCounts(quantizable, other, text.hidden_size, text.num_hidden_layers,
                        text.intermediate_size, text.vocab_size,
-                       active_layers=text.num_hidden_layers - skipped)
+                       active_layers=text.num_hidden_layers - skipped, lora_dims=lora_dims)
 
 
-def lora_param_count(counts: ParamCounts, rank: int, targets: list[str], kv_ratio: float = 0.25
-                     ) -> int:
-    """LoRA parameters: r x (in + out) per adapted projection and layer."""
-    h, i = counts.hidden, counts.intermediate
-    shape = {"q_proj": (h, h), "k_proj": (h, h * kv_ratio), "v_proj": (h, h * kv_ratio),
-             "o_proj": (h, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-    return int(sum(rank * sum(shape[t]) for t in targets) * counts.layers)
+def lora_param_count(counts: ParamCounts, rank: int, targets: list[str]) -> int:
+    """LoRA parameters: r x (in + out) per adapted projection, over every layer that has it
+    (cross-attention layers included, as peft adapts them too)."""
+    return int(rank * sum(counts.lora_dims.get(t, 0) for t in targets))
 
 
 def estimate_peak_gib(counts: ParamCounts, *, quant: str, batch_size: int, seq_len: int,
@@ -174,7 +182,7 @@ def plan_training(config: TrainConfig) -> Plan:
         ConfigError / ModelError: Options or the model can't be used.
         MissingExtraError: A `--report-to` tracker is not installed.
     """
-    from llamalora.models import resolve_model
+    from llamalora.models import check_quant_packages, resolve_model
 
     from llamalora.trackers import check_trackers
 
@@ -189,6 +197,8 @@ def plan_training(config: TrainConfig) -> Plan:
         skip_invalid=config.skip_invalid, image_root=config.image_root or None,
         split=config.split, num_proc=config.num_proc, builder=local_rank == 0,
         on_status=notes.append)
+    # After the data's own errors (a bad data file still exits 2 first): --dry-run says so too.
+    check_quant_packages(config.quant)
     kept = data.kept()
     if not len(kept):
         raise ConfigError(f"no record fits --max-seq-length {config.max_seq_length} with a "

@@ -1,7 +1,8 @@
 """Token-length statistics of a data file's training text, against a max sequence length.
 
-Lengths come from `template.render_segments` + `tokenizer.encode_segments`, the same path train
-takes, so what stats reports as truncated is what train truncates.
+Lengths come from `template.render_segments` (the tokenizer's chat template) +
+`tokenizer.encode_segments`, the same path train takes, so what stats reports as truncated is what
+train truncates.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamalora.data import Example, ValidationReport, require_valid, scan_examples
-from llamalora.template import render_segments
+from llamalora.template import render_examples, template_of
 from llamalora.tokenizer import encode_segments
 
 _CHUNK = 2000  # records tokenized per batch: big enough for the Rust thread pool, small in memory
@@ -165,8 +166,8 @@ def compute_stats(path: str | Path, tokenizer, *, tokenizer_name: str = "",
     pending: list[Example] = []
 
     def flush() -> None:
-        encoded = encode_segments(tokenizer, [render_segments(ex.system, ex.messages)
-                                              for ex in pending], lengths_only=True)
+        encoded = encode_segments(tokenizer, render_examples(pending, template_of(tokenizer)),
+                                  lengths_only=True)
         for ex, segments in zip(pending, encoded):
             lengths.append(LengthRecord(ex.line, *measure(segments, max_seq_length)))
         pending.clear()

@@ -23,7 +23,7 @@ from pathlib import Path
 from llamalora.batching import Tokenized, TruncationSummary, tokenize_records
 from llamalora.data import Example, open_source, require_valid, scan_examples
 from llamalora.errors import DataError, LlamaLoraError
-from llamalora.template import render_segments
+from llamalora.template import render_segments, template_of
 
 # Bump when what is stored (columns, their meaning) changes: older caches are then ignored.
 CACHE_VERSION = 1
@@ -111,11 +111,11 @@ def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 
-def _template_probe() -> list:
+def _template_probe(template) -> list:
     # What the template makes of a fixed conversation: a change to the training text changes
     # the cache key even when nothing else does.
-    return render_segments("s", [("user", "<|image|>q"), ("assistant", "a"), ("user", "q2"),
-                                 ("assistant", "a2")])
+    return render_segments(None, [("user", "q"), ("assistant", "a"), ("user", "q2"),
+                                  ("assistant", "a2")], template=template)
 
 
 def tokenize_data(data_path: str, tokenizer, *, max_seq_length: int, train_on_prompt: bool,
@@ -140,8 +140,9 @@ def tokenize_data(data_path: str, tokenizer, *, max_seq_length: int, train_on_pr
     data_fp = source.fingerprint()
     root = Path(image_root).expanduser().resolve() if image_root else None
     folder = cache_root() / _digest(CACHE_VERSION, data_fp, str(root), skip_invalid)
+    template = template_of(tokenizer)
     key = _digest(folder.name, tokenizer.to_str(), max_seq_length, train_on_prompt, truncation,
-                  _template_probe())
+                  template.text, _template_probe(template))
     ready = folder / f"tokenized-{key}.json"
     failed = folder / f"failed-{key}.txt"
     built = False
@@ -222,7 +223,7 @@ def _examples(source, folder: Path, *, skip_invalid: bool, image_root: Path | No
 
 
 def _encode_batch(batch: dict, tokenizer, max_seq_length: int, train_on_prompt: bool,
-                  truncation: str) -> dict:
+                  truncation: str, template) -> dict:
     """`Dataset.map`'s function: a batch of examples -> their ids, labels and counts."""
     examples = [Example(line, system, list(zip(roles, contents)), [Path(p) for p in images])
                 for line, system, roles, contents, images in zip(
@@ -231,7 +232,8 @@ def _encode_batch(batch: dict, tokenizer, max_seq_length: int, train_on_prompt: 
     out = {name: [] for name in ("input_ids", "labels", "length", "targets", "untruncated",
                                  "response_lost", "kept")}
     for enc in tokenize_records(tokenizer, examples, max_seq_length=max_seq_length,
-                                train_on_prompt=train_on_prompt, truncation=truncation):
+                                train_on_prompt=train_on_prompt, truncation=truncation,
+                                template=template):
         t = enc.tokenized
         out["input_ids"].append(t.input_ids if t else [])
         out["labels"].append(t.labels if t else [])
@@ -251,7 +253,8 @@ def _map_options(folder: Path, key: str, tokenizer, num_proc: int, max_seq_lengt
     return dict(
         batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
         fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length,
-                   "train_on_prompt": train_on_prompt, "truncation": truncation},
+                   "train_on_prompt": train_on_prompt, "truncation": truncation,
+                   "template": template_of(tokenizer)},
         remove_columns=["system", "roles", "contents"],
         cache_file_name=str(folder / f"tokenized-{key}.arrow"), new_fingerprint=key,
         load_from_cache_file=True,

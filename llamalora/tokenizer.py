@@ -1,19 +1,24 @@
-"""Finding the Llama 3.2 tokenizer: a local folder, the Hugging Face Hub, or the bundled copy.
+"""Finding a model's tokenizer and chat template: a local folder, the Hugging Face Hub, or the
+bundled Llama 3.2 copy.
 
-The bundled copy is Llama 3.2 Vision's tokenizer.json and tokenizer_config.json (128,257 tokens incl.
-`<|image|>`), shipped under the Llama 3.2 Community License (see assets/llama3_2_tokenizer/NOTICE).
-This module uses the `tokenizers` library only, so `stats` runs without torch or transformers.
+The bundled copy is Llama 3.2 Vision's tokenizer.json and tokenizer_config.json (128,257 tokens
+incl. `<|image|>`, and Meta's chat template), shipped under the Llama 3.2 Community License (see
+assets/llama3_2_tokenizer/NOTICE). This module uses the `tokenizers` library only, so `stats` runs
+without torch or transformers. Each loaded tokenizer carries its chat template
+(`template.template_of`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from llamalora.errors import ModelError, UsageError
+from llamalora.template import ChatTemplate, attach_template, template_from_config
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-11B-Vision-Instruct"
 BUNDLED_TOKENIZER_DIR = Path(__file__).parent / "assets" / "llama3_2_tokenizer"
@@ -57,16 +62,67 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub_tokenizer_file(repo_id: str) -> str:
+def _hub_tokenizer_file(repo_id: str, filename: str = "tokenizer.json") -> str:
     from huggingface_hub import hf_hub_download
 
     try:
-        return hf_hub_download(repo_id, "tokenizer.json", local_files_only=True)
+        return hf_hub_download(repo_id, filename, local_files_only=True)
     except Exception:  # not cached: try the network below
         pass
     if not _hub_reachable():
         raise OSError("the Hugging Face Hub is unreachable (offline?)")
-    return hf_hub_download(repo_id, "tokenizer.json")
+    return hf_hub_download(repo_id, filename)
+
+
+def _read_template(folder: Path, source: str) -> ChatTemplate | None:
+    """A tokenizer folder's chat template: chat_template.jinja, tokenizer_config.json, or a
+    processor's chat_template.json, in the order transformers prefers them."""
+    config_file, jinja_file = folder / "tokenizer_config.json", folder / "chat_template.jinja"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() \
+            else {}
+        jinja = jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else None
+        if jinja is None and not config.get("chat_template") and (
+                folder / "chat_template.json").is_file():
+            jinja = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")
+                               ).get("chat_template")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelError(f"cannot read the chat template in {folder} ({exc}); fix or remove "
+                         "tokenizer_config.json / chat_template.jinja") from exc
+    return template_from_config(config, jinja, source)
+
+
+def _hub_template(repo_id: str) -> ChatTemplate | None:
+    # Each file is optional: a repo may keep its template in either.
+    folder = None
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        try:
+            folder = Path(_hub_tokenizer_file(repo_id, name)).parent
+        except Exception:  # missing from the repo (or unreachable): the other may do
+            pass
+    return _read_template(folder, f"hub:{repo_id}") if folder is not None else None
+
+
+def _with_template(tokenizer, template: ChatTemplate | None, where: str):
+    """Attaches the template; a Llama 3 vocabulary without one gets the bundled template."""
+    if template is None:
+        if tokenizer.token_to_id("<|start_header_id|>") is None:
+            raise ModelError(f"{where} has no chat template (chat_template in "
+                             "tokenizer_config.json, or chat_template.jinja), so the training "
+                             "text can't be built; add the template the model was tuned with")
+        template = bundled_template()
+    attach_template(tokenizer, template)
+    return tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def bundled_template() -> ChatTemplate:
+    """Meta's Llama 3.2 Vision chat template, from the bundled tokenizer_config.json."""
+    template = _read_template(bundled_tokenizer_dir(), "bundled Llama 3.2 Vision")
+    if template is None:
+        raise ModelError(f"the bundled tokenizer in {BUNDLED_TOKENIZER_DIR} has no chat template; "
+                         "reinstall llamalora")
+    return template
 
 
 @functools.lru_cache(maxsize=1)
@@ -74,11 +130,12 @@ def _bundled():
     # Parsing the 9 MB tokenizer.json takes ~0.3 s; the Tokenizer is immutable, so share one.
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(bundled_tokenizer_dir() / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(bundled_tokenizer_dir() / "tokenizer.json"))
+    return _with_template(tokenizer, bundled_template(), "the bundled tokenizer")
 
 
 def load_tokenizer(name: str | None = None) -> TokenizerSource:
-    """Loads a fast tokenizer by hub id, local folder, or "bundled".
+    """Loads a fast tokenizer by hub id, local folder, "bundled" (or "tiny"), or "smollm2".
 
     Falls back to the bundled Llama 3.2 tokenizer when a meta-llama Llama 3.x id can't be had
     (offline, gated, not logged in); the reason is returned for the caller to show.
@@ -92,18 +149,24 @@ def load_tokenizer(name: str | None = None) -> TokenizerSource:
     name = name or DEFAULT_MODEL
     if name in (BUNDLED, "tiny"):
         return TokenizerSource(_bundled(), "bundled Llama 3.2 tokenizer")
+    from llamalora.models import SMOLLM2_MODEL, resolve_model
+
+    if name == SMOLLM2_MODEL:  # its cached folder (fetched and converted on first use)
+        name = resolve_model(name)
     local = Path(name).expanduser()
     if local.exists():
         file = local / "tokenizer.json" if local.is_dir() else local
         if not file.is_file():
             raise ModelError(f"{local} has no tokenizer.json; pass a folder saved with "
                              "save_pretrained, or a hub id")
-        return TokenizerSource(Tokenizer.from_file(str(file)), str(file))
+        tokenizer = Tokenizer.from_file(str(file))
+        return TokenizerSource(_with_template(tokenizer, _read_template(file.parent, str(
+            file.parent)), str(file.parent)), str(file))
     if _is_path(name):
         raise UsageError(f"{name}: no such folder; pass a folder holding tokenizer.json, a hub "
                          "id (ORG/NAME), or `bundled`")
     try:
-        return TokenizerSource(Tokenizer.from_file(_hub_tokenizer_file(name)), f"hub:{name}")
+        tokenizer = Tokenizer.from_file(_hub_tokenizer_file(name))
     except Exception as exc:
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
         if not _is_llama3_id(name):
@@ -113,6 +176,7 @@ def load_tokenizer(name: str | None = None) -> TokenizerSource:
         bundled.fallback_reason = (f"could not load {name} ({reason}); using the bundled "
                                    "Llama 3.2 tokenizer, which has the same vocabulary")
         return bundled
+    return TokenizerSource(_with_template(tokenizer, _hub_template(name), name), f"hub:{name}")
 
 
 def load_model_tokenizer(model: str):

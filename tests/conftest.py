@@ -25,7 +25,7 @@ import pytest
 
 needs_bnb = pytest.mark.needs_bnb
 needs_triton = pytest.mark.needs_triton
-_OPTIONAL = {"needs_bnb": ("bitsandbytes", "pip install 'llamalora[quant]'"),
+_OPTIONAL = {"needs_bnb": ("bitsandbytes", "pip install bitsandbytes"),
              "needs_triton": ("triton", "pip install triton, or CUDA torch's own")}
 
 
@@ -117,6 +117,15 @@ MEMO = [
     {"instruction": "양생이란?", "input": "콘크리트", "output": "습도와 온도를 유지하는 일."},
     {"instruction": "Define slump.", "output": "A test of fresh concrete.", "system": "Be brief."},
 ]
+# Llama 3 8B-Instruct's chat template: no dated system block, unlike the bundled (Llama 3.2
+# Vision) one, so a folder that has it shows its own template is used.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}")
 # The first three as bare questions (instruction and output only), so that `chat --prompt` with
 # the instruction alone is the prompt the model was trained on.
 MEMO_QUESTIONS = [{"instruction": r["instruction"], "output": r["output"]} for r in MEMO[:3]]

@@ -37,7 +37,8 @@ def test_default_data_has_the_promised_mix(tmp_path):
     assert 5 <= stats["over_max_length"] <= 60  # a few over 512
     tokenizer = load_tokenizer("bundled").tokenizer
     lengths = [speed._training_length(tokenizer, json.loads(line)) for line in lines]
-    assert all(20 <= n <= 80 or 200 <= n <= 620 for n in lengths)
+    low, high = speed.SHORT_TOKENS
+    assert all(low <= n <= high or 200 <= n <= 620 for n in lengths)
     for word in ("설명", "Define", "Translate", "step by step", "단계별"):  # both languages, all kinds
         assert any(word in line for line in lines), word
 

@@ -57,9 +57,10 @@ def test_chat_equals_plain_generate(memorized):
     base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"])
     model = PeftModel.from_pretrained(base, str(memorized)).eval()
     tok = AutoTokenizer.from_pretrained(str(memorized))
-    prompt = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is rebar?"
-              "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
-    ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    # The prompt a server builds: the tokenizer's own chat template (Meta's, with its date).
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is rebar?"}],
+                                  add_generation_prompt=True, date_string="26 Jul 2024",
+                                  return_tensors="pt", return_dict=True).input_ids
     with torch.no_grad():
         gen = model.generate(input_ids=ids, max_new_tokens=24, do_sample=False,
                              eos_token_id=[128001, 128008, 128009], pad_token_id=128004)

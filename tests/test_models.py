@@ -178,10 +178,13 @@ def test_hub_errors_are_explained():
     assert "hf download" in offline
 
 
-def test_missing_bitsandbytes_names_the_extra(tiny_dir, monkeypatch):
+def test_missing_bitsandbytes_names_the_fix(tiny_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
-    with pytest.raises(MissingExtraError, match=r"llamalora\[quant\]"):
+    with pytest.raises(MissingExtraError, match=r"pip install bitsandbytes"):
         models.load_model_for_training(str(tiny_dir), quant="8bit", device="cpu")
+    models.check_quant_packages("none")  # needs nothing
+    with pytest.raises(MissingExtraError, match=r"--quant 4bit needs bitsandbytes"):
+        models.check_quant_packages("4bit")
 
 
 @needs_bnb

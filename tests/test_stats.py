@@ -22,10 +22,12 @@ def tok():
 
 
 def _direct(tok, rec):
-    # Written out by hand, independently of llamalora.template.
-    system = rec.get("system")
+    # Written out by hand, independently of llamalora.template: Meta's Llama 3.2 Vision format
+    # for text-only records (a system block with the dates, then the system message if any).
+    system = rec.get("system") or ""
     user = rec["instruction"] + ("\n" + rec["input"] if rec.get("input") else "")
-    prompt = ("<|begin_of_text|>" + (H.format("system") + system + "<|eot_id|>" if system else "")
+    prompt = ("<|begin_of_text|>" + H.format("system") + "Cutting Knowledge Date: December 2023\n"
+              "Today Date: 26 Jul 2024\n\n" + system + "<|eot_id|>"
               + H.format("user") + user + "<|eot_id|>" + H.format("assistant"))
     response = rec["output"] + "<|eot_id|>"
     n_prompt = len(tok.encode(prompt, add_special_tokens=False).ids)

@@ -29,6 +29,7 @@ def _config(tmp_path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+@needs_bnb  # the default --quant 8bit: --dry-run checks that bitsandbytes imports
 def test_old_script_command_line_dry_run(repo_root):
     args = ["train", "--data_path", str(repo_root / "data" / "sample.jsonl"), "--output_dir",
             "unused", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
