@@ -14,8 +14,8 @@ from llamalora.tokenizer import load_tokenizer
 from conftest import GOOD, MEMO, write_jsonl
 
 TOK = load_tokenizer("bundled").tokenizer
-OPTIONS = dict(max_seq_length=40, train_on_prompt=False, truncation="truncate")
-RECORDS = GOOD + MEMO + [{"instruction": "long " * 60, "output": "cut"}]
+OPTIONS = dict(max_seq_length=64, train_on_prompt=False, truncation="truncate")
+RECORDS = GOOD + MEMO + [{"instruction": "long " * 60, "output": "cut"}]  # 3 over 64 tokens
 
 
 @pytest.fixture(autouse=True)
@@ -117,7 +117,7 @@ def test_the_plan_holds_records_not_token_lists(tmp_path):
     from llamalora.plan import plan_training
 
     path = write_jsonl(tmp_path / "d.jsonl", RECORDS)
-    plan = plan_training(TrainConfig(data_path=str(path), model="tiny", max_seq_length=40,
+    plan = plan_training(TrainConfig(data_path=str(path), model="tiny", max_seq_length=64,
                                      eval_fraction=0.2))
     assert isinstance(plan.train, tokenized.Records) and isinstance(plan.eval, tokenized.Records)
     # the last record's response is cut away whole, so it is left out
@@ -138,3 +138,28 @@ def test_images_survive_the_cache(tmp_path):
     records = tokenized.Records(data.dataset, data.kept())
     assert data.with_vision and records[3].images == [tmp_path / "imgs" / "a.png"]
     assert records[0].images == [] and TOK.token_to_id("<|image|>") in records[3].input_ids
+
+
+@pytest.mark.slow
+def test_worker_processes_render_with_the_tokenizers_own_template(tmp_path):
+    """A checkpoint's template reaches the tokenizing processes (a pickled tokenizer loses what
+    was attached to it) and is part of the cache key."""
+    from tokenizers import Tokenizer
+
+    from llamalora.template import ChatTemplate, attach_template
+    from llamalora.tokenizer import BUNDLED_TOKENIZER_DIR
+
+    from conftest import LLAMA3_TEMPLATE
+
+    own = Tokenizer.from_file(str(BUNDLED_TOKENIZER_DIR / "tokenizer.json"))  # not the shared one
+    attach_template(own, ChatTemplate(LLAMA3_TEMPLATE, (("bos_token", "<|begin_of_text|>"),
+                                                        ("eos_token", "<|end_of_text|>"))))
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"instruction": f"{r['instruction']} {i}", "output": r["output"]}
+        for i in range(300) for r in GOOD])
+    two = tokenized.tokenize_data(str(path), own, **OPTIONS, num_proc=2)
+    expected, _ = tokenize_examples(own, load_examples(path)[0], **OPTIONS)
+    _same(tokenized.Records(two.dataset, two.kept()), expected)
+    bundled = tokenized.tokenize_data(str(path), TOK, **OPTIONS, num_proc=2)
+    assert not bundled.reused  # another template, another key
+    assert tokenized.Records(bundled.dataset, bundled.kept())[0].input_ids != expected[0].input_ids
