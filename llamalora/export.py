@@ -70,9 +70,9 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     tmp.rename(out)
 
 
-def _model_card(info: AdapterInfo, merged: bool):
+def _model_card(info: AdapterInfo, merged: bool, mllama: bool):
     """README.md as a huggingface_hub ModelCard (metadata header + body): an adapter's (whose
-    weights file holds both layer names) or a merged model's."""
+    weights file holds both layer names on an Mllama base) or a merged model's."""
     from huggingface_hub import ModelCard, ModelCardData
 
     run, cfg = info.run, info.run.get("config", {})
@@ -87,24 +87,29 @@ def _model_card(info: AdapterInfo, merged: bool):
         f"- Steps: {run.get('plan', {}).get('steps', '?')}, max length "
         f"{cfg.get('max_seq_length', '?')}, learning rate {cfg.get('learning_rate', '?')}",
         "", "## Load it", ""]
+    where = "<this folder>" if merged else info.base_model
+    load = [f'model = AutoModelForCausalLM.from_pretrained("{where}")']
+    if mllama:  # text-only class, or the vision one
+        load = ["from transformers import MllamaForConditionalGeneration",
+                load[0] + "  # text only, or:",
+                f'# model = MllamaForConditionalGeneration.from_pretrained("{where}")']
     if merged:
-        lines += [
-            "A standalone model with the LoRA merged in; no peft needed:", "", "```python",
-            "from transformers import AutoModelForCausalLM, MllamaForConditionalGeneration",
-            'model = AutoModelForCausalLM.from_pretrained("<this folder>")  # text only, or:',
-            '# model = MllamaForConditionalGeneration.from_pretrained("<this folder>")', "```"]
+        lines += ["A standalone model with the LoRA merged in; no peft needed:", "", "```python",
+                  "from transformers import AutoModelForCausalLM", *load, "```"]
     else:
         lines += [
             "```python", "from peft import PeftModel",
-            "from transformers import AutoModelForCausalLM, MllamaForConditionalGeneration",
-            f'base = AutoModelForCausalLM.from_pretrained("{info.base_model}")  # text only, or:',
-            f'# base = MllamaForConditionalGeneration.from_pretrained("{info.base_model}")',
+            "from transformers import AutoModelForCausalLM",
+            *[line.replace("model = ", "base = ", 1) for line in load],
             'model = PeftModel.from_pretrained(base, "<this folder>")', "```", "",
-            "Prompts use the Llama 3 chat format the adapter was trained on; `llamalora chat "
-            "--adapter <this folder>` builds them for you.", "",
-            "The weights file holds each LoRA weight under both layer names "
-            "(`model.layers.*` of the text-only model and `model.language_model.layers.*` of "
-            "the vision model), so it loads onto either class."]
+            "Prompts use the chat template of the tokenizer saved here, the one the adapter was "
+            "trained on (`apply_chat_template` builds them; so does `llamalora chat --adapter "
+            "<this folder>`)."]
+        if mllama:
+            lines += ["", "The weights file holds each LoRA weight under both layer names "
+                      "(`model.layers.*` of the text-only model and "
+                      "`model.language_model.layers.*` of the vision model), so it loads onto "
+                      "either class."]
     data = ModelCardData(library_name="transformers" if merged else "peft",
                          base_model=info.base_model, tags=["lora", "llamalora"])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
@@ -207,7 +212,7 @@ def export_adapter(run: str | Path, out: str | Path, *, merge: bool = False, dty
             for name in TOKENIZER_FILES:
                 if (info.run_dir / name).is_file():
                     shutil.copy2(info.run_dir / name, tmp / name)
-            _model_card(info, merged=False).save(tmp / "README.md")
+            _model_card(info, merged=False, mllama=_is_mllama(info)).save(tmp / "README.md")
             result = ExportResult(out, "adapter")
             if verify:
                 emit(Status("Checking the export: plain peft vs the run's adapter"))
@@ -332,7 +337,7 @@ def _export_merged(info: AdapterInfo, tmp: Path, out: Path, dtype: str, verify: 
         from llamalora.models import load_image_processor
 
         load_image_processor(base_path).save_pretrained(str(tmp))
-    _model_card(info, merged=True).save(tmp / "README.md")
+    _model_card(info, merged=True, mllama=_is_mllama(info)).save(tmp / "README.md")
     result = ExportResult(out, "merged")
     if verify:
         # Rounding W + BA to the target dtype moves the logits a little; reported, not refused

@@ -112,6 +112,7 @@ def test_export_adapter_loads_with_plain_peft_on_both_classes(memorized, tmp_pat
 
     card = ModelCard.load(out / "README.md")  # the hub reads its metadata
     assert card.data.library_name == "peft" and "lora" in card.data.tags
+    assert "both layer names" in card.text and "MllamaForConditionalGeneration" in card.text
     base_path = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
     from safetensors.torch import load_file
 

@@ -105,8 +105,11 @@ def test_train_export_and_chat_a_plain_llama(llama_dir, tmp_path):
         assert not any(".language_model." in k for k in f.keys())
     base = AutoModelForCausalLM.from_pretrained(str(llama_dir))
     PeftModel.from_pretrained(base, str(tmp_path / "adapter"))  # loads with plain peft
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "Mllama" not in card and "both layer names" not in card  # a Llama's own card
     merged = export_adapter(run, tmp_path / "merged", merge=True)
     assert merged.max_logit_diff <= merged.tolerance
+    assert "Mllama" not in (tmp_path / "merged" / "README.md").read_text()
 
     # Chat prompts the model exactly as apply_chat_template does with the folder's template.
     session = open_chat(run, quant="none")
