@@ -73,8 +73,11 @@ class _StaticKV:
         self.values[i].index_copy_(2, self.position, value)
         return self.keys[i][:, :, :self.visible], self.values[i][:, :, :self.visible]
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:  # asked by some releases' layers
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        # Part of the Cache interface; the layer calls of 5.24 never make it, and the GPU
+        # (5.17) runs were made with it in place, so it stays.
         return self.length
+
 
 
 def _unwrap(model):
@@ -89,10 +92,13 @@ def supported(model) -> str | None:
     """None when `StaticDecoder` can run this model; otherwise why not (said to the user)."""
     try:
         decoder, head = _unwrap(model)
-        layers, config = decoder.layers, decoder.config
-        decoder.embed_tokens, decoder.norm, decoder.rotary_emb  # noqa: B018 (attributes used)
     except AttributeError as exc:
         return f"not a Llama-shaped decoder ({exc})"
+    missing = [n for n in ("layers", "config", "embed_tokens", "norm", "rotary_emb")
+               if not hasattr(decoder, n)]
+    if missing:
+        return f"not a Llama-shaped decoder (no {', '.join(missing)})"
+    layers, config = decoder.layers, decoder.config
     if head is None:
         return "no output head"
     attn = getattr(config, "_attn_implementation", "sdpa")

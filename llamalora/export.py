@@ -64,6 +64,24 @@ def _check_target(out: Path, overwrite: bool, is_file: bool = False) -> None:
                                     "another path")
 
 
+def check_disk(places: list[tuple[Path, int]], what: str) -> None:
+    """Refuses an export that would not fit: the bytes each (folder, size) needs, summed per
+    disk, with a 5% margin.
+
+    Raises:
+        UsageError: Naming the disk and how much it lacks.
+    """
+    needs: dict[int, tuple[Path, int]] = {}
+    for place, nbytes in places:
+        dev = place.stat().st_dev
+        needs[dev] = (place, needs.get(dev, (place, 0))[1] + nbytes)
+    for place, nbytes in needs.values():
+        free = shutil.disk_usage(place).free
+        if nbytes * 1.05 > free:
+            raise UsageError(f"not enough disk for {what}: needs about {nbytes / 2**30:.1f} GiB, "
+                             f"{free / 2**30:.1f} GiB free at {place}")
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -316,12 +334,9 @@ def _export_merged(info: AdapterInfo, tmp: Path, out: Path, dtype: str, verify: 
     config, _ = load_model_config(base_path)
     with_vision = getattr(config, "model_type", None) == "mllama"
     need = count_params(config, with_vision).total * (4 if dtype == "fp32" else 2)
-    free = shutil.disk_usage(tmp).free
     emit(Status(f"The merged model needs about {need / 2**30:.2f} GiB on disk "
-                               f"({free / 2**30:.1f} GiB free)"))
-    if need * 1.05 > free:
-        raise UsageError(f"not enough disk for the merged model: needs about "
-                         f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free at {out.parent}")
+                f"({shutil.disk_usage(tmp).free / 2**30:.1f} GiB free)"))
+    check_disk([(tmp, need)], "the merged model")
     base, load_info = _load_base(info, dtype, with_vision)
     model = apply_adapter(base, info.folder)
     tokenizer, _ = load_model_tokenizer(base_path)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -952,15 +951,9 @@ def _refuse_trained_cross_attention(info, text_config) -> None:
 
 
 def _check_disk(tmp: Path, folder_bytes: int, gguf_path: Path | None, gguf_bytes_: int) -> None:
-    needs: dict[int, tuple[Path, int]] = {}
+    from llamalora.export import check_disk
+
     places = [(tmp, folder_bytes)]
     if gguf_path is not None:
         places.append((gguf_path.parent if gguf_path.parent.exists() else tmp, gguf_bytes_))
-    for place, nbytes in places:
-        dev = place.stat().st_dev
-        needs[dev] = (place, needs.get(dev, (place, 0))[1] + nbytes)
-    for place, nbytes in needs.values():
-        free = shutil.disk_usage(place).free
-        if nbytes * 1.05 > free:
-            raise UsageError(f"not enough disk for the export: needs about {nbytes / 2**30:.1f} "
-                             f"GiB, {free / 2**30:.1f} GiB free at {place}")
+    check_disk(places, "the export")

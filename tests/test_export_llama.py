@@ -269,3 +269,18 @@ def test_q8_0_is_gguf_pys_bit_for_bit():
         got = quantize_q8_0(t)
         assert got.dtype == expected.dtype and got.shape == expected.shape == (8, 102)
         assert (got == expected).all()
+
+
+def test_disk_check_sums_what_goes_to_one_disk(tmp_path, monkeypatch):
+    import shutil as sh
+    from collections import namedtuple
+
+    from llamalora.errors import UsageError
+    from llamalora.export import check_disk
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(0, 0, 10 * 2**30))
+    (tmp_path / "a").mkdir()
+    check_disk([(tmp_path, 6 * 2**30)], "the export")  # fits
+    with pytest.raises(UsageError, match=r"needs about 12\.0 GiB, 10\.0 GiB free"):
+        check_disk([(tmp_path, 6 * 2**30), (tmp_path / "a", 6 * 2**30)], "the export")
