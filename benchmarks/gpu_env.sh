@@ -1,5 +1,6 @@
-# Sourced by the GPU scripts: installs the carried wheels (.whl/: bitsandbytes, typer, rich,
-# pydantic, which the lent machines lack) and sets the environment.
+# Sourced by the GPU scripts: installs the carried wheels (.whl/, made by gpu_wheels.sh:
+# bitsandbytes, datasets, pyarrow, pandas, gguf, which the lent machines lack) and sets the
+# environment.
 set -euo pipefail
 OUTDIR=${1:-/tmp/gpu-out}
 mkdir -p "$OUTDIR"
