@@ -79,7 +79,8 @@ def main() -> None:
         state["index"] = index
         if index == args.from_step:
             sync()
-            state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                                    record_shapes=True)
             state["prof"].__enter__()
         state["t0"] = time.perf_counter()
         with record_function("batch"):
@@ -120,12 +121,21 @@ def main() -> None:
         top_gpu = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
         host_ops = [e for e in events if e.device_type == DeviceType.CPU and e.key not in RANGES]
         top_host = sorted(host_ops, key=lambda e: -e.self_cpu_time_total)[:25]
+        # Attention calls by shape: which of the model's attentions the kernels' time is.
+        attention = sorted(
+            (e for e in prof.key_averages(group_by_input_shape=True)
+             if e.device_type == DeviceType.CPU and e.key.startswith("aten::_")
+             and "attention" in e.key),
+            key=lambda e: -e.device_time_total)[:12]
         result = {
             "steps": n, "wall_ms": [round(w * 1000, 1) for w in walls],
             "gpu_busy_ms_per_step": round(gpu_ms, 2), "kernel_launches_per_step": launches,
             "ranges_per_step": ranges,
             "top_gpu_ms_per_step": [[e.key[:90], round(e.self_device_time_total / 1000 / n, 2),
                                      e.count // n] for e in top_gpu],
+            "attention_by_shape": [[e.key, str(e.input_shapes)[:160],
+                                    round(e.device_time_total / 1000 / n, 2), e.count / n]
+                                   for e in attention],
             "top_host_ms_per_step": [[e.key[:90], round(e.self_cpu_time_total / 1000 / n, 2),
                                       e.count // n] for e in top_host],
         }

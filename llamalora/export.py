@@ -133,14 +133,24 @@ def _model_card(info: AdapterInfo, merged: bool, mllama: bool):
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
-def _probe_logits(model, tokenizer, device):
+def _probe_logits(model, tokenizer, device, math_attention: bool = False):
+    """The model's logits on the probe prompt; `math_attention`: through SDPA's plain math
+    kernel (the same function summed in another order, to measure the model's rounding noise)."""
+    import contextlib
+
     import torch
 
     segments = render_segments(None, [("user", PROBE_QUESTION)], add_generation_prompt=True,
                                template=template_of(tokenizer))
     ids = [t for seg, _ in encode_segments(tokenizer, [segments])[0] for t in seg]
     ids = torch.tensor([ids], device=device)
-    with torch.inference_mode():
+    if math_attention:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernel = sdpa_kernel(SDPBackend.MATH)
+    else:
+        kernel = contextlib.nullcontext()
+    with torch.inference_mode(), kernel:
         return model(input_ids=ids).logits.float().cpu()
 
 

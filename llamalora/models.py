@@ -404,7 +404,10 @@ def load_base_model(name_or_path: str, *, quant: str = "8bit", with_vision: bool
                          f"checkpoint (e.g. {missing[0]}); its files don't match its config")
     _check_vision_unquantized(model)
     if with_vision:
+        from llamalora.attention import use_fast_mllama_attention
+
         mask_imageless_cross_attention(model)
+        use_fast_mllama_attention(model)
     info = {"quant": quant, "compute_dtype": str(dtype).removeprefix("torch."),
             "device": str(target), "model_class": type(model).__name__,
             "params_total": _count_params(model), "base_model": path}

@@ -1,6 +1,7 @@
 """One optimizer step as one unit: the loss of its micro-batches, backward, gradient sync, clip,
-update. Its inputs are plain tensors already on the device and it reads nothing back to the host,
-so a step can run ahead of the Python that queued it.
+update. Its inputs are tensors already on the device (with images, also the host-made runs of
+`attention.CrossAttentionRuns`) and it reads nothing back to the host, so a step can run ahead
+of the Python that queued it.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llamalora.attention import cross_attention_runs
 from llamalora.batching import IGNORE_INDEX
 
 
@@ -21,8 +23,9 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if "target_index" in batch:
         return _static_loss_sum(base, batch)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = base.model(**inputs, use_cache=False).last_hidden_state
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "cross_attention_runs")}
+    with cross_attention_runs(batch.get("cross_attention_runs")):
+        hidden = base.model(**inputs, use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     logits = base.lm_head(hidden[:, :-1][keep])
@@ -56,8 +59,8 @@ def to_device(batch: dict, device, dtype) -> dict:
     """The batch on `device`; floating tensors (pixels) in the compute dtype."""
     out = {}
     for k, v in batch.items():
-        v = v.to(device, non_blocking=True)
-        out[k] = v.to(dtype) if v.is_floating_point() else v
+        v = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v.to(device)
+        out[k] = v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
     return out
 
 

@@ -121,3 +121,73 @@ def test_a_text_record_beside_images_is_trained_as_alone(vision_model, processor
         beside, _ = loss_sum(vision_model, pack_vision(records[:2], processor))
         image_only, _ = loss_sum(vision_model, pack_vision(records[1:2], processor))
     torch.testing.assert_close(beside, alone + image_only, rtol=1e-9, atol=1e-9)
+
+
+def _without_runs(batch):
+    return {k: v for k, v in batch.items() if k != "cross_attention_runs"}
+
+
+def test_cross_attention_by_runs_is_the_masked_attention(vision_model, processor, records,
+                                                          tmp_path):
+    """`attention.CrossAttentionRuns`: runs of tokens attend to just the tiles they see, with no
+    mask; loss and gradients equal transformers' masked SDPA over the whole row (the batch
+    without its runs), packed and padded, with two images side by side in one turn (the runs
+    after them see tiles that are not consecutive: the index path)."""
+    from PIL import Image
+
+    from llamalora.attention import CROSS, VISION
+
+    layers = {type(m).__name__: m.config._attn_implementation for m in vision_model.modules()
+              if type(m).__name__ in ("MllamaVisionAttention", "MllamaTextCrossAttention")}
+    assert layers == {"MllamaVisionAttention": VISION, "MllamaTextCrossAttention": CROSS}
+    Image.new("RGB", (24, 24), (0, 90, 200)).save(tmp_path / "square.png")  # 1 tile
+    Image.new("RGB", (60, 30), (200, 20, 20)).save(tmp_path / "wide.png")  # 2 tiles
+    both = {"messages": [{"role": "user", "content": "<image><image>Compare them."},
+                         {"role": "assistant", "content": "One is blue, one is red."}],
+            "images": ["square.png", "wide.png"]}
+    examples, _ = load_examples(write_jsonl(tmp_path / "d.jsonl", [both]))
+    side_by_side, _ = tokenize_examples(TOK, examples, max_seq_length=512)
+    items = records + side_by_side
+    for batch in (pack_vision(items, processor),
+                  add_vision_inputs(collate(items, pad_id=128004), [t.images for t in items],
+                                    processor)):
+        runs = batch["cross_attention_runs"].to("cpu")
+        assert any(isinstance(s, torch.Tensor) for row in runs.rows for _, _, s in row)
+        loss, n, grads = _loss_and_grads(vision_model, {**batch, "cross_attention_runs": runs})
+        ref_loss, ref_n, ref_grads = _loss_and_grads(vision_model, _without_runs(batch))
+        assert n == ref_n
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
+        for k in ref_grads:
+            torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fast_attention_on_the_gpu_is_sdpas(processor, records):
+    """On CUDA in bf16: the vision tower through cuDNN's attention and cross-attention by runs
+    (flash) give the loss and gradients of transformers' SDPA (memory-efficient kernel, masks),
+    within bf16 rounding."""
+    import copy
+
+    from llamalora.models import attach_lora, load_model_for_training
+    from llamalora.step import to_device
+
+    torch.manual_seed(0)
+    model, _ = load_model_for_training("tiny", quant="none", with_vision=True, device="cuda")
+    model = attach_lora(model, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+            if "cross_attn_attn_gate" in name or "cross_attn_mlp_gate" in name:
+                p.fill_(0.8)
+    batch = to_device(pack_vision(records, processor), torch.device("cuda"), torch.bfloat16)
+    fast = _loss_and_grads(model, batch)
+    for m in model.modules():  # back to transformers' own SDPA everywhere
+        if type(m).__name__ in ("MllamaVisionAttention", "MllamaTextCrossAttention"):
+            m.config = copy.copy(m.config)
+            m.config._attn_implementation_internal = "sdpa"
+    plain = _loss_and_grads(model, _without_runs(batch))
+    torch.testing.assert_close(fast[0], plain[0], rtol=2e-2, atol=1e-2)
+    for k in plain[2]:
+        torch.testing.assert_close(fast[2][k].float(), plain[2][k].float(), rtol=5e-2, atol=5e-2)

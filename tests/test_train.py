@@ -160,17 +160,20 @@ def test_records_with_images_train_on_the_vision_model(tmp_path):
         Image.new("RGB", (40, 30), color).save(tmp_path / f"img{i}.png")
     recs = [{"instruction": "What color?", "output": "red", "image": "img0.png"},
             {"instruction": "What color?", "output": "blue", "image": "img1.png"},
-            {"instruction": "No image here.", "output": "fine"}]
+            {"instruction": "No image here.", "output": "fine"},
+            {"instruction": "And this?", "output": "red again", "image": "img0.png"}]
     data = write_jsonl(tmp_path / "v.jsonl", recs)
     runs = {}
+    # 2 x 2: packed, a step's two micro-batches run as one pass; padded, as two.
     for packing in (True, False):
-        runs[packing] = train(_config(tmp_path, data_path=str(data), max_steps=6, batch_size=3,
-                                      gradient_accumulation_steps=1, lora_dropout=0.0,
+        runs[packing] = train(_config(tmp_path, data_path=str(data), max_steps=6, batch_size=2,
+                                      gradient_accumulation_steps=2, lora_dropout=0.0,
                                       packing=packing, output_dir=str(tmp_path / f"{packing}")))
     summary = runs[True]
     assert summary.model_class == "MllamaForConditionalGeneration"
     assert summary.plan["with_vision"] is True
-    assert summary.batches == "packed" and runs[False].batches == "padded to the longest record"
+    assert summary.batches == "packed, a step's micro-batches fused into one pass"
+    assert runs[False].batches == "padded to the longest record"
     # Records with images packed into one row train as the padded batch does.
     assert summary.final_train_loss == pytest.approx(runs[False].final_train_loss, rel=1e-4)
     assert (tmp_path / "True" / "preprocessor_config.json").is_file()

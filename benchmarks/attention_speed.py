@@ -1,0 +1,162 @@
+"""The attention shapes of an image step, timed through each kernel that could run them (GPU).
+
+    python3 benchmarks/attention_speed.py [--json out.json]
+
+Vision tower: Mllama's encoder attends over all 4 tile slots of an image at once (4 x 1608
+tokens, 16 heads of 80) with a mask that hides a padding token from another padding token only;
+real tokens see everything. Timed: SDPA with that mask on the memory-efficient kernel (what runs
+today), on cuDNN's, and split into unmasked flash calls (every query over every key, then the
+padding queries again over the real keys only). Cross-attention (text queries over a packed
+row's image tokens, block-diagonal by record): the whole row with its mask against one call per
+record. Each against fp32 math; forward (and forward + backward where the step needs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    results = {"torch": torch.__version__, "device": torch.cuda.get_device_name()}
+
+    def timed(fn, reps=10):
+        fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        return round(statistics.median(ts) * 1000, 3)
+
+    # --- vision tower self-attention -----------------------------------------------------------
+    tiles_per_image = [1, 2, 4, 3]
+    n, heads, dim, patches, slot = len(tiles_per_image), 16, 80, 1601, 1608
+    length = 4 * slot
+    real = torch.zeros(n, length, dtype=torch.bool, device=dev)
+    for i, t in enumerate(tiles_per_image):
+        for tile in range(t):
+            real[i, tile * slot:tile * slot + patches] = True
+    pad = ~real
+    mask = (pad[:, :, None] & pad[:, None, :]).to(torch.bfloat16) * torch.finfo(torch.bfloat16).min
+    mask = mask[:, None]
+    q, k, v = (torch.randn(n, heads, length, dim, device=dev, dtype=torch.bfloat16)
+               for _ in range(3))
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                             attn_mask=mask.float())
+
+    def masked(backend):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return run
+
+    real_idx = [real[i].nonzero().squeeze(1) for i in range(n)]
+    pad_idx = [pad[i].nonzero().squeeze(1) for i in range(n)]
+
+    def split():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = F.scaled_dot_product_attention(q, k, v)
+            for i in range(n):
+                r, p = real_idx[i], pad_idx[i]
+                out[i][:, p] = F.scaled_dot_product_attention(
+                    q[i][:, p][None], k[i][:, r][None], v[i][:, r][None])[0]
+        return out
+
+    vision = {}
+    for name, fn in (("efficient (today)", masked(SDPBackend.EFFICIENT_ATTENTION)),
+                     ("cudnn", masked(SDPBackend.CUDNN_ATTENTION)), ("flash split", split)):
+        try:
+            out = fn()
+            vision[name] = {"ms": timed(fn), "max_diff": round((out.float() - ref).abs().max().item(), 5)}
+        except Exception as exc:  # a backend that refuses these shapes
+            vision[name] = {"error": str(exc).splitlines()[0][:200]}
+    flops = 4 * n * heads * length * length * dim
+    for r in vision.values():
+        if "ms" in r:
+            r["tflops"] = round(flops / r["ms"] / 1e9, 1)
+    results["vision_self_attention"] = {"images": n, "tiles": tiles_per_image, "tokens": length,
+                                        "per_layer": vision}
+    print(json.dumps(results["vision_self_attention"]), flush=True)
+
+    # --- cross-attention in a packed row ---------------------------------------------------------
+    records = [(120, 1), (90, 2), (150, 0), (140, 1), (110, 1), (200, 2)]  # (text tokens, images)
+    qh, kvh, hd = 32, 8, 128
+    tokens = sum(t for t, _ in records)
+    keys_per_image = 4 * patches
+    n_img = sum(i for _, i in records)
+    cmask = torch.full((tokens, n_img * keys_per_image), torch.finfo(torch.bfloat16).min,
+                       dtype=torch.bfloat16, device=dev)
+    spans, t0_, i0 = [], 0, 0
+    for t, imgs in records:
+        if imgs:
+            cmask[t0_:t0_ + t, i0 * keys_per_image:(i0 + imgs) * keys_per_image] = 0
+        spans.append((t0_, t, i0, imgs))
+        t0_, i0 = t0_ + t, i0 + imgs
+    cmask = cmask[None, None]
+    cq = torch.randn(1, qh, tokens, hd, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    ck = torch.randn(1, qh, n_img * keys_per_image, hd, device=dev, dtype=torch.bfloat16,
+                     requires_grad=True)
+    cv = torch.randn_like(ck, requires_grad=True)
+
+    def whole(backward):
+        def run():
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                out = F.scaled_dot_product_attention(cq, ck, cv, attn_mask=cmask)
+            if backward:
+                out.sum().backward()
+            return out
+        return run
+
+    def per_record(backward):
+        def run():
+            parts = []
+            for s, t, i, imgs in spans:
+                if not imgs:
+                    parts.append(cq.new_zeros(1, qh, t, hd))
+                    continue
+                ks = slice(i * keys_per_image, (i + imgs) * keys_per_image)
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+                    parts.append(F.scaled_dot_product_attention(cq[:, :, s:s + t], ck[:, :, ks],
+                                                                cv[:, :, ks]))
+            out = torch.cat(parts, 2)
+            if backward:
+                out.sum().backward()
+            return out
+        return run
+
+    cross = {}
+    a, b = whole(False)(), per_record(False)()
+    # Rows of a record with no image are fully masked: SDPA gives a mean of values there, which
+    # Mllama zeroes afterwards (full_text_row_masked_out_mask); compare the rows that see images.
+    seen = torch.cat([torch.full((t,), bool(imgs), device=dev) for _, t, _, imgs in spans])
+    cross["per-record max diff"] = round((a - b)[:, :, seen].abs().max().item(), 5)
+    for name, fn in (("whole row masked fwd", whole(False)), ("per record fwd", per_record(False)),
+                     ("whole row masked fwd+bwd", whole(True)),
+                     ("per record fwd+bwd", per_record(True))):
+        cross[name] = timed(fn)
+    results["cross_attention"] = {"records": records, "image_tokens": n_img * keys_per_image,
+                                  "ms": cross}
+    print(json.dumps(results["cross_attention"]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
