@@ -141,19 +141,9 @@ class ModelSetup:
     pad_id: int
 
     @property
-    def fuses(self) -> bool:
-        """Whether a step's micro-batches are fused into as few passes as fit (`rows`): for CUDA
-        graphs, and for packed records with images, whose eager step is bound by the host's
-        kernel launches (H200, 11B, 8-bit: 393 ms of GPU work in a 1.0 s step of two passes),
-        so one pass instead of two halves the host's part."""
-        return self.graphs or (self.packing and self.image_processor is not None)
-
-    @property
     def batches(self) -> str:
         if self.graphs:
             return "packed, one row per step at a static length (CUDA graphs)"
-        if self.fuses:
-            return "packed, a step's micro-batches fused into one pass"
         return "packed" if self.packing else "padded to the longest record"
 
     def event_fields(self) -> dict:
@@ -267,10 +257,9 @@ class StepBatches:
         return [m[0] for m in made], n_targets, n_real
 
     def rows(self, step: int) -> list[list[Tokenized]]:
-        """This rank's records of `step`, one list per pass: its micro-batches, or (`fuses`)
-        the micro-batches fused into rows of at most batch size x max length tokens (the most
-        one padded micro-batch could hold, so the text never needs more memory; a fused row's
-        images are the micro-batches' together)."""
+        """This rank's records of `step`, one list per pass: its micro-batches, or with CUDA
+        graphs the micro-batches fused into rows of at most batch size x max length tokens
+        (the most one padded micro-batch could hold, so fusing never needs more memory)."""
         picked = []
         for k in range(self.per_step):
             pos = step * self.per_step + k
@@ -281,7 +270,7 @@ class StepBatches:
                 self._orders = {epoch: batch_order(self.lengths, self.config.batch_size,
                                                    self.config.seed, epoch)}
             picked.append([self.plan.train[i] for i in self._orders[epoch][pos % self.per_epoch]])
-        if not self.setup.fuses:
+        if not self.setup.graphs:
             return picked
         budget = self.config.batch_size * self.config.max_seq_length
         fused: list[list[Tokenized]] = []

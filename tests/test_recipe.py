@@ -17,25 +17,9 @@ def _batches(lengths: list[int], graphs: bool, steps: int = 3) -> StepBatches:
                              max_steps=steps, num_train_epochs=1, seed=0)
     plan = SimpleNamespace(train=train, steps=steps)
     par = SimpleNamespace(world_size=1, rank=0)
-    setup = SimpleNamespace(compute_dtype="float32", graphs=graphs, fuses=graphs, packing=True,
-                            pad_id=0, image_processor=None)
+    setup = SimpleNamespace(compute_dtype="float32", graphs=graphs, packing=True, pad_id=0,
+                            image_processor=None)
     return StepBatches(config, plan, par, setup, torch.device("cpu"))
-
-
-def test_which_runs_fuse_a_steps_micro_batches():
-    """One pass per step: with CUDA graphs, and for packed records with images (eager, bound
-    by the host's launches); text without graphs and padded batches keep their micro-batches."""
-    from llamalora.recipe import ModelSetup
-
-    def setup(graphs, packing, images):
-        return ModelSetup(model_path="m", model_class="c", quant="8bit", compute_dtype="bf16",
-                          device="cuda", kernels="fast", gradient_checkpointing=False,
-                          compiled=False, packing=packing, graphs=graphs, tokenizer=None,
-                          image_processor=object() if images else None, pad_id=0)
-
-    assert setup(True, True, False).fuses and setup(False, True, True).fuses
-    assert not setup(False, True, False).fuses and not setup(False, False, True).fuses
-    assert setup(False, True, True).batches == "packed, a step's micro-batches fused into one pass"
 
 
 def test_graphed_steps_fuse_micro_batches_up_to_one_micro_batch_of_tokens():
