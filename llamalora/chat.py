@@ -207,6 +207,9 @@ class ChatSession:
             from llamalora.batching import add_vision_inputs
 
             add_vision_inputs(batch, [images], self.image_processor)
+            # Training's runs of tokens are for a fixed text; generate's grows (and its
+            # cross-attention takes the mask).
+            batch.pop("cross_attention_runs")
         dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
         batch = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
                  for k, v in batch.items()}

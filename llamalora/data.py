@@ -32,7 +32,8 @@ ERROR_CODES = (
     "image_missing", "image_unreadable", "bad_messages", "no_records", "record_too_large",
     "video_unsupported",
 )
-WARNING_CODES = ("bom", "blank_line", "unknown_field", "duplicate", "special_token")
+WARNING_CODES = ("bom", "blank_line", "unknown_field", "duplicate", "special_token",
+                 "system_with_images")
 
 # `id` (LLaVA and ShareGPT sets carry one) is known and ignored.
 INSTRUCTION_FIELDS = {"instruction", "input", "output", "system", "system_prompt", "image",
@@ -689,6 +690,14 @@ def check_record(obj: object, line: int, base_dir: Path, problems: list[Problem]
                                         f"the text holds {hit.group()}, which the tokenizer "
                                         "reads as a control token, not as text"))
                 break
+        if example.system and example.images:
+            # A warning, not an error: validate knows no tokenizer, and another template may
+            # take it; stats and train render with the tokenizer's and stop at this line.
+            problems.append(Problem(
+                line, "system", "system_with_images",
+                "Llama 3.2 Vision's chat template takes no system message next to images (nor "
+                "do vLLM and Ollama): stats and train with it stop here; drop `system` from "
+                "records with images"))
     return example
 
 
