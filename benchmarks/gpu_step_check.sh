@@ -3,7 +3,8 @@
 # `llamalora train` at the default flags against the old recipe on public data shapes, and one
 # whole short job timed from the command's start to the adapter saved.
 # Usage (repo root, wheels in .whl/): bash benchmarks/gpu_step_check.sh OUTDIR STAGE...
-#   stages: test | build | speed:NAME:DATA:RECIPES | numerics:NAME:DATA:QUANTS | job:DATA[:FLAGS]
+#   stages: test | build | load | speed:NAME:DATA:RECIPES | numerics:NAME:DATA:QUANTS |
+#           job:DATA[:FLAGS]   (load: where the 8-bit and bf16 loads of the 11B go, profile_load.py)
 #   (RECIPES, QUANTS and FLAGS comma-separated)
 #   bash benchmarks/gpu_step_check.sh $OUT test build speed:ko:ko.json:llamalora-8bit job:data/sample.jsonl
 # speed.py keeps its runs in /tmp/speed-work-NAME, so a later call on the same warm machine adds
@@ -17,6 +18,10 @@ for stage in "$@"; do
   case $stage in
     test) python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_step.py 2>&1 | tail -4 ;;
     build) [ -f /tmp/m11b/tokenizer.json ] || python3 benchmarks/make_random_11b.py /tmp/m11b ;;
+    load)
+      python3 benchmarks/profile_load.py --model /tmp/m11b --quant 8bit --quant none \
+        --json "$OUTDIR/load.json" > "$OUTDIR/load.txt" 2>&1
+      grep "===" "$OUTDIR/load.txt"; head -60 "$OUTDIR/load.txt" | tail -40 ;;
     speed:*)
       IFS=: read -r _ name data recipes <<<"$stage"
       python3 benchmarks/speed.py --model /tmp/m11b --data "$data" --steps 24 --skip 4 \
