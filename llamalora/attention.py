@@ -20,8 +20,9 @@ another 100, both on SDPA's memory-efficient kernel, the one left when a mask is
 
 Both plug into transformers' attention interface under their own names, set on the vision
 tower's config and on copies of the text config held by the cross-attention layers only; the
-self-attention layers keep the model's own. Without runs (chat's `generate`, eval of an old
-batch) cross-attention is transformers' SDPA as before.
+self-attention layers keep the model's own. Training's batches carry their runs (made in
+`recipe.StepBatches.make`); without runs (chat's `generate`, whose text grows) cross-attention
+is transformers' SDPA as before.
 """
 
 from __future__ import annotations
@@ -103,8 +104,7 @@ def _cross_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     runs = _RUNS.get()
-    if (runs is None or len(runs.rows) != query.shape[0] or key.shape[2] % runs.slots
-            or any(isinstance(s, list) for row in runs.rows for _, _, s in row)):
+    if runs is None or len(runs.rows) != query.shape[0] or key.shape[2] % runs.slots:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
     per_tile = key.shape[2] // runs.slots
@@ -112,7 +112,8 @@ def _cross_attention(module, query, key, value, attention_mask, **kwargs):
     for b, row in enumerate(runs.rows):
         parts = []
         for start, end, slots in row:
-            if slots is None:  # sees no image: Mllama zeroes these tokens' output afterwards
+            if slots is None:  # sees no image: its output is zeroed after o_proj anyway
+                # (models.mask_imageless_cross_attention), so none is computed
                 parts.append(query.new_zeros(1, end - start, query.shape[1], query.shape[3]))
                 continue
             part, _ = sdpa_attention_forward(

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from llamalora.attention import CrossAttentionRuns
 from llamalora.data import Example
 from llamalora.stats import measure
 from llamalora.template import IMAGE, render_examples, template_of
@@ -269,8 +268,7 @@ def _set_vision_inputs(batch: dict, rows: list, sparse: list, image_processor) -
         length=batch["input_ids"].shape[1])
     batch.update(pixel_values=feats["pixel_values"], aspect_ratio_ids=feats["aspect_ratio_ids"],
                  aspect_ratio_mask=feats["aspect_ratio_mask"],
-                 cross_attention_mask=torch.from_numpy(np.asarray(dense)),
-                 cross_attention_runs=CrossAttentionRuns.from_mask(dense))
+                 cross_attention_mask=torch.from_numpy(np.asarray(dense)))
     return batch
 
 

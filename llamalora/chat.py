@@ -186,6 +186,8 @@ class ChatSession:
         """Generates the assistant's answer to `user` (streamed through `on_text`)."""
         import torch
 
+        from llamalora.step import to_device
+
         options = options or GenerationOptions()
         image_path = Path(image) if image is not None else None
         if image_path is not None:
@@ -207,12 +209,8 @@ class ChatSession:
             from llamalora.batching import add_vision_inputs
 
             add_vision_inputs(batch, [images], self.image_processor)
-            # Training's runs of tokens are for a fixed text; generate's grows (and its
-            # cross-attention takes the mask).
-            batch.pop("cross_attention_runs")
         dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
-        batch = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
-                 for k, v in batch.items()}
+        batch = to_device(batch, self.device, dtype)
         streamer = _Streamer(self.tokenizer, on_text, self.stop_ids)
         decoder = self.static_decoder if not images else None
         if decoder is not None:

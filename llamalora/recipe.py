@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamalora import __version__, parallel, trackers
+from llamalora.attention import CrossAttentionRuns
 from llamalora.batching import (IGNORE_INDEX, Tokenized, add_vision_inputs, batch_order, collate,
                                 pack, pack_padded, pack_vision, padded_shape, record_lengths)
 from llamalora.config import TrainConfig
@@ -306,6 +307,9 @@ class StepBatches:
             batch = collate(items, self.setup.pad_id)
             if images is not None:
                 add_vision_inputs(batch, [t.images for t in items], images)
+        if "cross_attention_mask" in batch:  # read here on the host, not by the step on the GPU
+            batch["cross_attention_runs"] = CrossAttentionRuns.from_mask(
+                batch["cross_attention_mask"])
         n_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         return to_device(batch, self.device, self.dtype), n_targets, sum(map(len, items))
 

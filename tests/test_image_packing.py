@@ -123,15 +123,18 @@ def test_a_text_record_beside_images_is_trained_as_alone(vision_model, processor
     torch.testing.assert_close(beside, alone + image_only, rtol=1e-9, atol=1e-9)
 
 
-def _without_runs(batch):
-    return {k: v for k, v in batch.items() if k != "cross_attention_runs"}
+def _with_runs(batch, device="cpu"):
+    from llamalora.attention import CrossAttentionRuns
+
+    runs = CrossAttentionRuns.from_mask(batch["cross_attention_mask"].cpu()).to(device)
+    return {**batch, "cross_attention_runs": runs}
 
 
 def test_cross_attention_by_runs_is_the_masked_attention(vision_model, processor, records,
                                                           tmp_path):
     """`attention.CrossAttentionRuns`: runs of tokens attend to just the tiles they see, with no
-    mask; loss and gradients equal transformers' masked SDPA over the whole row (the batch
-    without its runs), packed and padded, with two images side by side in one turn (the runs
+    mask; loss and gradients equal transformers' masked SDPA over the whole row (the same batch
+    without runs), packed and padded, with two images side by side in one turn (the runs
     after them see tiles that are not consecutive: the index path)."""
     from PIL import Image
 
@@ -151,10 +154,11 @@ def test_cross_attention_by_runs_is_the_masked_attention(vision_model, processor
     for batch in (pack_vision(items, processor),
                   add_vision_inputs(collate(items, pad_id=128004), [t.images for t in items],
                                     processor)):
-        runs = batch["cross_attention_runs"].to("cpu")
-        assert any(isinstance(s, torch.Tensor) for row in runs.rows for _, _, s in row)
-        loss, n, grads = _loss_and_grads(vision_model, {**batch, "cross_attention_runs": runs})
-        ref_loss, ref_n, ref_grads = _loss_and_grads(vision_model, _without_runs(batch))
+        fast = _with_runs(batch)
+        runs = fast["cross_attention_runs"].rows
+        assert any(isinstance(s, torch.Tensor) for row in runs for _, _, s in row)
+        loss, n, grads = _loss_and_grads(vision_model, fast)
+        ref_loss, ref_n, ref_grads = _loss_and_grads(vision_model, batch)
         assert n == ref_n
         torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
         for k in ref_grads:
@@ -182,12 +186,36 @@ def test_fast_attention_on_the_gpu_is_sdpas(processor, records):
             if "cross_attn_attn_gate" in name or "cross_attn_mlp_gate" in name:
                 p.fill_(0.8)
     batch = to_device(pack_vision(records, processor), torch.device("cuda"), torch.bfloat16)
-    fast = _loss_and_grads(model, batch)
+    fast = _loss_and_grads(model, _with_runs(batch, "cuda"))
     for m in model.modules():  # back to transformers' own SDPA everywhere
         if type(m).__name__ in ("MllamaVisionAttention", "MllamaTextCrossAttention"):
             m.config = copy.copy(m.config)
             m.config._attn_implementation_internal = "sdpa"
-    plain = _loss_and_grads(model, _without_runs(batch))
+    plain = _loss_and_grads(model, batch)
     torch.testing.assert_close(fast[0], plain[0], rtol=2e-2, atol=1e-2)
     for k in plain[2]:
         torch.testing.assert_close(fast[2][k].float(), plain[2][k].float(), rtol=5e-2, atol=5e-2)
+
+
+def test_training_batches_carry_their_runs(processor, records):
+    """The recipe's micro-batches bring the runs cross-attention takes, made on the host, packed
+    and padded; text-only batches have none."""
+    from types import SimpleNamespace
+
+    from llamalora.recipe import StepBatches
+
+    for packing in (True, False):
+        setup = SimpleNamespace(compute_dtype="float32", graphs=False, packing=packing,
+                                pad_id=128004, image_processor=processor)
+        batches = StepBatches(SimpleNamespace(batch_size=5, gradient_accumulation_steps=1,
+                                              max_seq_length=512, max_steps=1,
+                                              num_train_epochs=1, seed=0),
+                              SimpleNamespace(train=records, steps=1),
+                              SimpleNamespace(world_size=1, rank=0), setup, torch.device("cpu"))
+        made, _, _ = batches.make(records)
+        runs = made["cross_attention_runs"]
+        assert len(runs.rows) == made["input_ids"].shape[0]
+        assert all(not isinstance(s, list) for row in runs.rows for _, _, s in row)  # moved
+        assert any(isinstance(s, slice) for row in runs.rows for _, _, s in row)
+    text_only, _, _ = batches.make([records[0], records[3]])
+    assert "cross_attention_runs" not in text_only
