@@ -266,11 +266,9 @@ def _check_text_only_options(merge: bool, text_only: bool, gguf, gguf_type: str,
     if text_only and state_dict is not None:
         raise UsageError("--state-dict writes the adapter alone; use it without --text-only")
     if gguf is not None:
-        from llamalora.export_llama import GGUF_TYPES
+        from llamalora.export_llama import check_gguf_type
 
-        if gguf_type not in GGUF_TYPES:
-            raise UsageError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got "
-                             f"{gguf_type!r}")
+        check_gguf_type(gguf_type)
 
 
 def _export_llama(info: AdapterInfo, tmp: Path, out: Path, dtype: str, verify: bool, emit,

@@ -183,6 +183,22 @@ _PRE_CHECK_TEXT = (
 _LLAMA_BPE_HASH = "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5"
 
 
+def gguf_tolerance(gguf_type: str, dtype: str, scale: float, noise: float) -> float:
+    """The largest logit difference a GGUF may show against the merged model: its format's
+    share of the largest logit (`scale`), or twice the model's measured rounding `noise` when
+    that is more (GGUF_NOISE_FACTOR)."""
+    from llamalora.export import TOLERANCE
+
+    share = GGUF_Q8_TOLERANCE if gguf_type == "q8_0" else max(TOLERANCE[dtype],
+                                                                TOLERANCE["fp16"])
+    return max(share * scale, GGUF_NOISE_FACTOR * noise)
+
+
+def check_gguf_type(gguf_type: str) -> None:
+    if gguf_type not in GGUF_TYPES:
+        raise UsageError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+
+
 def require_gguf():
     """The `gguf` module, or MissingExtraError naming the extra."""
     try:
@@ -603,8 +619,7 @@ def write_gguf(path: Path, weights: dict, config: dict, tokenizer_folder: Path, 
     import torch
 
     gguf = require_gguf()
-    if gguf_type not in GGUF_TYPES:
-        raise UsageError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+    check_gguf_type(gguf_type)
     T = gguf.GGMLQuantizationType
     tokens, types, pre = _gguf_tokenizer(tokenizer_folder)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
@@ -810,11 +825,6 @@ def export_text_llama(info, tmp: Path, out: Path, *, dtype: str, verify: bool, e
         timings[name] = round(now - clock, 2)
         clock = now
 
-    if gguf_path is not None:
-        require_gguf()
-        if gguf_type not in GGUF_TYPES:
-            raise UsageError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got "
-                             f"{gguf_type!r}")
     base_path = resolve_model(info.base_model)
     config, _ = load_model_config(base_path)
     text_config = text_config_of(config)
@@ -829,7 +839,7 @@ def export_text_llama(info, tmp: Path, out: Path, *, dtype: str, verify: bool, e
     merged = model.merge_and_unload()
     expected = _probe_logits(merged, tokenizer, device) if verify else None
     noise = (_diff(expected, _probe_logits(merged, tokenizer, device, math_attention=True))[0]
-             if verify else None)
+             if verify and gguf_path is not None else None)  # see GGUF_NOISE_FACTOR
     inner = getattr(merged, "model", merged)
     reference_inv_freq = inner.rotary_emb.inv_freq.detach().float().cpu().clone()
     lap("merge_s")
@@ -914,9 +924,7 @@ def export_text_llama(info, tmp: Path, out: Path, *, dtype: str, verify: bool, e
                 got = _probe_logits(from_gguf, tokenizer, device)
                 del from_gguf
                 gdiff, _ = _diff(expected, got)
-                gtol = max((GGUF_Q8_TOLERANCE if gguf_type == "q8_0"
-                            else max(TOLERANCE[dtype], TOLERANCE["fp16"])) * scale,
-                           GGUF_NOISE_FACTOR * noise)
+                gtol = gguf_tolerance(gguf_type, dtype, scale, noise)
                 if gdiff > gtol:
                     raise ModelError(f"the GGUF ({gguf_type}) gives different logits (max diff "
                                      f"{gdiff:.3g} > {gtol:.3g}); nothing was written")
