@@ -34,7 +34,7 @@ from pathlib import Path
 from llamalora.errors import MissingExtraError, ModelError, UsageError
 
 GGUF_TYPES = ("f16", "q8_0")
-GGUF_HINT = "pip install 'llamalora[gguf]'"
+GGUF_HINT = "pip install 'gguf>=0.19'"  # a core dependency: missing only if removed
 # Max |logit difference| of the GGUF, relative to the largest |logit|. f16 holds bf16 and fp16
 # weights exactly (fp32 ones round to 11 bits, hence at least fp16's tolerance). Q8_0 rounds each
 # weight to a step of 1/127 of its block's largest: on the probe prompt that moved the tiny
@@ -200,7 +200,7 @@ def check_gguf_type(gguf_type: str) -> None:
 
 
 def require_gguf():
-    """The `gguf` module, or MissingExtraError naming the extra."""
+    """The `gguf` module, or MissingExtraError naming how to install it."""
     try:
         import gguf
     except ImportError as exc:

@@ -196,13 +196,13 @@ def test_adapter_that_changed_a_cross_attention_layer_is_refused(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.tmp").exists()
 
 
-def test_gguf_without_the_package_names_the_extra(tmp_path, monkeypatch):
+def test_gguf_without_the_package_names_the_install(tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
     r = _export(_adapter_folder(tmp_path), "--out", tmp_path / "out", "--merge", "--text-only",
                 "--gguf", tmp_path / "m.gguf")
-    assert r.exit_code == 1 and "pip install 'llamalora[gguf]'" in r.stderr
+    assert r.exit_code == 1 and "pip install 'gguf>=0.19'" in r.stderr
 
 
 def test_existing_gguf_is_not_overwritten(tmp_path):

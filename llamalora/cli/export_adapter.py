@@ -50,7 +50,7 @@ def export_adapter(
                             "trained on text only.")] = False,
     gguf: Annotated[Path | None, typer.Option(
         "--gguf", help="With --merge --text-only: also write this .gguf file (llama.cpp, "
-                       "Ollama); needs the gguf extra.", show_default=False)] = None,
+                       "Ollama).", show_default=False)] = None,
     gguf_type: Annotated[str, typer.Option(
         "--gguf-type", help="f16 or q8_0 (8-bit, about half the size): the GGUF's weights.")
                          ] = "f16",
