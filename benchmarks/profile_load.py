@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--with-vision", action="store_true")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--save-quantized", type=Path,
+                    help="also save the first quantized load here (save_pretrained) and time "
+                         "loading that pre-quantized folder")
     args = ap.parse_args()
 
     # Imports first, timed on their own: they count toward a run's first step too, but a
@@ -64,12 +67,42 @@ def main() -> None:
         print(f"=== --quant {quant}: {wall:.1f} s", flush=True)
         print(out.getvalue(), flush=True)
         results.append({"quant": quant, "wall_s": round(wall, 2)})
+        if args.save_quantized and quant != "none" and not args.save_quantized.exists():
+            results.append(_prequantized(model, quant, args))
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     print(json.dumps(results), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+
+
+def _prequantized(model, quant: str, args) -> dict:
+    """Saves the quantized model as transformers does (int8 weights and their scales) and
+    loads it back the way a cache of it would be: the time each takes."""
+    import torch
+    from transformers import MllamaForCausalLM, MllamaForConditionalGeneration
+
+    start = time.perf_counter()
+    model.save_pretrained(args.save_quantized)
+    saved = time.perf_counter() - start
+    size = sum(f.stat().st_size for f in args.save_quantized.iterdir()) / 2**30
+    cls = MllamaForConditionalGeneration if args.with_vision else MllamaForCausalLM
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    again = cls.from_pretrained(args.save_quantized, device_map={"": "cuda:0"},
+                                dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    profiler.disable()
+    wall = time.perf_counter() - start
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.top)
+    print(f"=== pre-quantized {quant}: save {saved:.1f} s ({size:.2f} GiB), load {wall:.1f} s")
+    print(out.getvalue(), flush=True)
+    del again
+    return {"quant": quant, "prequantized_save_s": round(saved, 2),
+            "prequantized_gib": round(size, 2), "prequantized_load_s": round(wall, 2)}
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -201,6 +202,33 @@ def test_8bit_on_cpu_quantizes_the_language_model_only(tiny_dir):
     assert kinds["lm_head"] == "Linear"
     assert info["quant"] == "8bit" and info["params_total"] == sum(
         p.numel() for p in model.parameters())
+
+
+@needs_bnb
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_8bit_weights_quantized_where_loaded_equal_bitsandbytes_own(tiny_dir, device,
+                                                                     monkeypatch):
+    import bitsandbytes as bnb
+
+    calls = []
+    quantize = bnb.functional.int8_vectorwise_quant
+    monkeypatch.setattr(bnb.functional, "int8_vectorwise_quant",
+                        lambda *a, **k: calls.append(1) or quantize(*a, **k))
+    ours, _ = models.load_base_model(str(tiny_dir), quant="8bit", with_vision=True, device=device)
+    assert calls, "the on-device conversion did not run"
+    # transformers' own conversion (through the CPU) for reference
+    monkeypatch.setattr(models, "_int8_where_loaded", contextlib.nullcontext)
+    stock, _ = models.load_base_model(str(tiny_dir), quant="8bit", with_vision=True, device=device)
+    a, b = ours.state_dict(), stock.state_dict()
+    assert a.keys() == b.keys()
+    assert sum(t.dtype == torch.int8 for t in a.values()) == 3 * 7  # 3 layers x 7 linears
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    assert ours.is_loaded_in_8bit
+    q = ours.model.language_model.layers[0].self_attn.q_proj
+    assert q.weight.SCB is not None and q.weight.device.type == device
+    assert q.weight.SCB is q.state.SCB or q.state.SCB is None  # bnb reads it from the weight
 
 
 # --- LoRA -------------------------------------------------------------------------------------
