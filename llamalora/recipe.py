@@ -31,7 +31,7 @@ from llamalora.events import (CheckpointSaved, EvalDone, ModelReady, OnEvent, Pl
                               StepDone, TrainFinished, TrainResult)
 from llamalora.plan import Plan, plan_training
 from llamalora.rundir import CHECKPOINTS, RunFolder
-from llamalora.step import GraphedStep, TrainStep
+from llamalora.step import GraphedStep, TrainStep, with_loss_index
 from llamalora.template import PAD
 
 
@@ -303,14 +303,16 @@ class StepBatches:
         images = self.setup.image_processor
         if self.setup.packing:
             batch = pack_vision(items, images) if images is not None else pack(items)
+            with_loss_index(batch, [len(t) for t in items])
         else:
             batch = collate(items, self.setup.pad_id)
             if images is not None:
                 add_vision_inputs(batch, [t.images for t in items], images)
+            with_loss_index(batch)
         if "cross_attention_mask" in batch:  # read here on the host, not by the step on the GPU
             batch["cross_attention_runs"] = CrossAttentionRuns.from_mask(
                 batch["cross_attention_mask"])
-        n_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        n_targets = batch["loss_targets"].numel()
         return to_device(batch, self.device, self.dtype), n_targets, sum(map(len, items))
 
     def eval_batches(self) -> list[list[Tokenized]]:

@@ -23,16 +23,55 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if "target_index" in batch:
         return _static_loss_sum(base, batch)
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "cross_attention_runs")}
+    inputs = {k: v for k, v in batch.items() if k not in _HOST_MADE}
+    if "segment_ids" in batch:
+        inputs["attention_mask"] = _segment_mask(batch["segment_ids"])
     with cross_attention_runs(batch.get("cross_attention_runs")):
         hidden = base.model(**inputs, use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    logits = base.lm_head(hidden[:, :-1][keep])
+    if "loss_index" in batch:  # made on the host (`with_loss_index`): no boolean mask to sync on
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch["loss_index"])
+        targets = batch["loss_targets"]
+    else:
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE_INDEX
+        hidden, targets = hidden[:, :-1][keep], labels[keep]
+    logits = base.lm_head(hidden)
     # At least fp32 (bf16 logits lose the loss); float64 models stay float64.
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
-    return loss, torch.count_nonzero(keep)
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    return loss, torch.count_nonzero(targets != IGNORE_INDEX)
+
+
+# Keys of a batch that are not model inputs.
+_HOST_MADE = ("labels", "cross_attention_runs", "loss_index", "loss_targets", "segment_ids")
+
+
+def with_loss_index(batch: dict, lengths: list[int] | None = None) -> dict:
+    """Adds to a host batch what lets `loss_sum` run without reading anything back from the
+    GPU: the flat positions whose next token has a label and those labels, and for a packed row
+    of several records (`lengths`: their lengths) the record of each token, from which the
+    attention mask is built on the device. Otherwise a boolean-mask gather, and transformers' search for the
+    records in the position ids, each wait for the GPU to catch up: that waiting was 202 ms of
+    an 8-bit image step of the 11B on an H200 (9 syncs a step)."""
+    import torch
+
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    batch["loss_index"] = keep.reshape(-1).nonzero()[:, 0]
+    batch["loss_targets"] = labels[keep]
+    if lengths is not None and len(lengths) > 1:
+        batch["segment_ids"] = torch.repeat_interleave(
+            torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    elif lengths is not None:  # one record: its positions are the default ones, and without
+        del batch["position_ids"]  # them transformers masks causally with no search at all
+    return batch
+
+
+def _segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[rows, 1, L, L] boolean: each token sees the earlier tokens of its own record."""
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
 
 
 def _static_loss_sum(base, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,12 +81,9 @@ def _static_loss_sum(base, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     The attention mask is built here from the segment ids (each token sees the earlier tokens of
     its own record), as a 4D mask that transformers passes to attention as it is.
     """
-    segments = batch["segment_ids"]
-    length = segments.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
-    mask = (segments[:, :, None] == segments[:, None, :]) & causal
     hidden = base.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                        attention_mask=mask[:, None], use_cache=False).last_hidden_state
+                        attention_mask=_segment_mask(batch["segment_ids"]),
+                        use_cache=False).last_hidden_state
     targets = batch["target_ids"]
     logits = base.lm_head(hidden[0, batch["target_index"]])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))

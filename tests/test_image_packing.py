@@ -219,3 +219,31 @@ def test_training_batches_carry_their_runs(processor, records):
         assert any(isinstance(s, slice) for row in runs.rows for _, _, s in row)
     text_only, _, _ = batches.make([records[0], records[3]])
     assert "cross_attention_runs" not in text_only
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded", "one record"])
+def test_host_made_loss_index_and_mask_change_nothing(vision_model, processor, records, layout):
+    """`step.with_loss_index` (what training's batches carry, so the step never waits on the
+    GPU) gives the loss and gradients of the boolean-mask gather and transformers' own search
+    for the records in the position ids."""
+    from llamalora.step import with_loss_index
+
+    def make(items):
+        if layout == "padded":
+            return add_vision_inputs(collate(items, pad_id=128004), [t.images for t in items],
+                                     processor)
+        return pack_vision(items, processor)
+
+    items = records[2:3] if layout == "one record" else records
+    lengths = None if layout == "padded" else [len(t) for t in items]
+    host = with_loss_index(make(items), lengths)
+    assert ("segment_ids" in host) == (layout == "packed")
+    assert ("position_ids" in host) == (layout == "packed")  # padded rows have a mask instead
+    assert host["loss_index"].numel() == host["loss_targets"].numel() > 0
+    ref_loss, ref_n, ref_grads = _loss_and_grads(vision_model, make(items))
+    loss, n, grads = _loss_and_grads(vision_model, host)
+    assert n == ref_n
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-10, atol=1e-12)
