@@ -7,3 +7,8 @@ mkdir -p "$OUTDIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# The lent image sets PYTHONDONTWRITEBYTECODE=1 and ships no bytecode, so every process
+# compiled each module it imported again (10.4 s of a one-step train's start under cProfile,
+# 2026-12-01): a second run then reached "Loaded" after 30-37 s. pip-installed environments
+# keep bytecode; so do the runs here (a second one-step run: 17.9 s from command to exit).
+unset PYTHONDONTWRITEBYTECODE
