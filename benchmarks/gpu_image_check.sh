@@ -4,8 +4,9 @@
 # tiles: a mixed set (records with 0, 1 and 2 images) and an all-image set; the plain HF recipe
 # on the same model; and profiles of a step (benchmarks/profile_train.py around the command).
 # Usage (repo root, wheels in .whl/): bash benchmarks/gpu_image_check.sh OUTDIR STAGE...
-#   stages: test | SET (mixed | single: packed and padded, 8-bit) | run:SET:LAYOUT:QUANT
+#   stages: test | SET (mixed | single: packed and padded, 8-bit) | run:SET:LAYOUT:QUANT[:FLAGS]
 #           (LAYOUT packing | no-packing) | hf:SET | profile:SET:QUANT[:FLAGS]
+#   (e.g. run:mixed:packing:8bit:--cuda-graphs, the image steps replayed from CUDA graphs)
 #   (FLAGS comma-separated extra train flags, e.g. --no-packing); STEPS=12 steps a run (the
 #   median skips the first 3)
 source "$(dirname "$0")/gpu_env.sh"
@@ -15,10 +16,10 @@ shift
 [ -f /tmp/img-mixed/data.jsonl ] || python3 benchmarks/make_image_data.py /tmp/img-mixed --records 64 --mixed
 [ -f /tmp/img-single/data.jsonl ] || python3 benchmarks/make_image_data.py /tmp/img-single --records 64
 
-one_run() {  # SET LAYOUT QUANT
-  local name=$1-$2-$3
+one_run() {  # SET LAYOUT QUANT [FLAGS]
+  local name=$1-$2-$3${4:+-${4//[^a-z]/}}
   python3 -m llamalora train /tmp/img-$1/data.jsonl --model /tmp/m11b --output-dir /tmp/$name \
-    --overwrite --json --max-steps ${STEPS:-12} --save-steps 0 --$2 --quant $3 \
+    --overwrite --json --max-steps ${STEPS:-12} --save-steps 0 --$2 --quant $3 ${4//,/ } \
     > "$OUTDIR/$name.json" 2> "$OUTDIR/$name.log" || { tail -5 "$OUTDIR/$name.log"; return; }
   python3 - "$name" "$OUTDIR/$name.json" /tmp/$name/metrics.jsonl <<'PY'
 import json, statistics, sys
@@ -39,8 +40,8 @@ for stage in "${@:-mixed}"; do
     test)
       python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_image_packing.py 2>&1 | tail -3 ;;
     run:*)
-      IFS=: read -r _ set layout quant <<<"$stage"
-      one_run "$set" "$layout" "$quant" ;;
+      IFS=: read -r _ set layout quant flags <<<"$stage"
+      one_run "$set" "$layout" "$quant" "$flags" ;;
     hf:*)
       set=${stage#hf:}
       python3 benchmarks/hf_image_baseline.py /tmp/img-$set/data.jsonl --model /tmp/m11b \

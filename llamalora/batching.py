@@ -214,7 +214,7 @@ def padded_shape(items: list[Tokenized]) -> tuple[int, int]:
     return padded_length(sum(map(len, items))), padded_length(labels)
 
 
-def pack_padded(items: list[Tokenized], pad_id: int):
+def pack_padded(items: list[Tokenized], pad_id: int, image_processor=None):
     """`pack`, padded to a static length, with the loss positions listed for a static gather.
 
     Returns torch tensors: `input_ids`, `position_ids` [1, L]; `segment_ids` [1, L] (the record
@@ -223,6 +223,10 @@ def pack_padded(items: list[Tokenized], pad_id: int):
     label), both padded to `padded_length` of the label count with position 0 and -100.
     Nothing in it depends on the data's values on the GPU, so a step over it can be captured
     in a CUDA graph and replayed for any batch of the same padded length.
+
+    With `image_processor` and records with images, also `pack_vision`'s image inputs for the
+    row's N images, and its cross-attention mask [1, L, N, tiles] with the padding seeing no
+    image: the shapes then depend on (L, T, N) only (`static_shape`).
     """
     import torch
     import torch.nn.functional as F
@@ -235,13 +239,26 @@ def pack_padded(items: list[Tokenized], pad_id: int):
     index = (labels[1:] != IGNORE_INDEX).nonzero()[:, 0]
     segments = torch.repeat_interleave(torch.arange(len(items)),
                                        torch.tensor([len(t) for t in items]))
-    return {"input_ids": F.pad(packed["input_ids"], (0, length - n), value=pad_id),
-            "position_ids": torch.cat([packed["position_ids"],
-                                       torch.arange(length - n)[None]], dim=1),
-            "segment_ids": F.pad(segments, (0, length - n), value=len(items))[None],
-            "target_index": F.pad(index, (0, slots - index.numel()), value=0),
-            "target_ids": F.pad(labels[1:][index], (0, slots - index.numel()),
-                                value=IGNORE_INDEX)}
+    row = {"input_ids": F.pad(packed["input_ids"], (0, length - n), value=pad_id),
+           "position_ids": torch.cat([packed["position_ids"],
+                                      torch.arange(length - n)[None]], dim=1),
+           "segment_ids": F.pad(segments, (0, length - n), value=len(items))[None],
+           "target_index": F.pad(index, (0, slots - index.numel()), value=0),
+           "target_ids": F.pad(labels[1:][index], (0, slots - index.numel()),
+                               value=IGNORE_INDEX)}
+    if image_processor is not None and any(t.images for t in items):
+        vision = pack_vision(items, image_processor)
+        row.update({k: vision[k] for k in ("pixel_values", "aspect_ratio_ids",
+                                           "aspect_ratio_mask")})
+        row["cross_attention_mask"] = F.pad(vision["cross_attention_mask"],
+                                            (0, 0, 0, 0, 0, length - n))
+    return row
+
+
+def static_shape(items: list[Tokenized]) -> tuple[int, int, int]:
+    """What fixes every shape of `pack_padded(items, ...)`: (padded length, label slots, images);
+    one CUDA graph per such triple."""
+    return (*padded_shape(items), sum(len(t.images) for t in items))
 
 
 def _load_images(paths: list[Path]):

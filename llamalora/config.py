@@ -160,7 +160,8 @@ class TrainConfig:
     cuda_graphs: bool | None = _opt(
         None, "Run each optimizer step as one padded pass replayed from a CUDA graph, so the "
               "GPU never waits on Python (default: on CUDA GPUs for text-only runs whose fused "
-              "step fits; off with images, FSDP or gradient checkpointing).",
+              "step fits; off with FSDP or gradient checkpointing; with images only when given: "
+              "one graph per micro-batch shape, not yet measured on a GPU).",
         "--cuda-graphs/--no-cuda-graphs")
     compile: bool | None = _opt(
         None, "torch.compile the decoder layers (default: on CUDA GPUs for text-only runs of "

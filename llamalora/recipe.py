@@ -24,7 +24,7 @@ from pathlib import Path
 from llamalora import __version__, parallel, trackers
 from llamalora.attention import CrossAttentionRuns
 from llamalora.batching import (IGNORE_INDEX, Tokenized, add_vision_inputs, batch_order, collate,
-                                pack, pack_padded, pack_vision, padded_shape, record_lengths)
+                                pack, pack_padded, pack_vision, record_lengths, static_shape)
 from llamalora.config import TrainConfig
 from llamalora.errors import LlamaLoraError, ModelError
 from llamalora.events import (CheckpointSaved, EvalDone, ModelReady, OnEvent, PlanReady, Status,
@@ -143,6 +143,8 @@ class ModelSetup:
 
     @property
     def batches(self) -> str:
+        if self.graphs and self.image_processor is not None:
+            return "packed, each micro-batch one row at a static length (CUDA graphs)"
         if self.graphs:
             return "packed, one row per step at a static length (CUDA graphs)"
         return "packed" if self.packing else "padded to the longest record"
@@ -271,7 +273,9 @@ class StepBatches:
                 self._orders = {epoch: batch_order(self.lengths, self.config.batch_size,
                                                    self.config.seed, epoch)}
             picked.append([self.plan.train[i] for i in self._orders[epoch][pos % self.per_epoch]])
-        if not self.setup.graphs:
+        if not self.setup.graphs or self.setup.image_processor is not None:
+            # images stay one row per micro-batch: a fused pass holds every image's
+            # cross-attention inputs at once (32.4 against 22.2 GiB at 8-bit, BENCHMARKS.md)
             return picked
         budget = self.config.batch_size * self.config.max_seq_length
         fused: list[list[Tokenized]] = []
@@ -285,10 +289,10 @@ class StepBatches:
     def shape_examples(self, start: int) -> list[dict]:
         """One static row on the device for each padded shape the steps from `start` on will
         use, to capture their CUDA graphs before the first step."""
-        seen: dict[tuple[int, int], list[Tokenized]] = {}
+        seen: dict[tuple[int, int, int], list[Tokenized]] = {}
         for step in range(start, self.plan.steps):
             for items in self.rows(step):
-                seen.setdefault(padded_shape(items), items)
+                seen.setdefault(static_shape(items), items)
         self._orders = {}
         return [self.make(items, static=True)[0] for items in seen.values()]
 
@@ -297,7 +301,7 @@ class StepBatches:
         from llamalora.step import to_device
 
         if static:
-            batch = pack_padded(items, self.setup.pad_id)
+            batch = pack_padded(items, self.setup.pad_id, self.setup.image_processor)
             n_targets = int((batch["target_ids"] != IGNORE_INDEX).sum())
             return to_device(batch, self.device, self.dtype), n_targets, sum(map(len, items))
         images = self.setup.image_processor
@@ -552,13 +556,16 @@ def _choose_graphs(config: TrainConfig, plan: Plan, device, checkpointing: bool,
 
     A graph needs the step's micro-batches fused into rows (so `--gradient-accumulation-steps`
     only sets how many records a step takes, not how many passes it makes), and shapes that
-    repeat. Images, FSDP and gradient checkpointing stay eager: not measured with graphs; so
-    does an explicit --compile, unless --cuda-graphs is asked for too (the two together were not
-    measured).
+    repeat. FSDP and gradient checkpointing stay eager: not measured with graphs; so does an
+    explicit --compile, unless --cuda-graphs is asked for too (the two together were not
+    measured). Records with images get graphs only when --cuda-graphs asks (one per micro-batch
+    shape, cross-attention on the dense mask): built on 2026-12-01 without a GPU to measure it.
     """
     asked = config.cuda_graphs
-    unsupported = ("records with images" if plan.with_vision else "FSDP" if par.shards_weights
+    unsupported = ("FSDP" if par.shards_weights
                    else "gradient checkpointing" if checkpointing else "")
+    if plan.with_vision and not asked:
+        return False, ""
     if device.type != "cuda" or asked is False:
         return False, ("--cuda-graphs ignored: they need a CUDA GPU"
                        if asked and device.type != "cuda" else "")
@@ -566,7 +573,7 @@ def _choose_graphs(config: TrainConfig, plan: Plan, device, checkpointing: bool,
         return False, f"--cuda-graphs ignored: not with {unsupported}" if asked else ""
     if asked is None and config.compile:
         return False, "CUDA graphs off: --compile asked for compiled layers instead"
-    need = plan.memory_gib_fused[config.quant]
+    need = (plan.memory_gib if plan.with_vision else plan.memory_gib_fused)[config.quant]
     fits, total = _fits_gpu(need, device)
     if asked is None and not fits:
         return False, (f"CUDA graphs off: one pass over a step's {config.batch_size} x "

@@ -42,6 +42,7 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return loss, torch.count_nonzero(targets != IGNORE_INDEX)
 
 
+_IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
 # Keys of a batch that are not model inputs.
 _HOST_MADE = ("labels", "cross_attention_runs", "loss_index", "loss_targets", "segment_ids")
 
@@ -81,9 +82,10 @@ def _static_loss_sum(base, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     The attention mask is built here from the segment ids (each token sees the earlier tokens of
     its own record), as a 4D mask that transformers passes to attention as it is.
     """
+    images = {k: batch[k] for k in _IMAGE_INPUTS if k in batch}  # a static row with images
     hidden = base.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                         attention_mask=_segment_mask(batch["segment_ids"]),
-                        use_cache=False).last_hidden_state
+                        use_cache=False, **images).last_hidden_state
     targets = batch["target_ids"]
     logits = base.lm_head(hidden[0, batch["target_index"]])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -158,9 +160,11 @@ class GraphedStep(TrainStep):
     At LoRA batch sizes the eager step is bound by the host: a decoder layer launches ~180
     kernels per forward and backward, each costing more host time than GPU time, so the GPU
     waits. A graph replays the whole pass with one launch. A step takes `pack_padded` rows (its
-    micro-batches fused up to a token budget), whose shapes repeat: each (length, label slots)
-    pair is warmed up and captured once (`warm` does them all before the first step), later
-    passes of that shape only copy their inputs in and replay.
+    micro-batches fused up to a token budget), whose shapes repeat: each (length, label slots,
+    images) triple is warmed up and captured once (`warm` does them all before the first step),
+    later passes of that shape only copy their inputs in and replay. A row with images carries
+    no cross-attention runs (they depend on the data, and a graph would replay the first row's):
+    its cross-attention takes the dense mask, whose shape is fixed by the row's.
     The optimizer update stays outside the graph (fused AdamW is a few launches), so a graph
     never bakes in a learning rate and the first steps need no special optimizer state.
     """
@@ -169,7 +173,7 @@ class GraphedStep(TrainStep):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.graphs: dict[tuple[int, int, int], _Graph] = {}  # (length, label slots, images)
         self._sum: list = []  # a step's gradients summed over its rows
         self._pool = None  # one memory pool for every graph: they never run at the same time
 
@@ -227,7 +231,8 @@ class GraphedStep(TrainStep):
             torch.cuda.synchronize()
 
     def _graph_for(self, batch: dict) -> _Graph:
-        key = (batch["input_ids"].shape[1], batch["target_ids"].shape[0])
+        images = batch["pixel_values"].shape[1] if "pixel_values" in batch else 0
+        key = (batch["input_ids"].shape[1], batch["target_ids"].shape[0], images)
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = self._capture(batch)

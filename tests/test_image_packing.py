@@ -240,10 +240,114 @@ def test_host_made_loss_index_and_mask_change_nothing(vision_model, processor, r
     assert ("segment_ids" in host) == (layout == "packed")
     assert ("position_ids" in host) == (layout == "packed")  # padded rows have a mask instead
     assert host["loss_index"].numel() == host["loss_targets"].numel() > 0
-    ref_loss, ref_n, ref_grads = _loss_and_grads(vision_model, make(items))
-    loss, n, grads = _loss_and_grads(vision_model, host)
+    _assert_trains_alike(vision_model, host, make(items), loss_tol=1e-12, grad_rtol=1e-10,
+                         grad_atol=1e-12)
+
+
+def _assert_trains_alike(model, batch, reference, loss_tol, grad_rtol, grad_atol):
+    """`batch` gives `reference`'s labelled-token count, loss and gradients."""
+    ref_loss, ref_n, ref_grads = _loss_and_grads(model, reference)
+    loss, n, grads = _loss_and_grads(model, batch)
     assert n == ref_n
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss, ref_loss, rtol=loss_tol, atol=loss_tol)
     assert grads.keys() == ref_grads.keys()
     for k in grads:
-        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=grad_rtol, atol=grad_atol)
+
+
+def test_static_rows_with_images_give_the_packed_loss_and_gradients(vision_model, processor,
+                                                                    records):
+    """`pack_padded` with images (what a CUDA graph of an image micro-batch replays): padded
+    text, the row's images, the cross-attention mask with the padding seeing no image; the
+    packed row's loss and gradients, and shapes fixed by `static_shape` alone."""
+    from llamalora.batching import pack_padded, static_shape
+
+    for items in (records, records[1:3], [records[0], records[3]]):
+        row = pack_padded(items, pad_id=128004, image_processor=processor)
+        length, slots, images = static_shape(items)
+        assert row["input_ids"].shape == (1, length) and row["target_ids"].shape == (slots,)
+        n = sum(map(len, items))
+        if images:
+            assert row["pixel_values"].shape[:2] == (1, images)
+            assert row["cross_attention_mask"].shape[:3] == (1, length, images)
+            assert not row["cross_attention_mask"][0, n:].any()  # the padding sees nothing
+        else:
+            assert "pixel_values" not in row and "cross_attention_mask" not in row
+        _assert_trains_alike(vision_model, row, pack_vision(items, processor), loss_tol=1e-10,
+                             grad_rtol=1e-8, grad_atol=1e-10)
+
+
+def test_graphed_image_steps_are_one_row_per_micro_batch(processor, records):
+    """With CUDA graphs, image micro-batches are not fused (memory), each becomes a static row
+    with no runs, and the rows made to capture before the first step cover every shape used."""
+    from types import SimpleNamespace
+
+    from llamalora.batching import static_shape
+    from llamalora.recipe import StepBatches
+
+    setup = SimpleNamespace(compute_dtype="float32", graphs=True, packing=True, pad_id=128004,
+                            image_processor=processor)
+    config = SimpleNamespace(batch_size=2, gradient_accumulation_steps=2, max_seq_length=512,
+                             max_steps=2, num_train_epochs=1, seed=0)
+    train = records * 2
+    batches = StepBatches(config, SimpleNamespace(train=train, steps=2),
+                          SimpleNamespace(world_size=1, rank=0), setup, torch.device("cpu"))
+    used = set()
+    for step in range(2):
+        rows = batches.rows(step)
+        assert len(rows) == 2 and all(len(r) == 2 for r in rows)  # the micro-batches as they are
+        made, n_targets, _ = batches(step)
+        for items, row in zip(rows, made):
+            assert "cross_attention_runs" not in row and "target_index" in row
+            assert ("pixel_values" in row) == any(t.images for t in items)
+            used.add(static_shape(items))
+        assert n_targets == sum(int((r["target_ids"] != -100).sum()) for r in made)
+    examples = batches.shape_examples(0)
+    assert {(r["input_ids"].shape[1], r["target_ids"].shape[0],
+             r["pixel_values"].shape[1] if "pixel_values" in r else 0) for r in examples} == used
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphed_image_steps_equal_eager_steps(processor, records):
+    """Three steps of image micro-batches (two rows in some, a text-only row among them)
+    replayed from CUDA graphs: the losses and LoRA weights of eager steps, in fp32."""
+    from llamalora.batching import pack_padded
+    from llamalora.models import attach_lora, load_model_for_training
+    from llamalora.step import GraphedStep, TrainStep, to_device
+
+    class Alone:  # one process: nothing to even out or sync
+        def even_out(self, count, run):
+            pass
+
+        def sync_gradients(self, params):
+            pass
+
+    cuda = torch.device("cuda")
+    plan = [[records[:2], records[2:4]], [records[1:3]], [[records[0], records[3]], records[3:]]]
+    runs = []
+    for cls in (TrainStep, GraphedStep):
+        torch.manual_seed(0)
+        model, _ = load_model_for_training("tiny", quant="none", with_vision=True, device="cuda",
+                                           dtype="float32")
+        model = attach_lora(model, r=4, alpha=8, dropout=0.0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "cross_attn_attn_gate" in name or "cross_attn_mlp_gate" in name:
+                    p.fill_(0.8)  # images change the loss
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        step = cls(model, opt, sched, params, Alone(), max_grad_norm=1.0)
+        losses = []
+        for rows in plan:
+            batches = [to_device(pack_padded(r, 128004, processor), cuda, torch.float32)
+                       for r in rows]
+            n = float(sum((b["target_ids"] != -100).sum() for b in batches))
+            losses.append(step(batches, n)[0].item() / n)
+        runs.append((losses, {k: v.detach().cpu() for k, v in model.named_parameters()
+                              if v.requires_grad}, step))
+    (eager, w_eager, _), (graphed, w_graphed, step) = runs
+    assert not step.failure and any(images for _, _, images in step.graphs)
+    torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w_graphed, w_eager, rtol=1e-3, atol=1e-5)

@@ -73,9 +73,14 @@ def test_cuda_graphs_are_chosen_only_where_they_were_measured(monkeypatch):
         True, "")
     assert _choose_graphs(cfg(cuda_graphs=False), plan, cuda, False, one) == (False, "")
     assert _choose_graphs(cfg(), plan, cuda, True, one) == (False, "")  # checkpointing
-    vision = SimpleNamespace(**{**vars(plan), "with_vision": True})
-    assert _choose_graphs(cfg(cuda_graphs=True), vision, cuda, False, one) == (
-        False, "--cuda-graphs ignored: not with records with images")
+    # records with images: only when asked (not yet measured on a GPU), checked against the
+    # unfused estimate, since their micro-batches are not fused
+    vision = SimpleNamespace(**{**vars(plan), "with_vision": True,
+                                "memory_gib": {"8bit": 30.0, "none": 50.0}})
+    assert _choose_graphs(cfg(), vision, cuda, False, one) == (False, "")
+    assert _choose_graphs(cfg(cuda_graphs=True), vision, cuda, False, one) == (True, "")
+    assert _choose_graphs(cfg(cuda_graphs=True), vision, cuda, True, one) == (
+        False, "--cuda-graphs ignored: not with gradient checkpointing")
     fsdp = Sharded(0, 0, 2, settings=None)
     assert _choose_graphs(cfg(cuda_graphs=True), plan, cuda, False, fsdp) == (
         False, "--cuda-graphs ignored: not with FSDP")
