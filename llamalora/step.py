@@ -174,7 +174,7 @@ class GraphedStep(TrainStep):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.graphs: dict[tuple[int, int, int], _Graph] = {}  # (length, label slots, images)
-        self._sum: list = []  # a step's gradients summed over its rows
+        self._sum: list = []  # a step's gradients summed over its rows, per parameter
         self._pool = None  # one memory pool for every graph: they never run at the same time
 
     def __call__(self, batches: list[dict], n_targets: float
@@ -194,22 +194,25 @@ class GraphedStep(TrainStep):
             graph.graph.replay()
             step_loss = graph.loss.clone() if step_loss is None else step_loss + graph.loss
             if len(batches) > 1:  # rows of one step: the next replay rewrites the buffers
-                # (parameters the pass never reaches, such as cross-attention layers' LoRA on
-                # text, have no gradient, as in an eager step)
-                got = [g for g in graph.grads if g is not None]
-                if index == 0:
-                    self._sum = [g.clone() for g in got]
-                else:
-                    torch._foreach_add_(self._sum, got)
+                self._add_grads(index, graph.grads)
         # The graph owns the gradient buffers: lent to the parameters for the update only.
-        if len(batches) > 1:
-            summed = iter(self._sum)
-            grads = [None if g is None else next(summed) for g in graphs[0].grads]
-        else:
-            grads = graphs[0].grads
+        grads = self._sum if len(batches) > 1 else graphs[0].grads
         for p, grad in zip(self.params, grads):
             p.grad = grad
         return step_loss, self._update()
+
+    def _add_grads(self, index: int, grads: list) -> None:
+        """Sums the rows' gradients per parameter. A parameter a pass never reaches has none
+        (as in an eager step), and which those are can differ between rows: a text row leaves
+        the cross-attention layers' LoRA out, a row with images does not."""
+        if index == 0:
+            self._sum = [None if g is None else g.clone() for g in grads]
+            return
+        both = [(s, g) for s, g in zip(self._sum, grads) if s is not None and g is not None]
+        if both:
+            torch._foreach_add_([s for s, _ in both], [g for _, g in both])
+        self._sum = [g.clone() if s is None and g is not None else s
+                     for s, g in zip(self._sum, grads)]
 
     def warm(self, batches: list[dict]) -> int:
         """Captures a graph for each batch's shape now (values don't matter), so no step of

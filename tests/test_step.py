@@ -122,3 +122,20 @@ def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch):
     assert graphed.graphs == {} and TrainStep.failure == ""
     assert fallback == eager
     torch.testing.assert_close(w_fallback, w_eager, rtol=0, atol=0)
+
+
+def test_graphed_rows_gradients_sum_per_parameter_when_rows_reach_different_ones():
+    """A text row leaves cross-attention's LoRA without a gradient, a row with images does not:
+    a step's rows are summed parameter by parameter, whichever row comes first."""
+    from types import SimpleNamespace
+
+    a, b, c = torch.ones(2), torch.full((3,), 2.0), torch.full((1,), 3.0)
+    for rows, want in ((([a, None, b], [a, c, None]), [2 * a, c, b]),
+                       (([a, None, None], [None, c, b], [a, c, b]), [2 * a, 2 * c, 2 * b])):
+        step = SimpleNamespace(_sum=[])
+        for index, grads in enumerate(rows):
+            GraphedStep._add_grads(step, index, grads)
+        assert len(step._sum) == len(want)
+        for got, expected in zip(step._sum, want):
+            torch.testing.assert_close(got, expected)
+    assert a.tolist() == [1.0, 1.0]  # the graphs' own buffers are never added into
