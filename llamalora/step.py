@@ -42,6 +42,7 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return loss, torch.count_nonzero(targets != IGNORE_INDEX)
 
 
+# Mllama's image inputs, which a static row with images carries.
 _IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
 # Keys of a batch that are not model inputs.
 _HOST_MADE = ("labels", "cross_attention_runs", "loss_index", "loss_targets", "segment_ids")
@@ -51,9 +52,9 @@ def with_loss_index(batch: dict, lengths: list[int] | None = None) -> dict:
     """Adds to a host batch what lets `loss_sum` run without reading anything back from the
     GPU: the flat positions whose next token has a label and those labels, and for a packed row
     of several records (`lengths`: their lengths) the record of each token, from which the
-    attention mask is built on the device. Otherwise a boolean-mask gather, and transformers' search for the
-    records in the position ids, each wait for the GPU to catch up: that waiting was 202 ms of
-    an 8-bit image step of the 11B on an H200 (9 syncs a step)."""
+    attention mask is built on the device. Otherwise a boolean-mask gather, and transformers'
+    search for the records in the position ids, each wait for the GPU to catch up: that waiting
+    was 202 ms of an 8-bit image step of the 11B on an H200 (9 syncs a step)."""
     import torch
 
     labels = batch["labels"][:, 1:]
@@ -82,7 +83,7 @@ def _static_loss_sum(base, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     The attention mask is built here from the segment ids (each token sees the earlier tokens of
     its own record), as a 4D mask that transformers passes to attention as it is.
     """
-    images = {k: batch[k] for k in _IMAGE_INPUTS if k in batch}  # a static row with images
+    images = {k: batch[k] for k in _IMAGE_INPUTS if k in batch}
     hidden = base.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                         attention_mask=_segment_mask(batch["segment_ids"]),
                         use_cache=False, **images).last_hidden_state
