@@ -231,28 +231,55 @@ def pack_padded(items: list[Tokenized], pad_id: int, image_processor=None):
     import torch
     import torch.nn.functional as F
 
-    packed = pack(items)  # the one layout of a packed row; padded and indexed below
-    labels = packed["labels"][0]
-    n, (length, slots) = labels.numel(), padded_shape(items)
-    # logits at position p predict token p + 1; pack's -100 at each record's first token keeps
-    # a record from predicting the next one's start
-    index = (labels[1:] != IGNORE_INDEX).nonzero()[:, 0]
-    segments = torch.repeat_interleave(torch.arange(len(items)),
-                                       torch.tensor([len(t) for t in items]))
+    # the one layout of a packed row (with its images, if asked); padded and indexed below
+    packed = pack(items) if image_processor is None else pack_vision(items, image_processor)
+    n, (length, slots) = packed["input_ids"].shape[1], padded_shape(items)
+    index, targets = _labelled(packed["labels"])
     row = {"input_ids": F.pad(packed["input_ids"], (0, length - n), value=pad_id),
            "position_ids": torch.cat([packed["position_ids"],
                                       torch.arange(length - n)[None]], dim=1),
-           "segment_ids": F.pad(segments, (0, length - n), value=len(items))[None],
+           "segment_ids": F.pad(_record_ids([len(t) for t in items]), (0, length - n),
+                                value=len(items))[None],
            "target_index": F.pad(index, (0, slots - index.numel()), value=0),
-           "target_ids": F.pad(labels[1:][index], (0, slots - index.numel()),
-                               value=IGNORE_INDEX)}
-    if image_processor is not None and any(t.images for t in items):
-        vision = pack_vision(items, image_processor)
-        row.update({k: vision[k] for k in ("pixel_values", "aspect_ratio_ids",
+           "target_ids": F.pad(targets, (0, slots - index.numel()), value=IGNORE_INDEX)}
+    if "cross_attention_mask" in packed:
+        row.update({k: packed[k] for k in ("pixel_values", "aspect_ratio_ids",
                                            "aspect_ratio_mask")})
-        row["cross_attention_mask"] = F.pad(vision["cross_attention_mask"],
+        row["cross_attention_mask"] = F.pad(packed["cross_attention_mask"],
                                             (0, 0, 0, 0, 0, length - n))
     return row
+
+
+def with_loss_index(batch: dict, lengths: list[int] | None = None) -> dict:
+    """Adds to a host batch (`pack`, `pack_vision` or `collate`) what lets `step.loss_sum` run
+    without reading anything back from the GPU: the flat positions whose next token has a label
+    and those labels, and for a packed row of several records (`lengths`: their lengths) the
+    record of each token, from which the attention mask is built on the device. Otherwise a
+    boolean-mask gather, and transformers' search for the records in the position ids, each
+    wait for the GPU to catch up: that waiting was 202 ms of an 8-bit image step of the 11B on
+    an H200 (9 syncs a step)."""
+    batch["loss_index"], batch["loss_targets"] = _labelled(batch["labels"])
+    if lengths is not None and len(lengths) > 1:
+        batch["segment_ids"] = _record_ids(lengths)[None]
+    elif lengths is not None:  # one record: its positions are the default ones, and without
+        del batch["position_ids"]  # them transformers masks causally with no search at all
+    return batch
+
+
+def _labelled(labels):
+    """(flat positions p over [rows, L - 1] whose next token has a label, those labels). The
+    logits at p predict token p + 1; pack's -100 at each record's first token keeps a record
+    from predicting the next one's start."""
+    labels = labels[:, 1:]
+    keep = labels != IGNORE_INDEX
+    return keep.reshape(-1).nonzero()[:, 0], labels[keep]
+
+
+def _record_ids(lengths: list[int]):
+    """The record each token of a packed row belongs to."""
+    import torch
+
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
 
 
 def static_shape(items: list[Tokenized]) -> tuple[int, int, int]:

@@ -24,14 +24,15 @@ from pathlib import Path
 from llamalora import __version__, parallel, trackers
 from llamalora.attention import CrossAttentionRuns
 from llamalora.batching import (IGNORE_INDEX, Tokenized, add_vision_inputs, batch_order, collate,
-                                pack, pack_padded, pack_vision, record_lengths, static_shape)
+                                pack, pack_padded, pack_vision, record_lengths, static_shape,
+                                with_loss_index)
 from llamalora.config import TrainConfig
 from llamalora.errors import LlamaLoraError, ModelError
 from llamalora.events import (CheckpointSaved, EvalDone, ModelReady, OnEvent, PlanReady, Status,
                               StepDone, TrainFinished, TrainResult)
 from llamalora.plan import Plan, plan_training
 from llamalora.rundir import CHECKPOINTS, RunFolder
-from llamalora.step import GraphedStep, TrainStep, with_loss_index
+from llamalora.step import GraphedStep, TrainStep
 from llamalora.template import PAD
 
 

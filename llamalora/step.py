@@ -28,7 +28,7 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         inputs["attention_mask"] = _segment_mask(batch["segment_ids"])
     with cross_attention_runs(batch.get("cross_attention_runs")):
         hidden = base.model(**inputs, use_cache=False).last_hidden_state
-    if "loss_index" in batch:  # made on the host (`with_loss_index`): no boolean mask to sync on
+    if "loss_index" in batch:  # made on the host (`batching.with_loss_index`): no sync
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch["loss_index"])
         targets = batch["loss_targets"]
     else:
@@ -46,27 +46,6 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 _IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
 # Keys of a batch that are not model inputs.
 _HOST_MADE = ("labels", "cross_attention_runs", "loss_index", "loss_targets", "segment_ids")
-
-
-def with_loss_index(batch: dict, lengths: list[int] | None = None) -> dict:
-    """Adds to a host batch what lets `loss_sum` run without reading anything back from the
-    GPU: the flat positions whose next token has a label and those labels, and for a packed row
-    of several records (`lengths`: their lengths) the record of each token, from which the
-    attention mask is built on the device. Otherwise a boolean-mask gather, and transformers'
-    search for the records in the position ids, each wait for the GPU to catch up: that waiting
-    was 202 ms of an 8-bit image step of the 11B on an H200 (9 syncs a step)."""
-    import torch
-
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE_INDEX
-    batch["loss_index"] = keep.reshape(-1).nonzero()[:, 0]
-    batch["loss_targets"] = labels[keep]
-    if lengths is not None and len(lengths) > 1:
-        batch["segment_ids"] = torch.repeat_interleave(
-            torch.arange(len(lengths)), torch.tensor(lengths))[None]
-    elif lengths is not None:  # one record: its positions are the default ones, and without
-        del batch["position_ids"]  # them transformers masks causally with no search at all
-    return batch
 
 
 def _segment_mask(segments: torch.Tensor) -> torch.Tensor:
