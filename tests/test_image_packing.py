@@ -79,6 +79,17 @@ def _loss_and_grads(model, batch):
     return loss.detach(), int(n), grads
 
 
+def _assert_trains_alike(model, batch, reference, loss_tol, grad_rtol, grad_atol):
+    """`batch` gives `reference`'s labelled-token count, loss and gradients."""
+    ref_loss, ref_n, ref_grads = _loss_and_grads(model, reference)
+    loss, n, grads = _loss_and_grads(model, batch)
+    assert n == ref_n
+    torch.testing.assert_close(loss, ref_loss, rtol=loss_tol, atol=loss_tol)
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=grad_rtol, atol=grad_atol)
+
+
 def test_packed_images_give_the_padded_loss_and_gradients(vision_model, processor, records):
     padded = add_vision_inputs(collate(records, pad_id=128004), [t.images for t in records],
                                processor)
@@ -87,13 +98,9 @@ def test_packed_images_give_the_padded_loss_and_gradients(vision_model, processo
     # of 2 image slots: 10, a blank one for each text record among them).
     assert packed["input_ids"].shape[0] == 1 and packed["pixel_values"].shape[:2] == (1, 4)
     assert padded["pixel_values"].shape[:2] == (5, 2)
-    ref_loss, ref_n, ref_grads = _loss_and_grads(vision_model, padded)
-    loss, n, grads = _loss_and_grads(vision_model, packed)
-    assert n == ref_n
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-9)
-    assert grads.keys() == ref_grads.keys() and any("cross_attn" in k for k in grads)
-    for k in grads:
-        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-7, atol=1e-9)
+    _assert_trains_alike(vision_model, packed, padded, loss_tol=1e-9, grad_rtol=1e-7,
+                         grad_atol=1e-9)
+    assert any("cross_attn" in k for k in _loss_and_grads(vision_model, packed)[2])
 
 
 def test_cross_attention_mask_is_block_diagonal_by_record(processor, records):
@@ -157,12 +164,8 @@ def test_cross_attention_by_runs_is_the_masked_attention(vision_model, processor
         fast = _with_runs(batch)
         runs = fast["cross_attention_runs"].rows
         assert any(isinstance(s, torch.Tensor) for row in runs for _, _, s in row)
-        loss, n, grads = _loss_and_grads(vision_model, fast)
-        ref_loss, ref_n, ref_grads = _loss_and_grads(vision_model, batch)
-        assert n == ref_n
-        torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
-        for k in ref_grads:
-            torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-8, atol=1e-10)
+        _assert_trains_alike(vision_model, fast, batch, loss_tol=1e-10, grad_rtol=1e-8,
+                             grad_atol=1e-10)
 
 
 @pytest.mark.gpu
@@ -223,10 +226,10 @@ def test_training_batches_carry_their_runs(processor, records):
 
 @pytest.mark.parametrize("layout", ["packed", "padded", "one record"])
 def test_host_made_loss_index_and_mask_change_nothing(vision_model, processor, records, layout):
-    """`step.with_loss_index` (what training's batches carry, so the step never waits on the
+    """`batching.with_loss_index` (what training's batches carry, so the step never waits on the
     GPU) gives the loss and gradients of the boolean-mask gather and transformers' own search
     for the records in the position ids."""
-    from llamalora.step import with_loss_index
+    from llamalora.batching import with_loss_index
 
     def make(items):
         if layout == "padded":
@@ -242,17 +245,6 @@ def test_host_made_loss_index_and_mask_change_nothing(vision_model, processor, r
     assert host["loss_index"].numel() == host["loss_targets"].numel() > 0
     _assert_trains_alike(vision_model, host, make(items), loss_tol=1e-12, grad_rtol=1e-10,
                          grad_atol=1e-12)
-
-
-def _assert_trains_alike(model, batch, reference, loss_tol, grad_rtol, grad_atol):
-    """`batch` gives `reference`'s labelled-token count, loss and gradients."""
-    ref_loss, ref_n, ref_grads = _loss_and_grads(model, reference)
-    loss, n, grads = _loss_and_grads(model, batch)
-    assert n == ref_n
-    torch.testing.assert_close(loss, ref_loss, rtol=loss_tol, atol=loss_tol)
-    assert grads.keys() == ref_grads.keys()
-    for k in grads:
-        torch.testing.assert_close(grads[k], ref_grads[k], rtol=grad_rtol, atol=grad_atol)
 
 
 def test_static_rows_with_images_give_the_packed_loss_and_gradients(vision_model, processor,
