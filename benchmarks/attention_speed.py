@@ -86,7 +86,8 @@ def main() -> None:
                      ("cudnn", masked(SDPBackend.CUDNN_ATTENTION)), ("flash split", split)):
         try:
             out = fn()
-            vision[name] = {"ms": timed(fn), "max_diff": round((out.float() - ref).abs().max().item(), 5)}
+            diff = (out.float() - ref).abs().max().item()
+            vision[name] = {"ms": timed(fn), "max_diff": round(diff, 5)}
         except Exception as exc:  # a backend that refuses these shapes
             vision[name] = {"error": str(exc).splitlines()[0][:200]}
     flops = 4 * n * heads * length * length * dim
@@ -117,9 +118,10 @@ def main() -> None:
                      requires_grad=True)
     cv = torch.randn_like(ck, requires_grad=True)
 
-    def whole(backward):
+    def whole(backward, backend=SDPBackend.EFFICIENT_ATTENTION):
+        # on cuDNN, the shape-static candidate a CUDA graph could hold
         def run():
-            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            with sdpa_kernel(backend):
                 out = F.scaled_dot_product_attention(cq, ck, cv, attn_mask=cmask)
             if backward:
                 out.sum().backward()
@@ -138,16 +140,6 @@ def main() -> None:
                     parts.append(F.scaled_dot_product_attention(cq[:, :, s:s + t], ck[:, :, ks],
                                                                 cv[:, :, ks]))
             out = torch.cat(parts, 2)
-            if backward:
-                out.sum().backward()
-            return out
-        return run
-
-    def whole_cudnn(backward):
-        # static shapes (a CUDA graph could hold it): the row's mask on cuDNN's kernel
-        def run():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                out = F.scaled_dot_product_attention(cq, ck, cv, attn_mask=cmask)
             if backward:
                 out.sum().backward()
             return out
@@ -189,8 +181,8 @@ def main() -> None:
     for name, fn in (("whole row masked fwd", whole(False)), ("per record fwd", per_record(False)),
                      ("whole row masked fwd+bwd", whole(True)),
                      ("per record fwd+bwd", per_record(True)),
-                     ("whole row masked on cudnn fwd", whole_cudnn(False)),
-                     ("whole row masked on cudnn fwd+bwd", whole_cudnn(True)),
+                     ("whole row masked on cudnn fwd", whole(False, SDPBackend.CUDNN_ATTENTION)),
+                     ("whole row masked on cudnn fwd+bwd", whole(True, SDPBackend.CUDNN_ATTENTION)),
                      ("varlen fwd", varlen(False)), ("varlen fwd+bwd", varlen(True))):
         try:
             out = fn()
