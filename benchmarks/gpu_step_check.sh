@@ -60,7 +60,11 @@ for line in sys.stdin:
       [ -z "$flags" ] || cp "$OUTDIR/job.log" "$OUTDIR/job${flags//[^a-z0-9]/}.log"
       echo "rc $rc whole job $(python3 -c 'import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))' "$start" "$(date +%s.%N)") s"
       grep -v "^\s*$" "$OUTDIR/job.log" | grep -v "train " | tail -6
-      # the first progress line drawn, and the step it shows (--max-steps 1: the first step)
+      # when the first step began: its graphs captured (or the model ready, without graphs);
+      # the first progress line drawn, and the step it shows
+      { grep -m1 "Captured .* for the first step" "$OUTDIR/job.log" \
+          || grep -m1 "Base-layer kernels" "$OUTDIR/job.log"; } \
+        | awk '{print "first step began at " $1 " s"}'
       grep -m1 -o "^ *[0-9.]* train .* [0-9]*/[0-9]* " "$OUTDIR/job.log" \
         | awk '{print "first progress line at " $1 " s, step " $NF}'
       python3 - "$OUTDIR/job.json" /tmp/job/metrics.jsonl <<'PY'

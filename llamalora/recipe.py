@@ -95,18 +95,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         step = (GraphedStep if setup.graphs else TrainStep)(model, optimizer, scheduler, params,
                                                              par, config.max_grad_norm)
         batches = StepBatches(config, plan, par, setup, device)
-        if setup.graphs:
-            started_capture = time.perf_counter()
-            count = step.warm(batches.shape_examples(run.start_step))
-            if not step.failure:  # else the loop's first step says why they are off
-                emit(Status(f"Captured {count} CUDA graph(s), one per padded step shape, in "
-                            f"{time.perf_counter() - started_capture:.1f} s"))
+        capture_rest = _capture_graphs(step, batches, run.start_step, emit) if setup.graphs \
+            else None
         log = trackers.open_trackers(
             config.report_to_list(), run.path, run_name=run.path.name, config=config.to_dict(),
             logging_steps=config.logging_steps, resume_step=run.start_step,
             warn=lambda message: emit(Status(message, warning=True))) if par.is_main else _NoLog()
         with log:
-            losses = _run_steps(config, plan, run, par, step, batches, setup, log, emit)
+            losses = _run_steps(config, plan, run, par, step, batches, setup, log, emit,
+                                after_first=capture_rest)
 
         # 6. Save: adapter, tokenizer (+ image processor), then llamalora.json last.
         result = _result(config, plan, setup, losses, par, device, started)
@@ -340,10 +337,32 @@ class _Losses:
     train_time: float = 0.0
 
 
+def _capture_graphs(step: GraphedStep, batches: StepBatches, start: int, emit):
+    """Captures the CUDA graphs of the first step's shapes now; returns what captures every
+    other shape the run will use, which the loop calls once that step is done. A run then shows
+    its first loss without waiting for all of them (13 shapes on data/sample.jsonl at the
+    defaults: 13.8 s on an H200, BENCHMARKS.md), and no later step waits on a capture."""
+    examples = batches.shape_examples(start)  # in the order the steps first use them
+    first = len({static_shape(items) for items in batches.rows(start)})
+
+    def capture(part: list[dict], which: str) -> None:
+        if not part or step.failure:  # a failed capture: the steps run eagerly and say why
+            return
+        started = time.perf_counter()
+        step.warm(part)
+        if not step.failure:
+            emit(Status(f"Captured {len(part)} CUDA graph(s) {which}, one per padded step "
+                        f"shape, in {time.perf_counter() - started:.1f} s"))
+
+    capture(examples[:first], "for the first step")
+    return lambda: capture(examples[first:], "for the other steps")
+
+
 def _run_steps(config: TrainConfig, plan: Plan, run: RunFolder, par, step, batches: StepBatches,
-               setup: ModelSetup, log, emit) -> _Losses:
+               setup: ModelSetup, log, emit, after_first=None) -> _Losses:
     """Every optimizer step from the resume point on, with evals, checkpoints and a clean stop
-    on SIGINT/SIGTERM (every rank stops after the same step, with a checkpoint)."""
+    on SIGINT/SIGTERM (every rank stops after the same step, with a checkpoint).
+    `after_first` runs once the first of them is done (`_capture_graphs`)."""
     import torch
 
     device = batches.device
@@ -386,6 +405,8 @@ def _run_steps(config: TrainConfig, plan: Plan, run: RunFolder, par, step, batch
                 if device.type == "cuda" else None, eval_loss=eval_loss)
             log.log(event)
             emit(event)
+            if after_first is not None and index == run.start_step:
+                after_first()
 
             interrupted = par.any(stop.requested)
             if done < plan.steps and ((config.save_steps and done % config.save_steps == 0)

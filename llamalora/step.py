@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llamalora.attention import cross_attention_runs
+from llamalora.attention import DENSE, cross_attention_runs
 from llamalora.batching import IGNORE_INDEX
 
 
@@ -63,9 +63,10 @@ def _static_loss_sum(base, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     its own record), as a 4D mask that transformers passes to attention as it is.
     """
     images = {k: batch[k] for k in _IMAGE_INPUTS if k in batch}
-    hidden = base.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                        attention_mask=_segment_mask(batch["segment_ids"]),
-                        use_cache=False, **images).last_hidden_state
+    with cross_attention_runs(DENSE):  # runs depend on the data; the mask's shape does not
+        hidden = base.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                            attention_mask=_segment_mask(batch["segment_ids"]),
+                            use_cache=False, **images).last_hidden_state
     targets = batch["target_ids"]
     logits = base.lm_head(hidden[0, batch["target_index"]])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -141,8 +142,9 @@ class GraphedStep(TrainStep):
     kernels per forward and backward, each costing more host time than GPU time, so the GPU
     waits. A graph replays the whole pass with one launch. A step takes `pack_padded` rows (its
     micro-batches fused up to a token budget), whose shapes repeat: each (length, label slots,
-    images) triple is warmed up and captured once (`warm` does them all before the first step),
-    later passes of that shape only copy their inputs in and replay. A row with images carries
+    images) triple is warmed up and captured once (`warm`: the recipe captures the first step's
+    before it and the rest right after it), later passes of that shape only copy their inputs in
+    and replay. A row with images carries
     no cross-attention runs (they depend on the data, and a graph would replay the first row's):
     its cross-attention takes the dense mask, whose shape is fixed by the row's.
     The optimizer update stays outside the graph (fused AdamW is a few launches), so a graph

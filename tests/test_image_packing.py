@@ -171,11 +171,12 @@ def test_cross_attention_by_runs_is_the_masked_attention(vision_model, processor
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fast_attention_on_the_gpu_is_sdpas(processor, records):
-    """On CUDA in bf16: the vision tower through cuDNN's attention and cross-attention by runs
-    (flash) give the loss and gradients of transformers' SDPA (memory-efficient kernel, masks),
-    within bf16 rounding."""
+    """On CUDA in bf16: the vision tower through cuDNN's attention, and cross-attention by runs
+    (flash) or, as a static row takes it, with the dense mask on cuDNN, give the loss and
+    gradients of transformers' SDPA (memory-efficient kernel, masks), within bf16 rounding."""
     import copy
 
+    from llamalora.attention import DENSE
     from llamalora.models import attach_lora, load_model_for_training
     from llamalora.step import to_device
 
@@ -190,14 +191,18 @@ def test_fast_attention_on_the_gpu_is_sdpas(processor, records):
                 p.fill_(0.8)
     batch = to_device(pack_vision(records, processor), torch.device("cuda"), torch.bfloat16)
     fast = _loss_and_grads(model, _with_runs(batch, "cuda"))
+    dense = _loss_and_grads(model, {**batch, "cross_attention_runs": DENSE})
     for m in model.modules():  # back to transformers' own SDPA everywhere
         if type(m).__name__ in ("MllamaVisionAttention", "MllamaTextCrossAttention"):
             m.config = copy.copy(m.config)
             m.config._attn_implementation_internal = "sdpa"
     plain = _loss_and_grads(model, batch)
-    torch.testing.assert_close(fast[0], plain[0], rtol=2e-2, atol=1e-2)
-    for k in plain[2]:
-        torch.testing.assert_close(fast[2][k].float(), plain[2][k].float(), rtol=5e-2, atol=5e-2)
+    for ours in (fast, dense):
+        torch.testing.assert_close(ours[0], plain[0], rtol=2e-2, atol=1e-2)
+        assert ours[2].keys() == plain[2].keys()
+        for k in plain[2]:
+            torch.testing.assert_close(ours[2][k].float(), plain[2][k].float(), rtol=5e-2,
+                                       atol=5e-2)
 
 
 def test_training_batches_carry_their_runs(processor, records):

@@ -51,6 +51,40 @@ def test_shape_examples_cover_every_step_once_per_shape():
     assert shapes == used
 
 
+def test_graphs_of_the_first_step_are_captured_before_it_the_rest_after_it():
+    """`_capture_graphs`: the first step waits only for its own shapes' captures; every other
+    shape is captured once, when the loop calls back after that step (none after a failure)."""
+    from llamalora.recipe import _capture_graphs
+
+    class Step:
+        failure = ""
+
+        def __init__(self):
+            self.calls = []
+
+        def warm(self, batches):
+            self.calls.append([(b["input_ids"].shape[1], b["target_ids"].shape[0])
+                               for b in batches])
+
+    lengths = [65, 64, 90, 95, 10, 10, 60, 70, 100, 99, 40, 45]
+    shape = lambda b: (b["input_ids"].shape[1], b["target_ids"].shape[0])  # noqa: E731
+    for start in (0, 1, 2):  # 1, 2: a resumed run, whose first step is its own
+        graphed, step, said = _batches(lengths, graphs=True), Step(), []
+        rest = _capture_graphs(step, graphed, start, said.append)
+        assert step.calls == [list(dict.fromkeys(shape(b) for b in graphed(start)[0]))]
+        rest()
+        later = {shape(b) for s in range(start, 3) for b in graphed(s)[0]} - set(step.calls[0])
+        assert bool(later) == (start < 2)  # the last step uses both shapes
+        assert step.calls[1:] == ([sorted(later)] if later else [])
+        assert [e.message.split(",")[0] for e in said] == [
+            f"Captured {len(step.calls[0])} CUDA graph(s) for the first step",
+            *([f"Captured {len(later)} CUDA graph(s) for the other steps"] if later else [])]
+    step = Step()
+    step.failure = "RuntimeError: no capture here"
+    _capture_graphs(step, _batches(lengths, graphs=True), 0, said.append)()
+    assert step.calls == []
+
+
 def test_cuda_graphs_are_chosen_only_where_they_were_measured(monkeypatch):
     from llamalora.config import TrainConfig
     from llamalora.parallel import Sharded, Single
