@@ -6,7 +6,8 @@
 # Usage (repo root, wheels in .whl/): bash benchmarks/gpu_image_check.sh OUTDIR STAGE...
 #   stages: test | SET (mixed | single: packed and padded, 8-bit) | run:SET:LAYOUT:QUANT[:FLAGS]
 #           (LAYOUT packing | no-packing) | hf:SET | profile:SET:QUANT[:FLAGS]
-#   (e.g. run:mixed:packing:8bit:--cuda-graphs, the image steps replayed from CUDA graphs)
+#   (e.g. run:mixed:packing:8bit:--no-cuda-graphs, the eager image step; graphs are the default
+#   where they fit)
 #   (FLAGS comma-separated extra train flags, e.g. --no-packing); STEPS=12 steps a run (the
 #   median skips the first 3)
 source "$(dirname "$0")/gpu_env.sh"

@@ -158,10 +158,10 @@ class TrainConfig:
                                 "8/4-bit weights), plain (bitsandbytes' own), or auto (fast on "
                                 "CUDA GPUs).", "--kernels")
     cuda_graphs: bool | None = _opt(
-        None, "Run each optimizer step as one padded pass replayed from a CUDA graph, so the "
-              "GPU never waits on Python (default: on CUDA GPUs for text-only runs whose fused "
-              "step fits; off with FSDP or gradient checkpointing; with images only when given: "
-              "one graph per micro-batch shape, not yet measured on a GPU).",
+        None, "Replay each step's packed rows from CUDA graphs, one per padded shape, so the "
+              "GPU never waits on Python (default: on CUDA GPUs where the step fits; with images "
+              "each micro-batch is a row; off with --no-packing, FSDP or gradient "
+              "checkpointing).",
         "--cuda-graphs/--no-cuda-graphs")
     compile: bool | None = _opt(
         None, "torch.compile the decoder layers (default: on CUDA GPUs for text-only runs of "

@@ -572,22 +572,29 @@ def _fits_gpu(need_gib: float, device) -> tuple[bool, float]:
     return need_gib <= 0.9 * total, total
 
 
+# The plan's estimate leaves out the vision tower's activations and the cross-attention's keys
+# and values. Graphed image steps peaked at 1.12-1.65x it (H200, 2026-12-01: 8-bit and bf16, a
+# set of one-image records and one of 0-2 images, BENCHMARKS.md), so a run with images takes
+# graphs by default only where this much of it fits.
+IMAGE_GRAPHS_MEMORY = 1.7
+
+
 def _choose_graphs(config: TrainConfig, plan: Plan, device, checkpointing: bool,
                    par) -> tuple[bool, str]:
-    """--cuda-graphs as given, else on for text-only CUDA runs whose fused step fits.
+    """--cuda-graphs as given, else on for packed CUDA runs whose step fits.
 
-    A graph needs the step's micro-batches fused into rows (so `--gradient-accumulation-steps`
-    only sets how many records a step takes, not how many passes it makes), and shapes that
-    repeat. FSDP and gradient checkpointing stay eager: not measured with graphs; so does an
-    explicit --compile, unless --cuda-graphs is asked for too (the two together were not
-    measured). Records with images get graphs only when --cuda-graphs asks (one per micro-batch
-    shape, cross-attention on the dense mask): built on 2026-12-01 without a GPU to measure it.
+    A graph needs the step's micro-batches as packed rows (text-only micro-batches fused, so
+    `--gradient-accumulation-steps` only sets how many records a step takes, not how many passes
+    it makes), and shapes that repeat: not with --no-packing. FSDP and gradient checkpointing
+    stay eager: not measured with graphs; so does an explicit --compile, unless --cuda-graphs is
+    asked for too (the two together were not measured). Records with images get one graph per
+    micro-batch shape, with cross-attention on the dense mask: 1.7-2.0x the eager step, at
+    1.3-3.1 GiB more memory (BENCHMARKS.md), hence their margin (IMAGE_GRAPHS_MEMORY).
     """
     asked = config.cuda_graphs
     unsupported = ("FSDP" if par.shards_weights
-                   else "gradient checkpointing" if checkpointing else "")
-    if plan.with_vision and not asked:
-        return False, ""
+                   else "gradient checkpointing" if checkpointing
+                   else "--no-packing" if not config.packing else "")
     if device.type != "cuda" or asked is False:
         return False, ("--cuda-graphs ignored: they need a CUDA GPU"
                        if asked and device.type != "cuda" else "")
@@ -595,12 +602,15 @@ def _choose_graphs(config: TrainConfig, plan: Plan, device, checkpointing: bool,
         return False, f"--cuda-graphs ignored: not with {unsupported}" if asked else ""
     if asked is None and config.compile:
         return False, "CUDA graphs off: --compile asked for compiled layers instead"
-    need = (plan.memory_gib if plan.with_vision else plan.memory_gib_fused)[config.quant]
+    need = (round(plan.memory_gib[config.quant] * IMAGE_GRAPHS_MEMORY, 1) if plan.with_vision
+            else plan.memory_gib_fused[config.quant])
     fits, total = _fits_gpu(need, device)
     if asked is None and not fits:
-        return False, (f"CUDA graphs off: one pass over a step's {config.batch_size} x "
-                       f"{config.gradient_accumulation_steps} records needs an estimated {need} "
-                       f"GiB, this GPU has {total:.0f} GiB")
+        what = (f"a micro-batch of {config.batch_size} records with their images"
+                if plan.with_vision else f"one pass over a step's {config.batch_size} x "
+                f"{config.gradient_accumulation_steps} records")
+        return False, (f"CUDA graphs off: {what} needs an estimated {need} GiB with them, this "
+                       f"GPU has {total:.0f} GiB")
     return True, ""
 
 

@@ -107,12 +107,19 @@ def test_cuda_graphs_are_chosen_only_where_they_were_measured(monkeypatch):
         True, "")
     assert _choose_graphs(cfg(cuda_graphs=False), plan, cuda, False, one) == (False, "")
     assert _choose_graphs(cfg(), plan, cuda, True, one) == (False, "")  # checkpointing
-    # records with images: only when asked (not yet measured on a GPU), checked against the
-    # unfused estimate, since their micro-batches are not fused
+    # --no-packing: the batches stay as asked, padded and eager
+    assert _choose_graphs(cfg(packing=False), plan, cuda, False, one) == (False, "")
+    assert _choose_graphs(cfg(packing=False, cuda_graphs=True), plan, cuda, False, one) == (
+        False, "--cuda-graphs ignored: not with --no-packing")
+    # records with images: their unfused estimate with the measured margin (x 1.7) must fit
     vision = SimpleNamespace(**{**vars(plan), "with_vision": True,
-                                "memory_gib": {"8bit": 30.0, "none": 50.0}})
-    assert _choose_graphs(cfg(), vision, cuda, False, one) == (False, "")
-    assert _choose_graphs(cfg(cuda_graphs=True), vision, cuda, False, one) == (True, "")
+                                "memory_gib": {"8bit": 20.0, "none": 30.0}})
+    assert _choose_graphs(cfg(), vision, cuda, False, one) == (True, "")  # 34 GiB <= 36
+    on, why = _choose_graphs(cfg(quant="none"), vision, cuda, False, one)  # 51 GiB > 36
+    assert not on and why == ("CUDA graphs off: a micro-batch of 2 records with their images "
+                              "needs an estimated 51.0 GiB with them, this GPU has 40 GiB")
+    assert _choose_graphs(cfg(quant="none", cuda_graphs=True), vision, cuda, False, one) == (
+        True, "")
     assert _choose_graphs(cfg(cuda_graphs=True), vision, cuda, True, one) == (
         False, "--cuda-graphs ignored: not with gradient checkpointing")
     fsdp = Sharded(0, 0, 2, settings=None)
