@@ -33,6 +33,8 @@ class ParamCounts:
     intermediate: int
     vocab: int
     active_layers: int = 0  # layers that run: text-only batches skip cross-attention layers
+    cross_layers: int = 0  # cross-attention layers that run (with the vision tower)
+    image_tokens: int = 0  # image states per image the cross-attention reads (tiles x patches)
     # in + out features summed over the language model's linears of each name ("q_proj": ...):
     # what LoRA of rank r adds is r times this, per adapted name.
     lora_dims: dict[str, int] = field(default_factory=dict)
@@ -76,10 +78,16 @@ def count_params(config, with_vision: bool) -> ParamCounts:
     # parameters() yields a tied embedding / lm_head weight once, as it is stored.
     other = sum(p.numel() for p in model.parameters()) - quantizable
     text = config.get_text_config()
-    skipped = 0 if with_vision else len(getattr(text, "cross_attention_layers", None) or [])
+    cross = len(getattr(text, "cross_attention_layers", None) or [])
+    skipped = 0 if with_vision else cross
+    image_tokens = 0
+    if mllama and with_vision:
+        vision = config.vision_config
+        image_tokens = vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
     return ParamCounts(quantizable, other, text.hidden_size, text.num_hidden_layers,
                        text.intermediate_size, text.vocab_size,
-                       active_layers=text.num_hidden_layers - skipped, lora_dims=lora_dims)
+                       active_layers=text.num_hidden_layers - skipped, lora_dims=lora_dims,
+                       cross_layers=cross if with_vision else 0, image_tokens=image_tokens)
 
 
 def lora_param_count(counts: ParamCounts, rank: int, targets: list[str]) -> int:
@@ -88,16 +96,28 @@ def lora_param_count(counts: ParamCounts, rank: int, targets: list[str]) -> int:
     return int(rank * sum(counts.lora_dims.get(t, 0) for t in targets))
 
 
+# Bytes a micro-batch keeps per image state, per text hidden width and cross-attention layer:
+# LoRA's dropout copies of the image states for k_proj and v_proj (2 x 2), the keys and values
+# they make, and the rest, as measured: 8 fits the eager peaks of 8-bit and bf16 runs with 2 and
+# 4 images a micro-batch (H200, 2026-12-01, BENCHMARKS.md: 17.2-30.4 GiB, the text-only
+# estimate 2.5-6.8 GiB below them). A CUDA graph's masked kernel also keeps the keys and values
+# repeated to every query head (2 x 2 bytes per hidden width): 12 fits its peaks (18.5-33.5 GiB).
+_IMAGE_STATE_BYTES = {False: 8, True: 12}  # by CUDA graphs
+
+
 def estimate_peak_gib(counts: ParamCounts, *, quant: str, batch_size: int, seq_len: int,
                       gradient_checkpointing: bool, lora_params: int,
-                      response_share: float = 1.0, bnb_int8_layers: bool = False) -> float:
+                      response_share: float = 1.0, bnb_int8_layers: bool = False,
+                      images: int = 0, graphs: bool = False) -> float:
     """Estimated peak GPU memory in GiB for one training step.
 
     Weights at their stored size; LoRA weights, gradients and AdamW state in fp32 (16 bytes each);
     activations per token and layer (bf16: the layer input alone with checkpointing, ~20 hidden
     widths plus the MLP's 3 intermediate widths without); logits only for the tokens with loss,
-    in fp32 with their gradient; CUDA context and allocator slack on top. `bnb_int8_layers`:
-    the 8-bit base runs through bitsandbytes' own layers, which keep more for backward.
+    in fp32 with their gradient; for `images` in a micro-batch, what cross-attention keeps of
+    their states (`_IMAGE_STATE_BYTES`; one layer's with checkpointing, which recomputes the
+    rest); CUDA context and allocator slack on top. `bnb_int8_layers`: the 8-bit base runs
+    through bitsandbytes' own layers, which keep more for backward.
     """
     tokens = batch_size * seq_len
     weights = counts.quantizable * _LINEAR_BYTES[quant] + counts.other * 2
@@ -113,7 +133,10 @@ def estimate_peak_gib(counts: ParamCounts, *, quant: str, batch_size: int, seq_l
         # input for backward; seen on an H100 as ~2.5x the bf16 activation memory of the step.
         activations *= 2.5
     logits = math.ceil(tokens * response_share) * counts.vocab * (2 + 4 + 4)
-    return round((weights + lora + activations + logits) * 1.1 / GIB + 0.6, 1)
+    kept_layers = min(1, counts.cross_layers) if gradient_checkpointing else counts.cross_layers
+    image_states = (images * counts.image_tokens * counts.hidden * kept_layers
+                    * _IMAGE_STATE_BYTES[graphs])
+    return round((weights + lora + activations + logits + image_states) * 1.1 / GIB + 0.6, 1)
 
 
 @dataclass
@@ -133,7 +156,8 @@ class Plan:
     truncation: TruncationSummary
     memory_gib: dict[str, float]
     memory_gib_checkpointed: dict[str, float]
-    # A step's micro-batches run as one pass (CUDA graphs): batch x accumulation records at once.
+    # With CUDA graphs: a text step's micro-batches run as one pass (batch x accumulation records
+    # at once); a micro-batch with images as its own pass, with the graph's attention inputs.
     memory_gib_fused: dict[str, float]
     params: dict[str, int]
     data_sha256: str  # the data file's SHA-256 (a table's `datasets` fingerprint)
@@ -220,16 +244,22 @@ def plan_training(config: TrainConfig) -> Plan:
     tokens_per_epoch = sum(train_set.lengths)
     response_share = sum(train_set.targets) / max(1, tokens_per_epoch)
 
-    def estimate(quant: str, checkpointing: bool, batch_size: int = config.batch_size) -> float:
+    # The most images a micro-batch can hold: batch size x the most a record has.
+    images = config.batch_size * max(train_set.image_counts, default=0) if with_vision else 0
+
+    def estimate(quant: str, checkpointing: bool, batch_size: int = config.batch_size,
+                 graphs: bool = False) -> float:
         return estimate_peak_gib(counts, quant=quant, batch_size=batch_size,
                                  seq_len=longest, gradient_checkpointing=checkpointing,
                                  lora_params=lora, response_share=response_share,
-                                 bnb_int8_layers=config.kernels == "plain")
+                                 bnb_int8_layers=config.kernels == "plain", images=images,
+                                 graphs=graphs)
 
     # Unset checkpointing (auto) is planned without; train() turns it on if that won't fit.
     memory = {q: estimate(q, bool(config.gradient_checkpointing)) for q in QUANTS}
     memory_checkpointed = {q: estimate(q, True) for q in QUANTS}
-    memory_fused = {q: estimate(q, False, config.batch_size * config.gradient_accumulation_steps)
+    memory_fused = {q: estimate(q, False, graphs=True) if with_vision else
+                    estimate(q, False, config.batch_size * config.gradient_accumulation_steps)
                     for q in QUANTS}
     return Plan(config=config, records=data.records, train_records=len(train_set),
                 eval_records=len(eval_set), with_vision=with_vision,

@@ -572,13 +572,6 @@ def _fits_gpu(need_gib: float, device) -> tuple[bool, float]:
     return need_gib <= 0.9 * total, total
 
 
-# The plan's estimate leaves out the vision tower's activations and the cross-attention's keys
-# and values. Graphed image steps peaked at 1.12-1.65x it (H200, 2026-12-01: 8-bit and bf16, a
-# set of one-image records and one of 0-2 images, BENCHMARKS.md), so a run with images takes
-# graphs by default only where this much of it fits.
-IMAGE_GRAPHS_MEMORY = 1.7
-
-
 def _choose_graphs(config: TrainConfig, plan: Plan, device, checkpointing: bool,
                    par) -> tuple[bool, str]:
     """--cuda-graphs as given, else on for packed CUDA runs whose step fits.
@@ -589,7 +582,7 @@ def _choose_graphs(config: TrainConfig, plan: Plan, device, checkpointing: bool,
     stay eager: not measured with graphs; so does an explicit --compile, unless --cuda-graphs is
     asked for too (the two together were not measured). Records with images get one graph per
     micro-batch shape, with cross-attention on the dense mask: 1.7-2.0x the eager step, at
-    1.3-3.1 GiB more memory (BENCHMARKS.md), hence their margin (IMAGE_GRAPHS_MEMORY).
+    1.3-3.1 GiB more memory (BENCHMARKS.md), which the plan's graphed estimate counts.
     """
     asked = config.cuda_graphs
     unsupported = ("FSDP" if par.shards_weights
@@ -602,8 +595,7 @@ def _choose_graphs(config: TrainConfig, plan: Plan, device, checkpointing: bool,
         return False, f"--cuda-graphs ignored: not with {unsupported}" if asked else ""
     if asked is None and config.compile:
         return False, "CUDA graphs off: --compile asked for compiled layers instead"
-    need = (round(plan.memory_gib[config.quant] * IMAGE_GRAPHS_MEMORY, 1) if plan.with_vision
-            else plan.memory_gib_fused[config.quant])
+    need = plan.memory_gib_fused[config.quant]
     fits, total = _fits_gpu(need, device)
     if asked is None and not fits:
         what = (f"a micro-batch of {config.batch_size} records with their images"

@@ -55,10 +55,11 @@ class TokenizedData:
 
 class Records:
     """Some rows of a tokenized data set, by position, as `Tokenized`; `lengths` holds their
-    token counts (what batching needs without reading a record)."""
+    token counts (what batching needs without reading a record), `image_counts` their images."""
 
     def __init__(self, dataset, indices):
         import numpy as np
+        import pyarrow.compute as pc
 
         self._indices = np.asarray(indices, dtype=np.int64)
         table = dataset.data
@@ -67,6 +68,9 @@ class Records:
             table.column("labels"))
         images = table.column("images")
         self._images = images if any(len(c.values) for c in images.chunks) else None
+        self.image_counts: list[int] = (
+            pc.list_value_length(images).fill_null(0).to_numpy()[self._indices].tolist()
+            if self._images is not None else [0] * len(self._indices))
         self.lengths: list[int] = table.column("length").to_numpy()[self._indices].tolist()
         self.targets: list[int] = table.column("targets").to_numpy()[self._indices].tolist()
 

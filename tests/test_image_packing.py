@@ -348,3 +348,40 @@ def test_graphed_image_steps_equal_eager_steps(processor, records):
     assert not step.failure and any(images for _, _, images in step.graphs)
     torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w_graphed, w_eager, rtol=1e-3, atol=1e-5)
+
+
+# Peaks measured on an H200 (BENCHMARKS.md, "CUDA graphs for image steps"; 2026-12-01) at the
+# defaults on benchmarks/make_image_data.py's sets: (set, quant, CUDA graphs) -> GiB.
+_MEASURED_PEAKS = {("mixed", "8bit", False): 22.24, ("mixed", "8bit", True): 25.37,
+                   ("mixed", "none", False): 30.35, ("mixed", "none", True): 33.47,
+                   ("single", "8bit", False): 17.21, ("single", "8bit", True): 18.50,
+                   ("single", "none", False): 25.31, ("single", "none", True): 26.54}
+
+
+def test_the_plan_estimates_image_runs_at_or_above_their_measured_peaks(tmp_path):
+    """The plan's estimate for the 11B with images (eager: `memory_gib`; CUDA graphs:
+    `memory_gib_fused`) covers each measured peak, by at most 2.5 GiB; without its image-state
+    term it fell 2.5-10 GiB short."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from llamalora.config import TrainConfig
+    from llamalora.plan import mllama_default_config, plan_training
+
+    root = Path(__file__).resolve().parents[1]
+    model = tmp_path / "11b"  # the architecture's config and the tokenizer; no weights
+    mllama_default_config().save_pretrained(model)
+    AutoTokenizer.from_pretrained(BUNDLED_TOKENIZER_DIR).save_pretrained(model)
+    for name, flags in (("mixed", ["--mixed"]), ("single", [])):
+        subprocess.run([sys.executable, str(root / "benchmarks" / "make_image_data.py"),
+                        str(tmp_path / name), "--records", "64", *flags], check=True,
+                       capture_output=True)
+        plan = plan_training(TrainConfig(data_path=str(tmp_path / name / "data.jsonl"),
+                                         model=str(model), output_dir=str(tmp_path / "out")))
+        for quant in ("8bit", "none"):
+            for graphs, estimate in ((False, plan.memory_gib), (True, plan.memory_gib_fused)):
+                peak = _MEASURED_PEAKS[(name, quant, graphs)]
+                assert peak <= estimate[quant] <= peak + 2.5, (name, quant, graphs)

@@ -111,9 +111,8 @@ def test_cuda_graphs_are_chosen_only_where_they_were_measured(monkeypatch):
     assert _choose_graphs(cfg(packing=False), plan, cuda, False, one) == (False, "")
     assert _choose_graphs(cfg(packing=False, cuda_graphs=True), plan, cuda, False, one) == (
         False, "--cuda-graphs ignored: not with --no-packing")
-    # records with images: their unfused estimate with the measured margin (x 1.7) must fit
-    vision = SimpleNamespace(**{**vars(plan), "with_vision": True,
-                                "memory_gib": {"8bit": 20.0, "none": 30.0}})
+    # records with images: the plan's graphed estimate (a micro-batch a pass) must fit
+    vision = SimpleNamespace(with_vision=True, memory_gib_fused={"8bit": 34.0, "none": 51.0})
     assert _choose_graphs(cfg(), vision, cuda, False, one) == (True, "")  # 34 GiB <= 36
     on, why = _choose_graphs(cfg(quant="none"), vision, cuda, False, one)  # 51 GiB > 36
     assert not on and why == ("CUDA graphs off: a micro-batch of 2 records with their images "
