@@ -59,7 +59,6 @@ class Records:
 
     def __init__(self, dataset, indices):
         import numpy as np
-        import pyarrow.compute as pc
 
         self._indices = np.asarray(indices, dtype=np.int64)
         table = dataset.data
@@ -69,8 +68,8 @@ class Records:
         images = table.column("images")
         self._images = images if any(len(c.values) for c in images.chunks) else None
         self.image_counts: list[int] = (
-            pc.list_value_length(images).fill_null(0).to_numpy()[self._indices].tolist()
-            if self._images is not None else [0] * len(self._indices))
+            np.concatenate([np.diff(c.offsets.to_numpy()) for c in images.chunks])[
+                self._indices].tolist() if self._images is not None else [0] * len(self._indices))
         self.lengths: list[int] = table.column("length").to_numpy()[self._indices].tolist()
         self.targets: list[int] = table.column("targets").to_numpy()[self._indices].tolist()
 
