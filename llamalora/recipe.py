@@ -286,7 +286,8 @@ class StepBatches:
 
     def shape_examples(self, start: int) -> list[dict]:
         """One static row on the device for each padded shape the steps from `start` on will
-        use, to capture their CUDA graphs before the first step."""
+        use, in the order they first use them, to capture their CUDA graphs ahead of those
+        steps (`_capture_graphs`)."""
         seen: dict[tuple[int, int, int], list[Tokenized]] = {}
         for step in range(start, self.plan.steps):
             for items in self.rows(step):

@@ -205,6 +205,29 @@ def test_fast_attention_on_the_gpu_is_sdpas(processor, records):
                                        atol=5e-2)
 
 
+def test_a_static_row_sends_cross_attention_to_cudnn_with_its_dense_mask(vision_model, processor,
+                                                                         records, monkeypatch):
+    """A CUDA-graph row (`step._static_loss_sum`) carries no runs: its cross-attention layers
+    take the dense mask through `attention._cudnn_first` (cuDNN's kernel on a GPU); an eager
+    packed row with runs never goes there."""
+    from llamalora import attention
+    from llamalora.batching import pack_padded
+
+    seen, original = [], attention._cudnn_first
+
+    def recorded(module, query, key, value, attention_mask, **kwargs):
+        seen.append((type(module).__name__, attention_mask is not None))
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(attention, "_cudnn_first", recorded)
+    with torch.no_grad():
+        loss_sum(vision_model, pack_padded(records, pad_id=128004, image_processor=processor))
+        assert seen and set(seen) == {("MllamaTextCrossAttention", True)}
+        seen.clear()
+        loss_sum(vision_model, _with_runs(pack_vision(records, processor)))
+    assert seen == []
+
+
 def test_training_batches_carry_their_runs(processor, records):
     """The recipe's micro-batches bring the runs cross-attention takes, made on the host, packed
     and padded; text-only batches have none."""

@@ -128,3 +128,36 @@ def test_cuda_graphs_are_chosen_only_where_they_were_measured(monkeypatch):
     assert not on and "--compile" in why
     assert _choose_graphs(cfg(compile=True, cuda_graphs=True), plan, cuda, False, one) == (
         True, "")
+
+
+def test_the_loop_calls_back_once_after_its_first_step():
+    """`_run_steps` runs `after_first` (the captures of the other shapes) once, right after the
+    run's first step, a resumed run's included, before the second step starts."""
+    from llamalora.recipe import _run_steps
+
+    class Step:
+        failure = ""
+        model = SimpleNamespace(train=lambda: None)
+        scheduler = SimpleNamespace(get_last_lr=lambda: [1e-4])
+
+        def __call__(self, micro, n_targets):
+            order.append("step")
+            return torch.tensor(1.0, dtype=torch.float64), None
+
+    class Batches:
+        device = torch.device("cpu")
+
+        def __call__(self, index):
+            return [], 4, 10
+
+        def epoch_at(self, done):
+            return 0.0
+
+    for start in (0, 2):
+        order = []
+        _run_steps(SimpleNamespace(eval_steps=0, save_steps=0), SimpleNamespace(steps=5, eval=[]),
+                   SimpleNamespace(start_step=start),
+                   SimpleNamespace(sum=lambda x: x, any=lambda x: x), Step(), Batches(),
+                   SimpleNamespace(), SimpleNamespace(log=lambda event: None),
+                   lambda event: None, after_first=lambda: order.append("capture"))
+        assert order == ["step", "capture"] + ["step"] * (4 - start)
