@@ -10,8 +10,8 @@ padding queries again over the real keys only). Cross-attention (text queries ov
 row's image tokens, block-diagonal by record): the whole row with its mask (memory-efficient and
 cuDNN kernels) against one call per record, and against one varlen flash call whose record
 bounds are device tensors (with the masked row, the shape-static candidates a CUDA graph of an
-image step could hold). Each against fp32 math; forward (and forward + backward where the step
-needs it).
+image step could hold), and the dense mask with the keys and values at their own 8 heads
+(`enable_gqa`). Each against fp32 math; forward (and forward + backward where the step needs it).
 """
 
 from __future__ import annotations
@@ -81,9 +81,35 @@ def main() -> None:
                     q[i][:, p][None], k[i][:, r][None], v[i][:, r][None])[0]
         return out
 
+    def padded(backend, to, with_mask=True):
+        # heads of 80 zero-padded to `to`: the same scores (zeros add nothing to q.k), the same
+        # output in the first 80 (v's zeros give zeros), at the scale of 80; the padding counted
+        def run():
+            qp, kp, vp = (F.pad(t, (0, to - dim)) for t in (q, k, v))
+            with sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(qp, kp, vp, scale=dim ** -0.5,
+                                                     attn_mask=mask if with_mask else None)
+            return out[..., :dim]
+        return run
+
+    import types
+
+    from llamalora.attention import _vision_attention
+
+    def ours():  # llamalora's: one varlen flash call, the mask's hidden keys never read
+        return _vision_attention(types.SimpleNamespace(training=False), q, k, v, mask,
+                                 scaling=dim ** -0.5)[0].transpose(1, 2)
+
     vision = {}
-    for name, fn in (("efficient (today)", masked(SDPBackend.EFFICIENT_ATTENTION)),
-                     ("cudnn", masked(SDPBackend.CUDNN_ATTENTION)), ("flash split", split)):
+    for name, fn in (("llamalora: varlen, real and padding queries apart", ours),
+                     ("efficient (today)", masked(SDPBackend.EFFICIENT_ATTENTION)),
+                     ("cudnn", masked(SDPBackend.CUDNN_ATTENTION)), ("flash split", split),
+                     ("cudnn, heads padded to 96", padded(SDPBackend.CUDNN_ATTENTION, 96)),
+                     ("cudnn, heads padded to 128", padded(SDPBackend.CUDNN_ATTENTION, 128)),
+                     ("flash, no mask (not the same function)",
+                      lambda: F.scaled_dot_product_attention(q, k, v)),
+                     ("cudnn, no mask, padded to 128 (not the same function)",
+                      padded(SDPBackend.CUDNN_ATTENTION, 128, with_mask=False))):
         try:
             out = fn()
             diff = (out.float() - ref).abs().max().item()
@@ -172,11 +198,38 @@ def main() -> None:
             return out
         return run
 
+    # the keys and values at their own 8 heads, each shared by 4 query heads (SDPA's enable_gqa),
+    # rather than repeated to 32 as transformers does before a masked kernel
+    ck8 = ck.detach()[:, ::4].clone().requires_grad_()
+    cv8 = cv.detach()[:, ::4].clone().requires_grad_()
+
+    def whole_gqa(backward, backend=SDPBackend.CUDNN_ATTENTION):
+        def run():
+            with sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(cq, ck8, cv8, attn_mask=cmask,
+                                                     enable_gqa=True)
+            if backward:
+                out.sum().backward()
+            return out
+        return run
+
     cross = {}
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        a8 = F.scaled_dot_product_attention(cq, ck8.repeat_interleave(4, 1),
+                                            cv8.repeat_interleave(4, 1), attn_mask=cmask)
+    try:
+        out = whole_gqa(False)()
+        cross["gqa on cudnn max diff"] = round((out - a8)[:, :, seen_rows(spans, dev)]
+                                               .abs().max().item(), 5)
+        cross["whole row masked on cudnn, gqa fwd"] = {"ms": timed(whole_gqa(False))}
+        cross["whole row masked on cudnn, gqa fwd+bwd"] = {"ms": timed(whole_gqa(True))}
+    except Exception as exc:
+        cross["whole row masked on cudnn, gqa"] = {
+            "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     a, b = whole(False)(), per_record(False)()
     # Rows of a record with no image are fully masked: SDPA gives a mean of values there, which
     # Mllama zeroes afterwards (full_text_row_masked_out_mask); compare the rows that see images.
-    seen = torch.cat([torch.full((t,), bool(imgs), device=dev) for _, t, _, imgs in spans])
+    seen = seen_rows(spans, dev)
     cross["per-record max diff"] = round((a - b)[:, :, seen].abs().max().item(), 5)
     for name, fn in (("whole row masked fwd", whole(False)), ("per record fwd", per_record(False)),
                      ("whole row masked fwd+bwd", whole(True)),
@@ -196,6 +249,13 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def seen_rows(spans, dev):
+    """The text tokens of a row's records that see an image."""
+    import torch
+
+    return torch.cat([torch.full((t,), bool(imgs), device=dev) for _, t, _, imgs in spans])
 
 
 if __name__ == "__main__":

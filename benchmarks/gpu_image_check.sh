@@ -9,7 +9,7 @@
 #   (e.g. run:mixed:packing:8bit:--no-cuda-graphs, the eager image step; graphs are the default
 #   where they fit)
 #   (FLAGS comma-separated extra train flags, e.g. --no-packing); STEPS=12 steps a run (the
-#   median skips the first 3)
+#   median skips the first 3); PROFILE_ARGS=--eager-static profiles a graphed run's rows eagerly
 source "$(dirname "$0")/gpu_env.sh"
 set +e
 shift
@@ -50,8 +50,8 @@ for stage in "${@:-mixed}"; do
         || tail -5 "$OUTDIR/hf-$set.log" ;;
     profile:*)
       IFS=: read -r _ set quant flags <<<"$stage"
-      name=profile-$set-$quant${flags:+-${flags//[^a-z]/}}
-      python3 benchmarks/profile_train.py --from-step 4 --steps 2 --out "$OUTDIR/$name.json" -- \
+      name=profile-$set-$quant${flags:+-${flags//[^a-z]/}}${PROFILE_ARGS:+-static}
+      python3 benchmarks/profile_train.py ${PROFILE_ARGS:-} --from-step 4 --steps 2 --out "$OUTDIR/$name.json" -- \
         /tmp/img-$set/data.jsonl --model /tmp/m11b --output-dir /tmp/$name --overwrite \
         --max-steps 7 --save-steps 0 --quant $quant ${flags//,/ } > /dev/null 2> "$OUTDIR/$name.log"
       echo "rc $?"

@@ -6,10 +6,16 @@
 Everything after `--` is `llamalora train`'s own arguments: the run is the CLI's, in this
 process. Steps FROM..FROM+STEPS-1 run under torch.profiler, with ranges around the host's batch
 making (`batch`), the optimizer step (`step`: forwards, backwards and the update), each forward
-(`forward`, and inside it `vision` and `projector`: the vision tower and its projection). Prints, per profiled
+(`forward`, and inside it `vision` and `projector`: the vision tower and its projection,
+`cross_layers` and `self_layers`: the language model's cross- and self-attention decoder layers,
+forward only; backward kernels run on autograd's own thread). Prints, per profiled
 step: wall time, GPU busy time (kernels counted once), kernel launches, each range's host and GPU
 time, and the ops with the most GPU and host time; `--out` keeps the figures as JSON and
 `--trace` a Chrome trace.
+
+`--eager-static`: a CUDA-graph run's static rows, run eagerly (no capture): the kernels a graph
+replays, which the profiler can see (it crashed around replays on the H200, 2026-12-01). Their
+GPU busy time is what a replay takes at best.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-RANGES = ("batch", "step", "forward", "vision", "projector")
+RANGES = ("batch", "step", "forward", "vision", "projector", "cross_layers", "self_layers")
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
             "cudaGraphLaunch")
 
@@ -35,6 +41,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--trace", type=Path)
+    ap.add_argument("--eager-static", action="store_true",
+                    help="run a CUDA-graph run's static rows eagerly (see the docstring)")
     args = ap.parse_args(argv[:split])
     train_args = argv[split + 1:]
 
@@ -53,13 +61,16 @@ def main() -> None:
     last = args.from_step + args.steps - 1
 
     def hook_regions(model) -> None:
-        """Ranges around the vision tower and the projector, through forward hooks."""
+        """Ranges around the vision tower, the projector and the decoder layers, through
+        forward hooks."""
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        for name in ("vision_model", "multi_modal_projector"):
-            module = next((m for n, m in base.named_modules() if n.endswith(name)), None)
-            if module is None:
-                continue
-            label = "vision" if name == "vision_model" else "projector"
+        named = list(base.named_modules())
+        targets = [(label, m) for name, label in (("vision_model", "vision"),
+                                                  ("multi_modal_projector", "projector"))
+                   for m in [next((m for n, m in named if n.endswith(name)), None)] if m is not None]
+        targets += [("cross_layers" if "CrossAttention" in type(m).__name__ else "self_layers", m)
+                    for _, m in named if type(m).__name__.endswith("DecoderLayer")]
+        for label, module in targets:
             open_ranges = []
 
             def enter(module, inputs, label=label, open_ranges=open_ranges):
@@ -76,13 +87,7 @@ def main() -> None:
     loss_sum = step_module.loss_sum
 
     def batches(self, index):
-        state["index"] = index
-        if index == args.from_step:
-            sync()
-            state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                                    record_shapes=True)
-            state["prof"].__enter__()
-        state["t0"] = time.perf_counter()
+        # The loop makes step N+1's batch while step N runs: the profile of step N holds it.
         with record_function("batch"):
             return make_batches(self, index)
 
@@ -94,6 +99,13 @@ def main() -> None:
             return loss_sum(model, batch)
 
     def traced_step(self, micro, n_targets):
+        state["index"] += 1
+        if state["index"] == args.from_step:
+            sync()
+            state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                                    record_shapes=True)
+            state["prof"].__enter__()
+        state["t0"] = time.perf_counter()
         with record_function("step"):
             out = run_step(self, micro, n_targets)
         if state["prof"] is not None:
@@ -118,7 +130,7 @@ def main() -> None:
                 r = ranges.setdefault(e.key, {})
                 r[side] = round(r.get(side, 0) + (e.device_time_total if side == "gpu_ms"
                                                   else e.cpu_time_total) / 1000 / n, 2)
-        top_gpu = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
+        top_gpu = sorted(kernels, key=lambda e: -e.self_device_time_total)[:40]
         host_ops = [e for e in events if e.device_type == DeviceType.CPU and e.key not in RANGES]
         top_host = sorted(host_ops, key=lambda e: -e.self_cpu_time_total)[:25]
         # Attention calls by shape: which of the model's attentions the kernels' time is.
@@ -145,6 +157,10 @@ def main() -> None:
         if args.trace:
             prof.export_chrome_trace(str(args.trace))
 
+    if args.eager_static:
+        def no_capture(self, batch):
+            raise RuntimeError("profile_train --eager-static: the static rows run eagerly")
+        step_module.GraphedStep._capture_with = no_capture
     recipe.StepBatches.__call__ = batches
     step_module.TrainStep.__call__ = traced_step
     step_module.loss_sum = traced_loss_sum

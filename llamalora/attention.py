@@ -5,10 +5,14 @@ the vision tower's self-attention took 411 of the GPU's 737 ms and the cross-att
 another 100, both on SDPA's memory-efficient kernel, the one left when a mask is passed.
 
 * Vision tower: every image attends over its 4 tile slots at once (6,432 tokens, 16 heads of 80)
-  under a mask that hides a padding token from padding tokens only. cuDNN's attention takes such a
-  mask and ran it 2.4x faster (10.5 -> 4.3 ms a layer for 4 images). It is off for training
-  (recipe: it plans per shape, and text rows change length every step); here the shape changes
-  only with the number of images, so it is asked for around these calls alone.
+  under a mask that hides a padding token from padding tokens only: a real token sees every
+  token, a padding one (a padding tile's, or one of the 7 after each tile's 1,601 patches) the
+  real ones. On CUDA that is one unmasked varlen flash call (`_split_by_padding`): the image's
+  tokens reordered real first, then two sequences an image, its real tokens over all its tokens
+  and its padding tokens over its real ones; the keys the mask hides are never read. With a
+  dense mask cuDNN took 4.2 ms a layer for 4 images of 1, 2, 4 and 3 tiles, flash without one
+  2.2 ms (H200, benchmarks/attention_speed.py). Elsewhere (CPU, fp32) cuDNN-first SDPA with
+  the mask.
 * Cross-attention: text tokens over image tokens, masked by which images each token may see
   (from its `<|image|>` on; in a packed row, only its own record's). Runs of tokens that see the
   same image tiles attend to exactly those tiles' tokens, without a mask: hidden keys weigh
@@ -19,7 +23,9 @@ another 100, both on SDPA's memory-efficient kernel, the one left when a mask is
   nothing back from the GPU. A static row (CUDA graphs, `step._static_loss_sum`) cannot carry
   runs, which depend on the data, so it takes the dense mask through cuDNN's kernel, whose plan
   the row's fixed shape keeps (7x the memory-efficient kernel's speed, forward and backward, on
-  the 6-record row; the runs' flash calls are 1.3x faster still).
+  the 6-record row; the runs' flash calls are 1.3x faster still), with each key and value head
+  shared by its query heads (`enable_gqa`) rather than repeated to all 32, as transformers does
+  before a masked kernel: the repeated copies were what backward kept.
 
 Both plug into transformers' attention interface under their own names, set on the vision
 tower's config and on copies of the text config held by the cross-attention layers only; the
@@ -111,7 +117,7 @@ def _cross_attention(module, query, key, value, attention_mask, **kwargs):
 
     runs = _RUNS.get()
     if runs == DENSE:
-        return _cudnn_first(module, query, key, value, attention_mask, **kwargs)
+        return _dense_cross(module, query, key, value, attention_mask, **kwargs)
     if runs is None or len(runs.rows) != query.shape[0] or key.shape[2] % runs.slots:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
@@ -146,12 +152,95 @@ def _cudnn_first(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def _dense_cross(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                 **kwargs):
+    """A static row's cross-attention: the dense mask on cuDNN, key and value heads shared by
+    their query heads (see the module's docstring); `_cudnn_first` off CUDA or without GQA."""
+    if query.device.type != "cuda" or key.shape[1] == query.shape[1]:
+        return _cudnn_first(module, query, key, value, attention_mask, dropout=dropout,
+                            scaling=scaling, **kwargs)
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.MATH], set_priority=True):
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask,
+            dropout_p=dropout if module.training else 0.0, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _vision_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                      **kwargs):
+    """The vision tower's attention: `_split_by_padding` through flash attention on CUDA in
+    half precision, where nothing needs its gradient (the tower is frozen and runs without
+    autograd); else `_cudnn_first` with the mask."""
+    import torch
+
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if (query.device.type != "cuda" or attention_mask is None or needs_grad or dropout
+            or query.dtype not in (torch.bfloat16, torch.float16)):
+        return _cudnn_first(module, query, key, value, attention_mask, dropout=dropout,
+                            scaling=scaling, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return _split_by_padding(query, key, value, attention_mask, scale, _flash_varlen), None
+
+
+def _split_by_padding(query, key, value, attention_mask, scale, kernel):
+    """Mllama's vision attention without its mask (see the module's docstring).
+
+    query/key/value [images, heads, tokens, dim]; attention_mask [images, 1, tokens, tokens],
+    additive, hiding a key from a query only where both are padding, so a token is padding
+    where its diagonal entry hides it. Every shape here is fixed by the inputs' (a CUDA graph
+    can hold it): the order and the sequences' bounds are device tensors. An image with no real
+    token (a padding image slot) gets zeros, where the mask gave the mean of its values; the
+    cross-attention mask hides such an image from every text token. Returns [images, tokens,
+    heads, dim], as transformers' attention functions do.
+
+    `kernel(q, k, v, cu_q, cu_k, used_k, max_len, scale)`: varlen attention over tokens
+    [n, heads, dim], sequence i's queries q[cu_q[i]:cu_q[i+1]] over its keys
+    k[cu_k[i]:cu_k[i] + used_k[i]].
+    """
+    import torch
+
+    images, heads, length, dim = query.shape
+    device = query.device
+    pad = attention_mask[:, 0].diagonal(dim1=-2, dim2=-1) < 0  # [images, tokens]
+    order = torch.sort(pad.to(torch.uint8), dim=1, stable=True).indices  # real tokens first
+    starts = torch.arange(images, device=device, dtype=torch.int32) * length
+    index = (order + starts[:, None]).reshape(-1)
+    real = (~pad).sum(1, dtype=torch.int32)
+
+    def tokens(t):
+        return t.transpose(1, 2).reshape(images * length, heads, dim).index_select(0, index)
+
+    # Two sequences an image: its real queries over all its tokens, its padding queries over
+    # its real tokens (the first `real` of its reordered tokens).
+    end = torch.full((1,), images * length, device=device, dtype=torch.int32)
+    cu_q = torch.cat([torch.stack([starts, starts + real], 1).reshape(-1), end])
+    cu_k = torch.cat([torch.stack([starts, starts], 1).reshape(-1), end])
+    used_k = torch.stack([torch.full_like(real, length), real], 1).reshape(-1)
+    out = kernel(tokens(query), tokens(key), tokens(value), cu_q, cu_k, used_k, length, scale)
+    out = torch.empty_like(out).index_copy_(0, index, out)  # back to the model's order
+    return out.view(images, length, heads, dim)
+
+
+def _flash_varlen(q, k, v, cu_q, cu_k, used_k, max_len, scale):
+    """`_split_by_padding`'s kernel: flash attention's varlen forward, each sequence's key count
+    given apart from its start (`seqused_k`), which lets two sequences share keys."""
+    import torch
+
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, max_len, max_len, 0.0, False, False, scale=scale,
+        seqused_k=used_k)[0]
+
+
 def use_fast_mllama_attention(model) -> int:
     """Routes a loaded Mllama's vision attention and cross-attention through the functions
     above; returns how many attention modules now use them (0 for a model without either)."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(VISION, _cudnn_first)  # an image's shape repeats
+    AttentionInterface.register(VISION, _vision_attention)
     AttentionInterface.register(CROSS, _cross_attention)
     changed = 0
     configs = {}

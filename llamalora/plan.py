@@ -97,12 +97,12 @@ def lora_param_count(counts: ParamCounts, rank: int, targets: list[str]) -> int:
 
 
 # Bytes a micro-batch keeps per image state, per text hidden width and cross-attention layer:
-# LoRA's dropout copies of the image states for k_proj and v_proj (2 x 2), the keys and values
-# they make, and the rest, as measured: 8 fits the eager peaks of 8-bit and bf16 runs with 2 and
-# 4 images a micro-batch (H200, 2026-12-01, BENCHMARKS.md: 17.2-30.4 GiB, the text-only
-# estimate 2.5-6.8 GiB below them). A CUDA graph's masked kernel also keeps the keys and values
-# repeated to every query head (2 x 2 bytes per hidden width): 12 fits its peaks (18.5-33.5 GiB).
-_IMAGE_STATE_BYTES = {False: 8, True: 12}  # by CUDA graphs
+# LoRA's dropout copies of the image states for k_proj and v_proj, in bf16 (2 x 2; they were
+# fp32 copies, and 8 fitted the peaks then). 4 puts the estimates 0.1-1.7 GiB over the eager
+# peaks of 8-bit and bf16 runs with 2 and 4 images a micro-batch (H200, 2026-12-02,
+# BENCHMARKS.md: 15.5-26.9 GiB). CUDA-graph runs peaked 0.2-1.1 GiB higher (the static rows'
+# padding and the graphs' pool; not broken down): 6, fitted, covers them by 0.7-2.4 GiB.
+_IMAGE_STATE_BYTES = {False: 4, True: 6}  # by CUDA graphs
 
 
 def estimate_peak_gib(counts: ParamCounts, *, quant: str, batch_size: int, seq_len: int,

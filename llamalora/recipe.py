@@ -373,13 +373,18 @@ def _run_steps(config: TrainConfig, plan: Plan, run: RunFolder, par, step, batch
     stop.install()
     step.model.train()
     warned = False
+    t0 = time.perf_counter()
+    upcoming = batches(run.start_step) if run.start_step < plan.steps else None
     try:
         for index in range(run.start_step, plan.steps):
-            t0 = time.perf_counter()
-            micro, n_targets, n_real = batches(index)
+            micro, n_targets, n_real = upcoming
             lr = step.scheduler.get_last_lr()[0]  # the rate this step uses
             try:
                 loss, norm = step(micro, n_targets)
+                # The step is queued, not done: the next one's batch is made on the host while
+                # the GPU runs it (an image step's pictures took ~44 ms of host time a step,
+                # which the GPU waited for when the batch was made after the sync below).
+                upcoming = batches(index + 1) if index + 1 < plan.steps else None
             except torch.OutOfMemoryError as exc:
                 raise OutOfMemory(_oom_advice(config, plan, done=index, device=device,
                                               checkpointing=setup.gradient_checkpointing)) from exc
@@ -389,6 +394,7 @@ def _run_steps(config: TrainConfig, plan: Plan, run: RunFolder, par, step, batch
                 emit(Status(f"CUDA graphs off, steps run eagerly: {step.failure}", warning=True))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            # This step's queueing, the next one's batch, and the wait for the GPU.
             dt = time.perf_counter() - t0
             done = index + 1
             losses.train_time += dt
@@ -420,6 +426,7 @@ def _run_steps(config: TrainConfig, plan: Plan, run: RunFolder, par, step, batch
                 raise TrainingInterrupted(
                     f"stopped at step {done}/{plan.steps}; checkpoint saved in "
                     f"{run.path / CHECKPOINTS}. Continue with the same command plus --resume")
+            t0 = time.perf_counter()  # evals, checkpoints and captures are no step's time
         if plan.eval:
             losses.last_eval = _evaluate(step.model, batches, par)
             event = EvalDone(step=plan.steps, eval_loss=losses.last_eval)
@@ -582,8 +589,8 @@ def _choose_graphs(config: TrainConfig, plan: Plan, device, checkpointing: bool,
     it makes), and shapes that repeat: not with --no-packing. FSDP and gradient checkpointing
     stay eager: not measured with graphs; so does an explicit --compile, unless --cuda-graphs is
     asked for too (the two together were not measured). Records with images get one graph per
-    micro-batch shape, with cross-attention on the dense mask: 1.7-2.0x the eager step, at
-    1.3-3.1 GiB more memory (BENCHMARKS.md), which the plan's graphed estimate counts.
+    micro-batch shape, with cross-attention on the dense mask: 1.8-2.7x the eager step, at
+    0.2-1.1 GiB more memory (H200, BENCHMARKS.md), which the plan's graphed estimate counts.
     """
     asked = config.cuda_graphs
     unsupported = ("FSDP" if par.shards_weights

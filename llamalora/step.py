@@ -75,11 +75,23 @@ def _static_loss_sum(base, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def to_device(batch: dict, device, dtype) -> dict:
-    """The batch on `device`; floating tensors (pixels) in the compute dtype."""
+    """The batch on `device`; floating tensors (pixels) in the compute dtype.
+
+    Tensors go to a CUDA device from pinned memory, pixels already in the compute dtype (half
+    an fp32 copy's bytes): a copy from pageable memory may hold the host until the GPU has run
+    what was queued before it, and the recipe makes the next step's batch while a step runs.
+    """
+    device = torch.device(device)
     out = {}
     for k, v in batch.items():
-        v = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v.to(device)
-        out[k] = v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        if not isinstance(v, torch.Tensor):
+            out[k] = v.to(device)
+            continue
+        if v.is_floating_point():
+            v = v.to(dtype)
+        if device.type == "cuda" and v.device.type == "cpu":
+            v = v.pin_memory()
+        out[k] = v.to(device, non_blocking=True)
     return out
 
 

@@ -19,23 +19,28 @@ TOK = Tokenizer.from_file(str(BUNDLED_TOKENIZER_DIR / "tokenizer.json"))
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def vision_model():
+def _tiny_vision_lora(device="cpu", dtype=None, lora_b_std=0.2):
+    """The tiny vision model with LoRA (r 4, no dropout), LoRA's B drawn (`lora_b_std`; 0 keeps
+    peft's zeros) and the cross-attention gates opened (zero at init, as in Mllama's
+    pretraining start) so that images change the loss."""
     from llamalora.models import attach_lora, load_model_for_training
 
     torch.manual_seed(0)
-    model, _ = load_model_for_training("tiny", quant="none", with_vision=True, device="cpu")
-    model = attach_lora(model, r=4, alpha=8, dropout=0.0).to(torch.float64)
+    model, _ = load_model_for_training("tiny", quant="none", with_vision=True, device=device,
+                                       dtype=dtype)
+    model = attach_lora(model, r=4, alpha=8, dropout=0.0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-        # Open the cross-attention gates (zero at init in the tiny model, as in Mllama's
-        # pretraining start) so that images change the loss.
-        for name, p in model.named_parameters():
+            if "lora_B" in name and lora_b_std:
+                p.normal_(0, lora_b_std)
             if "cross_attn_attn_gate" in name or "cross_attn_mlp_gate" in name:
                 p.fill_(0.8)
     return model
+
+
+@pytest.fixture(scope="module")
+def vision_model():
+    return _tiny_vision_lora().to(torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -177,18 +182,9 @@ def test_fast_attention_on_the_gpu_is_sdpas(processor, records):
     import copy
 
     from llamalora.attention import DENSE
-    from llamalora.models import attach_lora, load_model_for_training
     from llamalora.step import to_device
 
-    torch.manual_seed(0)
-    model, _ = load_model_for_training("tiny", quant="none", with_vision=True, device="cuda")
-    model = attach_lora(model, r=4, alpha=8, dropout=0.0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-            if "cross_attn_attn_gate" in name or "cross_attn_mlp_gate" in name:
-                p.fill_(0.8)
+    model = _tiny_vision_lora("cuda")
     batch = to_device(pack_vision(records, processor), torch.device("cuda"), torch.bfloat16)
     fast = _loss_and_grads(model, _with_runs(batch, "cuda"))
     dense = _loss_and_grads(model, {**batch, "cross_attention_runs": DENSE})
@@ -205,21 +201,127 @@ def test_fast_attention_on_the_gpu_is_sdpas(processor, records):
                                        atol=5e-2)
 
 
+def _vision_mask(tiles, max_tiles, patches, slot, dtype):
+    """Mllama's vision attention mask for images of these many real tiles, as transformers
+    builds it."""
+    from transformers.models.mllama.modeling_mllama import _prepare_aspect_ratio_attention_mask
+
+    aspect = torch.tensor([[1] * t + [0] * (max_tiles - t) for t in tiles])
+    return _prepare_aspect_ratio_attention_mask(aspect, patches, slot, dtype)
+
+
+def _varlen_reference(q, k, v, cu_q, cu_k, used_k, max_len, scale):
+    """What `attention._flash_varlen` computes, one sequence at a time with plain SDPA."""
+    import torch.nn.functional as F
+
+    out = torch.zeros_like(q)
+    for i in range(len(used_k)):
+        a, b, start, n = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(used_k[i])
+        assert b - a <= max_len and n <= max_len
+        if b > a and n:
+            out[a:b] = F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[start:start + n].transpose(0, 1),
+                v[start:start + n].transpose(0, 1), scale=scale).transpose(0, 1)
+    return out
+
+
+def test_vision_attention_without_its_mask_is_the_masked_attention():
+    """`attention._split_by_padding` (the vision tower's attention on CUDA: tokens reordered,
+    then real queries over all keys and padding queries over the real keys) equals SDPA with
+    Mllama's mask, in fp64, for images of 1, 4 and 2 real tiles out of 4; a padding image slot
+    (no real tile) gets zeros."""
+    import torch.nn.functional as F
+
+    from llamalora.attention import _split_by_padding
+
+    torch.manual_seed(0)
+    tiles, heads, dim, patches, slot = [1, 4, 0, 2], 2, 8, 5, 8
+    mask = _vision_mask(tiles, 4, patches, slot, torch.float64)
+    q, k, v = (torch.randn(len(tiles), heads, 4 * slot, dim, dtype=torch.float64)
+               for _ in range(3))
+    out = _split_by_padding(q, k, v, mask, dim ** -0.5, _varlen_reference)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    assert out.shape == ref.shape
+    real_images = [i for i, t in enumerate(tiles) if t]
+    torch.testing.assert_close(out[real_images], ref[real_images], rtol=1e-12, atol=1e-12)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_vision_attention_on_flash_is_the_masked_attention():
+    """On CUDA in bf16, at the 11B's shapes (16 heads of 80, 4 tile slots of 1,608 tokens):
+    the vision attention's varlen flash call gives SDPA's masked result (fp32 math) within bf16
+    rounding, for images of 1, 2, 4 and 3 real tiles."""
+    import types
+
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from llamalora.attention import _vision_attention
+
+    torch.manual_seed(0)
+    tiles = [1, 2, 4, 3]
+    mask = _vision_mask(tiles, 4, 1601, 1608, torch.bfloat16).cuda()
+    q, k, v = (torch.randn(4, 16, 4 * 1608, 80, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    with torch.no_grad():
+        out, _ = _vision_attention(types.SimpleNamespace(training=False), q, k, v, mask,
+                                   scaling=80 ** -0.5)
+        with sdpa_kernel(SDPBackend.MATH):
+            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                 attn_mask=mask.float()).transpose(1, 2)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-3)
+
+
+def test_lora_on_image_states_runs_in_the_activation_dtype(processor, records):
+    """In a bf16 model, the cross-attention k and v projections' LoRA takes its bf16 input as it
+    comes (peft would cast it to the fp32 weights) while the weights and their gradients stay
+    fp32; the other LoRA layers keep peft's cast; the loss is peft's within bf16 rounding."""
+
+    losses, seen = [], {}
+    for ours in (True, False):
+        model = _tiny_vision_lora(dtype="bfloat16")
+        cross = {n: m for n, m in model.named_modules()
+                 if n.endswith(("cross_attn.k_proj.lora_A.default",
+                                "cross_attn.q_proj.lora_A.default"))}
+        assert cross
+        if not ours:  # peft's own forward
+            for n, m in model.named_modules():
+                if "forward" in vars(m):
+                    del m.forward
+                if hasattr(m, "cast_input_dtype_enabled"):
+                    m.cast_input_dtype_enabled = True
+        for n, m in cross.items():
+            m.register_forward_pre_hook(
+                lambda mod, args, n=n, ours=ours: seen.setdefault((ours, n), args[0].dtype)
+                and None)
+        loss, _ = loss_sum(model, pack_vision(records, processor))
+        loss.backward()
+        losses.append(loss.detach().float())
+        for n, m in cross.items():
+            assert m.weight.dtype == torch.float32 and m.weight.grad.dtype == torch.float32
+    for (ours, name), dtype in seen.items():
+        expect = torch.bfloat16 if ours and ".k_proj." in name else torch.float32
+        assert dtype == expect, (ours, name, dtype)
+    torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=2e-2)
+
+
 def test_a_static_row_sends_cross_attention_to_cudnn_with_its_dense_mask(vision_model, processor,
                                                                          records, monkeypatch):
     """A CUDA-graph row (`step._static_loss_sum`) carries no runs: its cross-attention layers
-    take the dense mask through `attention._cudnn_first` (cuDNN's kernel on a GPU); an eager
-    packed row with runs never goes there."""
+    take the dense mask through `attention._dense_cross` (cuDNN's kernel on a GPU, key and value
+    heads shared); an eager packed row with runs never goes there."""
     from llamalora import attention
     from llamalora.batching import pack_padded
 
-    seen, original = [], attention._cudnn_first
+    seen, original = [], attention._dense_cross
 
     def recorded(module, query, key, value, attention_mask, **kwargs):
         seen.append((type(module).__name__, attention_mask is not None))
         return original(module, query, key, value, attention_mask, **kwargs)
 
-    monkeypatch.setattr(attention, "_cudnn_first", recorded)
+    monkeypatch.setattr(attention, "_dense_cross", recorded)
     with torch.no_grad():
         loss_sum(vision_model, pack_padded(records, pad_id=128004, image_processor=processor))
         assert seen and set(seen) == {("MllamaTextCrossAttention", True)}
@@ -333,7 +435,6 @@ def test_graphed_image_steps_equal_eager_steps(processor, records):
     """Three steps of image micro-batches (two rows in some, a text-only row among them)
     replayed from CUDA graphs: the losses and LoRA weights of eager steps, in fp32."""
     from llamalora.batching import pack_padded
-    from llamalora.models import attach_lora, load_model_for_training
     from llamalora.step import GraphedStep, TrainStep, to_device
 
     class Alone:  # one process: nothing to even out or sync
@@ -347,14 +448,7 @@ def test_graphed_image_steps_equal_eager_steps(processor, records):
     plan = [[records[:2], records[2:4]], [records[1:3]], [[records[0], records[3]], records[3:]]]
     runs = []
     for cls in (TrainStep, GraphedStep):
-        torch.manual_seed(0)
-        model, _ = load_model_for_training("tiny", quant="none", with_vision=True, device="cuda",
-                                           dtype="float32")
-        model = attach_lora(model, r=4, alpha=8, dropout=0.0)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "cross_attn_attn_gate" in name or "cross_attn_mlp_gate" in name:
-                    p.fill_(0.8)  # images change the loss
+        model = _tiny_vision_lora("cuda", dtype="float32", lora_b_std=0)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-2)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -373,18 +467,18 @@ def test_graphed_image_steps_equal_eager_steps(processor, records):
     torch.testing.assert_close(w_graphed, w_eager, rtol=1e-3, atol=1e-5)
 
 
-# Peaks measured on an H200 (BENCHMARKS.md, "CUDA graphs for image steps"; 2026-12-01) at the
-# defaults on benchmarks/make_image_data.py's sets: (set, quant, CUDA graphs) -> GiB.
-_MEASURED_PEAKS = {("mixed", "8bit", False): 22.24, ("mixed", "8bit", True): 25.37,
-                   ("mixed", "none", False): 30.35, ("mixed", "none", True): 33.47,
-                   ("single", "8bit", False): 17.21, ("single", "8bit", True): 18.50,
-                   ("single", "none", False): 25.31, ("single", "none", True): 26.54}
+# Peaks measured on an H200 (BENCHMARKS.md, "Image steps at their GPU work"; 2026-12-02, one
+# lease) at the defaults on benchmarks/make_image_data.py's sets: (set, quant, CUDA graphs) -> GiB.
+_MEASURED_PEAKS = {("mixed", "8bit", False): 18.82, ("mixed", "8bit", True): 19.92,
+                   ("mixed", "none", False): 26.93, ("mixed", "none", True): 28.02,
+                   ("single", "8bit", False): 15.54, ("single", "8bit", True): 15.76,
+                   ("single", "none", False): 23.60, ("single", "none", True): 23.81}
 
 
 def test_the_plan_estimates_image_runs_at_or_above_their_measured_peaks(tmp_path):
     """The plan's estimate for the 11B with images (eager: `memory_gib`; CUDA graphs:
     `memory_gib_fused`) covers each measured peak, by at most 2.5 GiB; without its image-state
-    term it fell 2.5-10 GiB short."""
+    term it fell up to 4.5 GiB short."""
     import subprocess
     import sys
     from pathlib import Path

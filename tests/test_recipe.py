@@ -161,3 +161,39 @@ def test_the_loop_calls_back_once_after_its_first_step():
                    SimpleNamespace(), SimpleNamespace(log=lambda event: None),
                    lambda event: None, after_first=lambda: order.append("capture"))
         assert order == ["step", "capture"] + ["step"] * (4 - start)
+
+
+def test_the_loop_makes_the_next_batch_while_a_step_runs():
+    """`_run_steps` asks for step N+1's batch after queueing step N and before reading its
+    loss (the host works while the GPU does), each batch once, none past the last step; each
+    step is fed its own batch."""
+    from llamalora.recipe import _run_steps
+
+    class Step:
+        failure = ""
+        model = SimpleNamespace(train=lambda: None)
+        scheduler = SimpleNamespace(get_last_lr=lambda: [1e-4])
+
+        def __call__(self, micro, n_targets):
+            order.append(("step", micro[0]))
+            loss = torch.tensor(1.0, dtype=torch.float64)
+            loss.item = lambda: order.append(("read", micro[0])) or 1.0
+            return loss, None
+
+    class Batches:
+        device = torch.device("cpu")
+
+        def __call__(self, index):
+            order.append(("batch", index))
+            return [index], 4, 10
+
+        def epoch_at(self, done):
+            return 0.0
+
+    order = []
+    _run_steps(SimpleNamespace(eval_steps=0, save_steps=0), SimpleNamespace(steps=4, eval=[]),
+               SimpleNamespace(start_step=1), SimpleNamespace(sum=lambda x: x, any=lambda x: x),
+               Step(), Batches(), SimpleNamespace(), SimpleNamespace(log=lambda event: None),
+               lambda event: None)
+    assert order == [("batch", 1), ("step", 1), ("batch", 2), ("read", 1),
+                     ("step", 2), ("batch", 3), ("read", 2), ("step", 3), ("read", 3)]
