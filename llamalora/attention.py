@@ -9,10 +9,10 @@ another 100, both on SDPA's memory-efficient kernel, the one left when a mask is
   token, a padding one (a padding tile's, or one of the 7 after each tile's 1,601 patches) the
   real ones. On CUDA that is one unmasked varlen flash call (`_split_by_padding`): the image's
   tokens reordered real first, then two sequences an image, its real tokens over all its tokens
-  and its padding tokens over its real ones; the keys the mask hides are never read. With a
-  dense mask cuDNN took 4.2 ms a layer for 4 images of 1, 2, 4 and 3 tiles, flash without one
-  2.2 ms (H200, benchmarks/attention_speed.py). Elsewhere (CPU, fp32) cuDNN-first SDPA with
-  the mask.
+  and its padding tokens over its real ones; the keys the mask hides are never read. In an
+  8-bit image step of the 11B (4 images of [4 tile slots x 1,608 tokens], 16 heads of 80) that
+  call took 2.26 ms a layer, cuDNN's kernel with the mask 4.12 (H200 profiles, BENCHMARKS.md).
+  Elsewhere (CPU, fp32) cuDNN-first SDPA with the mask.
 * Cross-attention: text tokens over image tokens, masked by which images each token may see
   (from its `<|image|>` on; in a packed row, only its own record's). Runs of tokens that see the
   same image tiles attend to exactly those tiles' tokens, without a mask: hidden keys weigh
@@ -162,6 +162,8 @@ def _dense_cross(module, query, key, value, attention_mask, dropout=0.0, scaling
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if attention_mask is not None and attention_mask.ndim == 4:  # as transformers' SDPA does
+        attention_mask = attention_mask[:, :, :, :key.shape[-2]]
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                       SDPBackend.MATH], set_priority=True):
         out = F.scaled_dot_product_attention(
@@ -179,6 +181,7 @@ def _vision_attention(module, query, key, value, attention_mask, dropout=0.0, sc
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if (query.device.type != "cuda" or attention_mask is None or needs_grad or dropout
+            or attention_mask.dtype == torch.bool  # the padding is read from an additive mask
             or query.dtype not in (torch.bfloat16, torch.float16)):
         return _cudnn_first(module, query, key, value, attention_mask, dropout=dropout,
                             scaling=scaling, **kwargs)

@@ -77,9 +77,10 @@ def _static_loss_sum(base, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def to_device(batch: dict, device, dtype) -> dict:
     """The batch on `device`; floating tensors (pixels) in the compute dtype.
 
-    Tensors go to a CUDA device from pinned memory, pixels already in the compute dtype (half
-    an fp32 copy's bytes): a copy from pageable memory may hold the host until the GPU has run
-    what was queued before it, and the recipe makes the next step's batch while a step runs.
+    Pixels go to a CUDA device in that dtype (half an fp32 copy's bytes) from pinned memory: a
+    copy of tens of MB from pageable memory may hold the host until the GPU has run what was
+    queued before it, and the recipe makes the next step's batch while a step runs. The token
+    tensors are a few KB: pinned memory for each new size would cost more than it saves.
     """
     device = torch.device(device)
     out = {}
@@ -89,8 +90,8 @@ def to_device(batch: dict, device, dtype) -> dict:
             continue
         if v.is_floating_point():
             v = v.to(dtype)
-        if device.type == "cuda" and v.device.type == "cpu":
-            v = v.pin_memory()
+            if device.type == "cuda" and v.device.type == "cpu":
+                v = v.pin_memory()
         out[k] = v.to(device, non_blocking=True)
     return out
 
