@@ -823,9 +823,9 @@ def lora_on_image_states_in_activation_dtype(model) -> int:
     states, fp32 matmuls without tensor cores, and 4 bytes per state value kept for backward in
     each (H200, 2026-12-02, BENCHMARKS.md: those kernels were ~17 ms of an 8-bit image step's
     GPU time, and the copies ~3.4 GiB of its peak). Here the input stays as it comes (bf16) and
-    the weights are cast
-    to it in each call, as autocast does with a matmul: the weights, their gradients and the
-    optimizer stay fp32. The other LoRA layers see a few hundred text tokens and keep peft's way.
+    the weights are cast to it in each call, as autocast does with a matmul: the weights, their
+    gradients and the optimizer stay fp32. The other LoRA layers see a few hundred text tokens
+    and keep peft's way.
     """
     changed = 0
     for module in model.modules():
