@@ -200,8 +200,9 @@ def main() -> None:
 
     # the keys and values at their own 8 heads, each shared by 4 query heads (SDPA's enable_gqa),
     # rather than repeated to 32 as transformers does before a masked kernel
-    ck8 = ck.detach()[:, ::4].clone().requires_grad_()
-    cv8 = cv.detach()[:, ::4].clone().requires_grad_()
+    share = qh // kvh
+    ck8 = ck.detach()[:, ::share].clone().requires_grad_()
+    cv8 = cv.detach()[:, ::share].clone().requires_grad_()
 
     def whole_gqa(backward, backend=SDPBackend.CUDNN_ATTENTION):
         def run():
@@ -215,8 +216,8 @@ def main() -> None:
 
     cross = {}
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-        a8 = F.scaled_dot_product_attention(cq, ck8.repeat_interleave(4, 1),
-                                            cv8.repeat_interleave(4, 1), attn_mask=cmask)
+        a8 = F.scaled_dot_product_attention(cq, ck8.repeat_interleave(share, 1),
+                                            cv8.repeat_interleave(share, 1), attn_mask=cmask)
     try:
         out = whole_gqa(False)()
         cross["gqa on cudnn max diff"] = round((out - a8)[:, :, seen_rows(spans, dev)]

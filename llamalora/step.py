@@ -157,9 +157,9 @@ class GraphedStep(TrainStep):
     micro-batches fused up to a token budget), whose shapes repeat: each (length, label slots,
     images) triple is warmed up and captured once (`warm`: the recipe captures the first step's
     before it and the rest right after it), later passes of that shape only copy their inputs in
-    and replay. A row with images carries
-    no cross-attention runs (they depend on the data, and a graph would replay the first row's):
-    its cross-attention takes the dense mask, whose shape is fixed by the row's.
+    and replay. A row with images carries no cross-attention runs (they depend on the data, and
+    a graph would replay the first row's): its cross-attention takes the dense mask, whose shape
+    is fixed by the row's.
     The optimizer update stays outside the graph (fused AdamW is a few launches), so a graph
     never bakes in a learning rate and the first steps need no special optimizer state.
     """

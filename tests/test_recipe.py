@@ -130,43 +130,9 @@ def test_cuda_graphs_are_chosen_only_where_they_were_measured(monkeypatch):
         True, "")
 
 
-def test_the_loop_calls_back_once_after_its_first_step():
-    """`_run_steps` runs `after_first` (the captures of the other shapes) once, right after the
-    run's first step, a resumed run's included, before the second step starts."""
-    from llamalora.recipe import _run_steps
-
-    class Step:
-        failure = ""
-        model = SimpleNamespace(train=lambda: None)
-        scheduler = SimpleNamespace(get_last_lr=lambda: [1e-4])
-
-        def __call__(self, micro, n_targets):
-            order.append("step")
-            return torch.tensor(1.0, dtype=torch.float64), None
-
-    class Batches:
-        device = torch.device("cpu")
-
-        def __call__(self, index):
-            return [], 4, 10
-
-        def epoch_at(self, done):
-            return 0.0
-
-    for start in (0, 2):
-        order = []
-        _run_steps(SimpleNamespace(eval_steps=0, save_steps=0), SimpleNamespace(steps=5, eval=[]),
-                   SimpleNamespace(start_step=start),
-                   SimpleNamespace(sum=lambda x: x, any=lambda x: x), Step(), Batches(),
-                   SimpleNamespace(), SimpleNamespace(log=lambda event: None),
-                   lambda event: None, after_first=lambda: order.append("capture"))
-        assert order == ["step", "capture"] + ["step"] * (4 - start)
-
-
-def test_the_loop_makes_the_next_batch_while_a_step_runs():
-    """`_run_steps` asks for step N+1's batch after queueing step N and before reading its
-    loss (the host works while the GPU does), each batch once, none past the last step; each
-    step is fed its own batch."""
+def _run_fake_loop(steps: int, start: int, order: list, after_first=None) -> None:
+    """`_run_steps` over fake steps and batches, recording into `order` each batch made
+    ("batch", i), step run ("step", i) and loss read ("read", i)."""
     from llamalora.recipe import _run_steps
 
     class Step:
@@ -190,10 +156,28 @@ def test_the_loop_makes_the_next_batch_while_a_step_runs():
         def epoch_at(self, done):
             return 0.0
 
-    order = []
-    _run_steps(SimpleNamespace(eval_steps=0, save_steps=0), SimpleNamespace(steps=4, eval=[]),
-               SimpleNamespace(start_step=1), SimpleNamespace(sum=lambda x: x, any=lambda x: x),
+    _run_steps(SimpleNamespace(eval_steps=0, save_steps=0), SimpleNamespace(steps=steps, eval=[]),
+               SimpleNamespace(start_step=start), SimpleNamespace(sum=lambda x: x, any=lambda x: x),
                Step(), Batches(), SimpleNamespace(), SimpleNamespace(log=lambda event: None),
-               lambda event: None)
+               lambda event: None, after_first=after_first)
+
+
+def test_the_loop_calls_back_once_after_its_first_step():
+    """`_run_steps` runs `after_first` (the captures of the other shapes) once, right after the
+    run's first step, a resumed run's included, before the second step starts."""
+    for start in (0, 2):
+        order = []
+        _run_fake_loop(5, start, order, after_first=lambda: order.append(("capture",)))
+        steps = [e for e in order if e[0] in ("step", "capture")]
+        assert steps == [("step", start), ("capture",)] + [("step", i)
+                                                          for i in range(start + 1, 5)]
+
+
+def test_the_loop_makes_the_next_batch_while_a_step_runs():
+    """`_run_steps` asks for step N+1's batch after queueing step N and before reading its
+    loss (the host works while the GPU does), each batch once, none past the last step; each
+    step is fed its own batch."""
+    order = []
+    _run_fake_loop(4, 1, order)
     assert order == [("batch", 1), ("step", 1), ("batch", 2), ("read", 1),
                      ("step", 2), ("batch", 3), ("read", 2), ("step", 3), ("read", 3)]
