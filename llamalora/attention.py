@@ -12,7 +12,8 @@ another 100, both on SDPA's memory-efficient kernel, the one left when a mask is
   and its padding tokens over its real ones; the keys the mask hides are never read. In an
   8-bit image step of the 11B (4 images of [4 tile slots x 1,608 tokens], 16 heads of 80) that
   call took 2.26 ms a layer, cuDNN's kernel with the mask 4.12 (H200 profiles, BENCHMARKS.md).
-  Elsewhere (CPU, fp32) cuDNN-first SDPA with the mask.
+  Each of the tower's two encoders puts its tokens in that order once, for all its layers
+  (`_encoder_in_padding_order`). Elsewhere (CPU, fp32) cuDNN-first SDPA with the mask.
 * Cross-attention: text tokens over image tokens, masked by which images each token may see
   (from its `<|image|>` on; in a packed row, only its own record's). Runs of tokens that see the
   same image tiles attend to exactly those tiles' tokens, without a mask: hidden keys weigh
@@ -39,6 +40,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 VISION = "llamalora_vision_sdpa"
@@ -176,56 +179,173 @@ def _vision_attention(module, query, key, value, attention_mask, dropout=0.0, sc
                       **kwargs):
     """The vision tower's attention: `_split_by_padding` through flash attention on CUDA in
     half precision, where nothing needs its gradient (the tower is frozen and runs without
-    autograd); else `_cudnn_first` with the mask."""
+    autograd); else `_cudnn_first` with the mask. Inside an encoder that already put its tokens
+    in padding order (`_encoder_in_padding_order`), the kernel reads them as they are."""
     import torch
 
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    split = _SORTED.get()
+    if split is not None:  # the encoder checked what the condition below checks
+        images, heads, length, dim = query.shape
+        return _attend(query, key, value, split, scale, _flash_varlen).view(
+            images, length, heads, dim), None
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if (query.device.type != "cuda" or attention_mask is None or needs_grad or dropout
             or attention_mask.dtype == torch.bool  # the padding is read from an additive mask
             or query.dtype not in (torch.bfloat16, torch.float16)):
         return _cudnn_first(module, query, key, value, attention_mask, dropout=dropout,
                             scaling=scaling, **kwargs)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return _split_by_padding(query, key, value, attention_mask, scale, _flash_varlen), None
 
 
-def _split_by_padding(query, key, value, attention_mask, scale, kernel):
-    """Mllama's vision attention without its mask (see the module's docstring).
+# The padding split of the encoder whose forward is running, its tokens already in that order.
+_SORTED: contextvars.ContextVar = contextvars.ContextVar("llamalora_vision_sorted",
+                                                         default=None)
 
-    query/key/value [images, heads, tokens, dim]; attention_mask [images, 1, tokens, tokens],
-    additive, hiding a key from a query only where both are padding, so a token is padding
-    where its diagonal entry hides it. Every shape here is fixed by the inputs' (a CUDA graph
-    can hold it): the order and the sequences' bounds are device tensors. An image with no real
-    token (a padding image slot) gets zeros, where the mask gave the mean of its values; the
-    cross-attention mask hides such an image from every text token. Returns [images, tokens,
+
+@dataclass
+class _PaddingSplit:
+    """Mllama's vision tokens real first, and the varlen sequences `_split_by_padding` runs:
+    `index` the flat token order (tokens of image i at i x length ...), the rest as `kernel`
+    takes them (see `_split_by_padding`). All device tensors of fixed shape."""
+
+    index: object
+    cu_q: object
+    cu_k: object
+    used_k: object
+    length: int
+
+    @classmethod
+    def from_mask(cls, attention_mask) -> "_PaddingSplit":
+        """From the additive mask [images, 1, tokens, tokens], which hides a key from a query
+        only where both are padding: a token is padding where its diagonal entry hides it."""
+        import torch
+
+        images, length = attention_mask.shape[0], attention_mask.shape[-1]
+        device = attention_mask.device
+        pad = attention_mask[:, 0].diagonal(dim1=-2, dim2=-1) < 0  # [images, tokens]
+        order = torch.sort(pad.to(torch.uint8), dim=1, stable=True).indices  # real first
+        starts = torch.arange(images, device=device, dtype=torch.int32) * length
+        real = (~pad).sum(1, dtype=torch.int32)
+        # Two sequences an image: its real queries over all its tokens, its padding queries
+        # over its real tokens (the first `real` of its reordered tokens).
+        end = torch.full((1,), images * length, device=device, dtype=torch.int32)
+        return cls(index=(order + starts[:, None]).reshape(-1),
+                   cu_q=torch.cat([torch.stack([starts, starts + real], 1).reshape(-1), end]),
+                   cu_k=torch.cat([torch.stack([starts, starts], 1).reshape(-1), end]),
+                   used_k=torch.stack([torch.full_like(real, length), real], 1).reshape(-1),
+                   length=length)
+
+    def inverse(self):
+        """The flat order that puts tokens in this order back in the model's."""
+        import torch
+
+        return torch.empty_like(self.index).scatter_(
+            0, self.index, torch.arange(self.index.numel(), device=self.index.device))
+
+
+def _attend(query, key, value, split: _PaddingSplit, scale, kernel):
+    """`kernel` over query/key/value [images, heads, tokens, dim] whose tokens are in `split`'s
+    order; returns [images x tokens, heads, dim] in that order."""
+    images, heads, length, dim = query.shape
+
+    def tokens(t):  # a view: transformers made these by transposing [images, tokens, heads, dim]
+        return t.transpose(1, 2).reshape(images * length, heads, dim)
+
+    return kernel(tokens(query), tokens(key), tokens(value), split.cu_q, split.cu_k,
+                  split.used_k, split.length, scale)
+
+
+def _split_by_padding(query, key, value, attention_mask, scale, kernel):
+    """Mllama's vision attention without its mask (see the module's docstring), for one layer:
+    its tokens put in padding order and back.
+
+    query/key/value [images, heads, tokens, dim]; attention_mask as `_PaddingSplit.from_mask`
+    reads it. Every shape here is fixed by the inputs' (a CUDA graph can hold it). An image with
+    no real token (a padding image slot) gets zeros, where the mask gave the mean of its values;
+    the cross-attention mask hides such an image from every text token. Returns [images, tokens,
     heads, dim], as transformers' attention functions do.
 
     `kernel(q, k, v, cu_q, cu_k, used_k, max_len, scale)`: varlen attention over tokens
     [n, heads, dim], sequence i's queries q[cu_q[i]:cu_q[i+1]] over its keys
     k[cu_k[i]:cu_k[i] + used_k[i]].
     """
+    images, heads, length, dim = query.shape
+    split = _PaddingSplit.from_mask(attention_mask)
+
+    def sort(t):
+        return t.transpose(1, 2).reshape(images * length, heads, dim).index_select(
+            0, split.index).view(images, length, heads, dim).transpose(1, 2)
+
+    out = _attend(sort(query), sort(key), sort(value), split, scale, kernel)
+    return out.index_select(0, split.inverse()).view(images, length, heads, dim)
+
+
+class _InModelOrder(Sequence):
+    """An encoder's per-layer hidden states, kept in padding order and put back in the model's
+    order only when read: Mllama reads 5 of the local encoder's 32, none of the global's 8."""
+
+    def __init__(self, states, unsort):
+        self._states, self._unsort = states, unsort
+
+    def __len__(self):
+        return len(self._states)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self._unsort(s) for s in self._states[i])
+        return self._unsort(self._states[i])
+
+
+def _sortable(encoder, hidden_states, attention_mask) -> bool:
+    """What `_vision_attention` needs for its flash path, checked once for all the encoder's
+    layers: each layer's attention is it (a user may set another), CUDA, half precision, an
+    additive 4-d mask, and no gradient anywhere inside."""
     import torch
 
-    images, heads, length, dim = query.shape
-    device = query.device
-    pad = attention_mask[:, 0].diagonal(dim1=-2, dim2=-1) < 0  # [images, tokens]
-    order = torch.sort(pad.to(torch.uint8), dim=1, stable=True).indices  # real tokens first
-    starts = torch.arange(images, device=device, dtype=torch.int32) * length
-    index = (order + starts[:, None]).reshape(-1)
-    real = (~pad).sum(1, dtype=torch.int32)
+    if (any(layer.self_attn.config._attn_implementation != VISION for layer in encoder.layers)
+            or hidden_states.device.type != "cuda" or attention_mask is None
+            or hidden_states.dtype not in (torch.bfloat16, torch.float16)
+            or attention_mask.dtype == torch.bool or attention_mask.ndim != 4
+            or hidden_states.ndim != 3 or attention_mask.shape[-1] != hidden_states.shape[1]):
+        return False
+    return not (torch.is_grad_enabled() and (
+        hidden_states.requires_grad or any(p.requires_grad for p in encoder.parameters())))
 
-    def tokens(t):
-        return t.transpose(1, 2).reshape(images * length, heads, dim).index_select(0, index)
 
-    # Two sequences an image: its real queries over all its tokens, its padding queries over
-    # its real tokens (the first `real` of its reordered tokens).
-    end = torch.full((1,), images * length, device=device, dtype=torch.int32)
-    cu_q = torch.cat([torch.stack([starts, starts + real], 1).reshape(-1), end])
-    cu_k = torch.cat([torch.stack([starts, starts], 1).reshape(-1), end])
-    used_k = torch.stack([torch.full_like(real, length), real], 1).reshape(-1)
-    out = kernel(tokens(query), tokens(key), tokens(value), cu_q, cu_k, used_k, length, scale)
-    out = torch.empty_like(out).index_copy_(0, index, out)  # back to the model's order
-    return out.view(images, length, heads, dim)
+def _encoder_in_padding_order(encoder) -> None:
+    """Runs a vision encoder's layers on its tokens put in padding order once, rather than each
+    layer's attention reordering them (`_split_by_padding`): everything else in a layer works
+    token by token. In an 8-bit image step of the 11B the per-layer gathers and scatters were
+    ~8 ms of GPU time (H200 profile, BENCHMARKS.md). Where `_vision_attention` would not take
+    its flash path, the encoder runs as transformers wrote it."""
+    forward = encoder.forward
+
+    @functools.wraps(forward)
+    def sorted_forward(hidden_states, attention_mask=None, **kwargs):
+        if not _sortable(encoder, hidden_states, attention_mask):
+            return forward(hidden_states, attention_mask=attention_mask, **kwargs)
+        images, length, dim = hidden_states.shape
+        split = _PaddingSplit.from_mask(attention_mask)
+        back = split.inverse()
+
+        def unsort(h):
+            return h.reshape(images * length, -1).index_select(0, back).view(h.shape)
+
+        token = _SORTED.set(split)
+        try:
+            out = forward(hidden_states.reshape(images * length, dim).index_select(
+                0, split.index).view(images, length, dim), attention_mask=attention_mask,
+                **kwargs)
+        finally:
+            _SORTED.reset(token)
+        out.last_hidden_state = unsort(out.last_hidden_state)
+        if out.hidden_states is not None:
+            out.hidden_states = _InModelOrder(out.hidden_states, unsort)
+        return out
+
+    encoder.forward = sorted_forward
+    encoder._llamalora_padding_order = True
 
 
 def _flash_varlen(q, k, v, cu_q, cu_k, used_k, max_len, scale):
@@ -260,4 +380,8 @@ def use_fast_mllama_attention(model) -> int:
             configs[key]._attn_implementation_internal = implementation
         module.config = configs[key]
         changed += 1
+    for module in model.modules():  # each checks its layers' attention when it runs
+        if (type(module).__name__ == "MllamaVisionEncoder"
+                and not getattr(module, "_llamalora_padding_order", False)):
+            _encoder_in_padding_order(module)
     return changed

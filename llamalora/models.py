@@ -810,35 +810,31 @@ def attach_lora(model, *, r: int = 8, alpha: float = 32, dropout: float = 0.05,
     if lora_in_vision:  # the pattern above rules this out; guard against peft changing
         raise ModelError(f"LoRA reached the vision tower ({lora_in_vision[0]})")
     peft_model.lora_target_names = names
-    lora_on_image_states_in_activation_dtype(peft_model)
+    lora_in_activation_dtype(peft_model)
     return peft_model
 
 
-def lora_on_image_states_in_activation_dtype(model) -> int:
-    """Runs the LoRA of Mllama's cross-attention key and value projections in the activations'
-    dtype; returns how many LoRA layers that is.
+def lora_in_activation_dtype(model) -> int:
+    """Runs every LoRA layer in the activations' dtype, as autocast runs a matmul; returns how
+    many LoRA layers that is.
 
-    Their input is every image state of a micro-batch (6,404 an image, 4,096 wide). peft casts a
-    LoRA layer's input to its fp32 weights: on these layers that made fp32 copies of all image
-    states, fp32 matmuls without tensor cores, and 4 bytes per state value kept for backward in
-    each (H200, 2026-12-02, BENCHMARKS.md: those kernels were ~17 ms of an 8-bit image step's
-    GPU time, and the copies ~3.4 GiB of its peak). Here the input stays as it comes (bf16) and
-    the weights are cast to it in each call, as autocast does with a matmul: the weights, their
-    gradients and the optimizer stay fp32. The other LoRA layers see a few hundred text tokens
-    and keep peft's way.
+    peft casts a LoRA layer's input to its fp32 weights: fp32 copies of the input, fp32 matmuls
+    without tensor cores, and 4 bytes a value kept for backward. On Mllama's cross-attention key
+    and value projections, whose input is every image state of a micro-batch (6,404 an image,
+    4,096 wide), those kernels were ~17 ms of an 8-bit image step's GPU time and the copies
+    ~3.4 GiB of its peak (H200, 2026-12-02, BENCHMARKS.md); on the other layers, a few hundred
+    text tokens each, they are many small fp32 kernels. Here the input stays as it comes (bf16
+    on a GPU) and the weights are cast to it in each call: the weights, their gradients and
+    the optimizer stay fp32. In an fp32 model nothing changes.
     """
     changed = 0
     for module in model.modules():
-        if type(module).__name__ != "MllamaTextCrossAttention":
+        if not (hasattr(module, "lora_A") and hasattr(module, "cast_input_dtype_enabled")):
             continue
-        for name in ("k_proj", "v_proj"):
-            layer = getattr(module, name, None)
-            if layer is None or not hasattr(layer, "lora_A"):
-                continue
-            layer.cast_input_dtype_enabled = False  # peft's switch for the cast above
-            for part in (*layer.lora_A.values(), *layer.lora_B.values()):
-                part.forward = types.MethodType(_linear_in_input_dtype, part)
-            changed += 1
+        module.cast_input_dtype_enabled = False  # peft's switch for the cast above
+        for part in (*module.lora_A.values(), *module.lora_B.values()):
+            part.forward = types.MethodType(_linear_in_input_dtype, part)
+        changed += 1
     return changed
 
 

@@ -100,9 +100,10 @@ def lora_param_count(counts: ParamCounts, rank: int, targets: list[str]) -> int:
 # LoRA's dropout copies of the image states for k_proj and v_proj, in bf16 (2 x 2; they were
 # fp32 copies, and 8 fitted the peaks then). 4 puts the estimates 0.1-1.7 GiB over the eager
 # peaks of 8-bit and bf16 runs with 2 and 4 images a micro-batch (H200, 2026-12-02,
-# BENCHMARKS.md: 15.5-26.9 GiB). CUDA-graph runs peaked 0.2-1.1 GiB higher (the static rows'
-# padding and the graphs' pool; not broken down): 6, fitted, covers them by 0.7-2.4 GiB.
-_IMAGE_STATE_BYTES = {False: 4, True: 6}  # by CUDA graphs
+# BENCHMARKS.md: 15.5-26.9 GiB). CUDA-graph runs peak higher (the static rows' padding and the
+# graphs' pool; not broken down): 5.5, fitted to their peaks with every LoRA layer in bf16
+# (15.6-27.8 GiB, the same day), covers them by 0.5-2.3 GiB.
+_IMAGE_STATE_BYTES = {False: 4, True: 5.5}  # by CUDA graphs
 
 
 def estimate_peak_gib(counts: ParamCounts, *, quant: str, batch_size: int, seq_len: int,
