@@ -66,8 +66,9 @@ def int8_linear(x: torch.Tensor, cb: torch.Tensor, scale: torch.Tensor,
 
     Many rows (training, prefill): dequantize the weight to x's dtype in one pass, then cuBLAS;
     on an H200 that beat a Triton GEMM that converts int8 tiles in registers, at 700 and 2,048
-    tokens, and again at 128-2,048 rows timed as CUDA-graph replays (BENCHMARKS.md). A few rows with `use_triton` (decoding on CUDA): a Triton GEMV that
-    streams the int8 weight once and writes no dequantized copy.
+    tokens, and again at 128-2,048 rows timed as CUDA-graph replays (BENCHMARKS.md). A few rows
+    with `use_triton` (decoding on CUDA): a Triton GEMV that streams the int8 weight once and
+    writes no dequantized copy.
     """
     if use_triton and x.shape[0] <= _GEMV_MAX_ROWS:
         from llamalora import _triton_int8
