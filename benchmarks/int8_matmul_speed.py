@@ -147,7 +147,8 @@ def main() -> None:
                     "dequant_cublas": {
                         "forward": gpu_ms(lambda: torch.nn.functional.linear(
                             x, _triton_int8.dequant(cb, scale, torch.bfloat16))),
-                        "backward": gpu_ms(lambda: g @ _triton_int8.dequant(cb, scale, torch.bfloat16))},
+                        "backward": gpu_ms(lambda: g @ _triton_int8.dequant(
+                            cb, scale, torch.bfloat16))},
                     "bf16_weight": {"forward": gpu_ms(lambda: torch.nn.functional.linear(x, w)),
                                     "backward": gpu_ms(lambda: g @ w)},
                     "fused": {"forward": {}, "backward": {}}}

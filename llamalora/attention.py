@@ -190,12 +190,20 @@ def _vision_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         return _attend(query, key, value, split, scale, _flash_varlen).view(
             images, length, heads, dim), None
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    if (query.device.type != "cuda" or attention_mask is None or needs_grad or dropout
-            or attention_mask.dtype == torch.bool  # the padding is read from an additive mask
-            or query.dtype not in (torch.bfloat16, torch.float16)):
+    if dropout or not _takes_flash(query, attention_mask, needs_grad):
         return _cudnn_first(module, query, key, value, attention_mask, dropout=dropout,
                             scaling=scaling, **kwargs)
     return _split_by_padding(query, key, value, attention_mask, scale, _flash_varlen), None
+
+
+def _takes_flash(tensor, attention_mask, needs_grad: bool) -> bool:
+    """Where the vision attention's flash path runs: CUDA, half precision, an additive mask
+    (the padding is read from it), nothing needing a gradient."""
+    import torch
+
+    return (tensor.device.type == "cuda" and tensor.dtype in (torch.bfloat16, torch.float16)
+            and attention_mask is not None and attention_mask.dtype != torch.bool
+            and not needs_grad)
 
 
 # The padding split of the encoder whose forward is running, its tokens already in that order.
@@ -298,19 +306,18 @@ class _InModelOrder(Sequence):
 
 
 def _sortable(encoder, hidden_states, attention_mask) -> bool:
-    """What `_vision_attention` needs for its flash path, checked once for all the encoder's
-    layers: each layer's attention is it (a user may set another), CUDA, half precision, an
-    additive 4-d mask, and no gradient anywhere inside."""
+    """`_takes_flash`, checked once for all the encoder's layers (no gradient anywhere inside),
+    each layer's attention being `_vision_attention` (a user may set another), and a 4-d mask
+    over these tokens."""
     import torch
 
-    if (any(layer.self_attn.config._attn_implementation != VISION for layer in encoder.layers)
-            or hidden_states.device.type != "cuda" or attention_mask is None
-            or hidden_states.dtype not in (torch.bfloat16, torch.float16)
-            or attention_mask.dtype == torch.bool or attention_mask.ndim != 4
-            or hidden_states.ndim != 3 or attention_mask.shape[-1] != hidden_states.shape[1]):
-        return False
-    return not (torch.is_grad_enabled() and (
-        hidden_states.requires_grad or any(p.requires_grad for p in encoder.parameters())))
+    needs_grad = torch.is_grad_enabled() and (
+        hidden_states.requires_grad or any(p.requires_grad for p in encoder.parameters()))
+    return (_takes_flash(hidden_states, attention_mask, needs_grad)
+            and all(layer.self_attn.config._attn_implementation == VISION
+                    for layer in encoder.layers)
+            and hidden_states.ndim == 3 and attention_mask.ndim == 4
+            and attention_mask.shape[-1] == hidden_states.shape[1])
 
 
 def _encoder_in_padding_order(encoder) -> None:

@@ -825,7 +825,8 @@ def lora_in_activation_dtype(model) -> int:
     ~3.4 GiB of its peak (H200, 2026-12-02, BENCHMARKS.md); on the other layers, a few hundred
     text tokens each, they are many small fp32 kernels. Here the input stays as it comes (bf16
     on a GPU) and the weights are cast to it in each call: the weights, their gradients and
-    the optimizer stay fp32. In an fp32 model nothing changes.
+    the optimizer stay fp32. In an fp32 model nothing changes. (torch.autocast around the step
+    would do the same here but also recast every other op, the frozen base layers' included.)
     """
     changed = 0
     for module in model.modules():

@@ -276,6 +276,40 @@ def test_vision_encoders_in_padding_order_give_the_masked_loss(vision_model, pro
         torch.testing.assert_close(grads[k], reference[2][k], rtol=1e-8, atol=1e-10)
 
 
+def test_an_encoder_reorders_only_where_every_layer_takes_the_flash_path():
+    """`attention._sortable`: the reorder is for CUDA half-precision activations under an
+    additive mask with no gradient inside, every layer on `_vision_attention`; anything else
+    (another attention implementation, a trainable weight, fp32, a boolean mask) runs the
+    encoder as transformers wrote it. Tensors are stood in for: only their attributes are read."""
+    from types import SimpleNamespace
+
+    from llamalora.attention import VISION, _sortable
+
+    def tensor(dtype=torch.bfloat16, shape=(2, 8, 4), requires_grad=False):
+        return SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=shape,
+                               ndim=len(shape), requires_grad=requires_grad)
+
+    def encoder(implementations):
+        module = torch.nn.Module()
+        module.weight = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+        module.layers = [SimpleNamespace(self_attn=SimpleNamespace(
+            config=SimpleNamespace(_attn_implementation=i))) for i in implementations]
+        return module
+
+    hidden, mask = tensor(), tensor(shape=(2, 1, 8, 8))
+    assert _sortable(encoder([VISION, VISION]), hidden, mask)
+    assert not _sortable(encoder([VISION, "sdpa"]), hidden, mask)
+    trainable = encoder([VISION])
+    trainable.weight.requires_grad_(True)
+    assert not _sortable(trainable, hidden, mask)
+    with torch.no_grad():
+        assert _sortable(trainable, hidden, mask)
+    assert not _sortable(encoder([VISION]), tensor(torch.float32), mask)
+    assert not _sortable(encoder([VISION]), hidden, tensor(torch.bool, (2, 1, 8, 8)))
+    assert not _sortable(encoder([VISION]), hidden, None)
+    assert not _sortable(encoder([VISION]), hidden, tensor(shape=(2, 1, 9, 9)))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_vision_attention_on_flash_is_the_masked_attention():
