@@ -13,7 +13,9 @@ another 100, both on SDPA's memory-efficient kernel, the one left when a mask is
   8-bit image step of the 11B (4 images of [4 tile slots x 1,608 tokens], 16 heads of 80) that
   call took 2.26 ms a layer, cuDNN's kernel with the mask 4.12 (H200 profiles, BENCHMARKS.md).
   Each of the tower's two encoders puts its tokens in that order once, for all its layers
-  (`_encoder_in_padding_order`). Elsewhere (CPU, fp32) cuDNN-first SDPA with the mask.
+  (`_encoder_in_padding_order`). In a CUDA graph's passes the call is FlashAttention-4's where
+  that package is installed (`_varlen_kernel`), else torch's. Elsewhere (CPU, fp32)
+  cuDNN-first SDPA with the mask.
 * Cross-attention: text tokens over image tokens, masked by which images each token may see
   (from its `<|image|>` on; in a packed row, only its own record's). Runs of tokens that see the
   same image tiles attend to exactly those tiles' tokens, without a mask: hidden keys weigh
@@ -187,13 +189,14 @@ def _vision_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     split = _SORTED.get()
     if split is not None:  # the encoder checked what the condition below checks
         images, heads, length, dim = query.shape
-        return _attend(query, key, value, split, scale, _flash_varlen).view(
+        return _attend(query, key, value, split, scale, _varlen_kernel(query.device)).view(
             images, length, heads, dim), None
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if dropout or not _takes_flash(query, attention_mask, needs_grad):
         return _cudnn_first(module, query, key, value, attention_mask, dropout=dropout,
                             scaling=scaling, **kwargs)
-    return _split_by_padding(query, key, value, attention_mask, scale, _flash_varlen), None
+    return _split_by_padding(query, key, value, attention_mask, scale,
+                             _varlen_kernel(query.device)), None
 
 
 def _takes_flash(tensor, attention_mask, needs_grad: bool) -> bool:
@@ -363,6 +366,80 @@ def _flash_varlen(q, k, v, cu_q, cu_k, used_k, max_len, scale):
     return torch.ops.aten._flash_attention_forward(
         q, k, v, cu_q, cu_k, max_len, max_len, 0.0, False, False, scale=scale,
         seqused_k=used_k)[0]
+
+
+def _fa4_varlen(q, k, v, cu_q, cu_k, used_k, max_len, scale):
+    """`_flash_varlen`'s function through FlashAttention-4 (the `flash-attn-4` package), whose
+    Hopper kernel is FlashAttention-3's design (asynchronous copies, warpgroup MMAs), which
+    torch's flash attention (FlashAttention-2) lacks: 1.74 against 3.11 ms a layer of 4 images,
+    graphed (H200, benchmarks/attention_speed.py). Its Python side costs ~2.7 ms of host time a
+    call, which a graph replay skips and an eager step pays (`graph_kernels`)."""
+    from flash_attn.cute.interface import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                  max_seqlen_q=max_len, max_seqlen_k=max_len, seqused_k=used_k,
+                                  softmax_scale=scale)[0]  # (out, lse)
+
+
+# Set while a CUDA graph's passes are warmed up and captured (`graph_kernels`).
+_GRAPHED: contextvars.ContextVar = contextvars.ContextVar("llamalora_graphed", default=False)
+
+
+@contextlib.contextmanager
+def graph_kernels():
+    """Within it, the vision attention may take kernels whose host cost only a capture pays:
+    FlashAttention-4 where it runs (`_varlen_kernel`). `step` wraps each graph's warm-up passes
+    (which compile its kernels) and capture in it; eager steps and chat keep torch's kernel."""
+    token = _GRAPHED.set(True)
+    try:
+        yield
+    finally:
+        _GRAPHED.reset(token)
+
+
+def _varlen_kernel(device):
+    """The vision attention's varlen kernel: in a graph's passes (`graph_kernels`),
+    FlashAttention-4's where it runs (`_fa4_runs_on`), else torch's."""
+    return _fa4_varlen if _GRAPHED.get() and _fa4_runs_on(device) else _flash_varlen
+
+
+@functools.cache
+def _fa4_runs_on(device) -> bool:
+    """FlashAttention-4 on `device`: CUDA of compute capability 9 (Hopper) or newer, the package
+    installed (`pip install 'llamalora[fa4]'`), LLAMALORA_NO_FA4 unset. Read once a device:
+    the import loads its compiler (8.8 s on a fresh H200 machine)."""
+    import importlib.util
+    import os
+    import warnings
+
+    import torch
+
+    if (device.type != "cuda" or os.environ.get("LLAMALORA_NO_FA4")
+            or torch.cuda.get_device_capability(device)[0] < 9
+            or importlib.util.find_spec("flash_attn") is None):
+        return False
+    # Its own compile cache, off by default: a later run loads the compiled kernels from disk.
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    try:  # a flash_attn without cute is FlashAttention-2's package
+        importlib.import_module("flash_attn.cute.interface")
+    except ImportError:
+        return False
+    # Printed at each compile, about an argument the compiler treats as a constant anyway.
+    warnings.filterwarnings("ignore", message=r"Argument \w+ \(position \d+\) cannot be "
+                            r"converted to a JitArgument", category=UserWarning)
+    return True
+
+
+def vision_attention_kernel(device, graphs: bool) -> str:
+    """Which kernel the vision tower's attention runs, for the start-of-run line."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "SDPA"
+    if graphs and _fa4_runs_on(device):
+        return "FlashAttention-4 (CUDA graphs)"
+    return "torch flash attention"
 
 
 def use_fast_mllama_attention(model) -> int:

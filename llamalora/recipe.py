@@ -186,6 +186,10 @@ def _build_model(config: TrainConfig, plan: Plan, par, device, emit) -> tuple[ob
     graphs, why = _choose_graphs(config, plan, device, checkpointing, par)
     if why:
         emit(Status(why))
+    if plan.with_vision:
+        from llamalora.attention import vision_attention_kernel
+
+        kernels += f"; vision attention: {vision_attention_kernel(device, graphs)}"
     compiled, why = _choose_compile(config, plan, device, checkpointing,
                                     sharded=par.shards_weights, graphs=graphs)
     if compiled:

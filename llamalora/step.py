@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llamalora.attention import DENSE, cross_attention_runs
+from llamalora.attention import DENSE, cross_attention_runs, graph_kernels
 from llamalora.batching import IGNORE_INDEX
 
 
@@ -257,15 +257,16 @@ class GraphedStep(TrainStep):
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.WARMUP):
-                forward_backward()
-                for p in self.params:
-                    p.grad = None
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            loss = forward_backward()
+        with graph_kernels():
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP):
+                    forward_backward()
+                    for p in self.params:
+                        p.grad = None
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                loss = forward_backward()
         self._pool = graph.pool()
         grads = [p.grad for p in self.params]
         for p in self.params:

@@ -312,29 +312,76 @@ def test_an_encoder_reorders_only_where_every_layer_takes_the_flash_path():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_vision_attention_on_flash_is_the_masked_attention():
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graphed"])
+def test_vision_attention_on_flash_is_the_masked_attention(graphed):
     """On CUDA in bf16, at the 11B's shapes (16 heads of 80, 4 tile slots of 1,608 tokens):
-    the vision attention's varlen flash call gives SDPA's masked result (fp32 math) within bf16
-    rounding, for images of 1, 2, 4 and 3 real tiles."""
+    the vision attention's varlen call gives SDPA's masked result (fp32 math) within bf16
+    rounding, for images of 1, 2, 4 and 3 real tiles; eager on torch's flash attention, and
+    captured in a CUDA graph and replayed on FlashAttention-4 where it is installed."""
     import types
 
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from llamalora.attention import _vision_attention
+    from llamalora import attention
 
     torch.manual_seed(0)
     tiles = [1, 2, 4, 3]
     mask = _vision_mask(tiles, 4, 1601, 1608, torch.bfloat16).cuda()
     q, k, v = (torch.randn(4, 16, 4 * 1608, 80, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))
+
+    def call():
+        return attention._vision_attention(types.SimpleNamespace(training=False), q, k, v, mask,
+                                           scaling=80 ** -0.5)[0]
+
     with torch.no_grad():
-        out, _ = _vision_attention(types.SimpleNamespace(training=False), q, k, v, mask,
-                                   scaling=80 ** -0.5)
+        if graphed:
+            with attention.graph_kernels():
+                expected = (attention._fa4_varlen if attention._fa4_runs_on(q.device)
+                            else attention._flash_varlen)
+                assert attention._varlen_kernel(q.device) is expected
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    call()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = call()
+            q.copy_(torch.randn_like(q))  # a replay reads the new inputs
+            graph.replay()
+        else:
+            assert attention._varlen_kernel(q.device) is attention._flash_varlen
+            out = call()
         with sdpa_kernel(SDPBackend.MATH):
             ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
                                                  attn_mask=mask.float()).transpose(1, 2)
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-3)
+
+
+def test_flash_attention_4_runs_only_in_a_graphs_passes(monkeypatch):
+    """`attention._varlen_kernel`: FlashAttention-4, whose Python side costs ~2.7 ms of host
+    time a call, only inside `graph_kernels` (a graph's warm-up and capture) and only where it
+    runs; else torch's flash attention. The start-of-run line says the same."""
+    from llamalora import attention
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(attention, "_fa4_runs_on", lambda device: True)
+    assert attention._varlen_kernel(cuda) is attention._flash_varlen
+    with attention.graph_kernels():
+        assert attention._varlen_kernel(cuda) is attention._fa4_varlen
+    assert attention._varlen_kernel(cuda) is attention._flash_varlen
+    assert attention.vision_attention_kernel(cuda, graphs=True) == \
+        "FlashAttention-4 (CUDA graphs)"
+    assert attention.vision_attention_kernel(cuda, graphs=False) == "torch flash attention"
+    monkeypatch.setattr(attention, "_fa4_runs_on", lambda device: False)
+    with attention.graph_kernels():
+        assert attention._varlen_kernel(cuda) is attention._flash_varlen
+    assert attention.vision_attention_kernel(cuda, graphs=True) == "torch flash attention"
+    assert attention.vision_attention_kernel("cpu", graphs=True) == "SDPA"
+    monkeypatch.undo()
+    assert not attention._fa4_runs_on(torch.device("cpu"))
 
 
 def test_lora_runs_in_the_activation_dtype(processor, records):

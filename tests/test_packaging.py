@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Import names whose distribution is spelled otherwise.
-DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml"}
+DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "flash_attn": "flash-attn-4"}
 # Imported only where present: triton comes with CUDA builds of torch (the int8 kernels fall back
 # to torch without it).
 OPTIONAL_BY_DESIGN = {"triton"}
