@@ -161,6 +161,9 @@ def main() -> None:
         def no_capture(self, batch):
             raise RuntimeError("profile_train --eager-static: the static rows run eagerly")
         step_module.GraphedStep._capture_with = no_capture
+        from llamalora import attention
+
+        attention._GRAPHED.set(True)  # the kernels a graph's passes take (attention.graph_kernels)
     recipe.StepBatches.__call__ = batches
     step_module.TrainStep.__call__ = traced_step
     step_module.loss_sum = traced_loss_sum

@@ -371,9 +371,8 @@ def _flash_varlen(q, k, v, cu_q, cu_k, used_k, max_len, scale):
 def _fa4_varlen(q, k, v, cu_q, cu_k, used_k, max_len, scale):
     """`_flash_varlen`'s function through FlashAttention-4 (the `flash-attn-4` package), whose
     Hopper kernel is FlashAttention-3's design (asynchronous copies, warpgroup MMAs), which
-    torch's flash attention (FlashAttention-2) lacks: 1.74 against 3.11 ms a layer of 4 images,
-    graphed (H200, benchmarks/attention_speed.py). Its Python side costs ~2.7 ms of host time a
-    call, which a graph replay skips and an eager step pays (`graph_kernels`)."""
+    torch's flash attention (FlashAttention-2) lacks: 1.68-1.74 against 3.11-3.12 ms a layer of
+    4 images, captured and replayed (H200, benchmarks/attention_speed.py)."""
     from flash_attn.cute.interface import flash_attn_varlen_func
 
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
@@ -387,9 +386,12 @@ _GRAPHED: contextvars.ContextVar = contextvars.ContextVar("llamalora_graphed", d
 
 @contextlib.contextmanager
 def graph_kernels():
-    """Within it, the vision attention may take kernels whose host cost only a capture pays:
-    FlashAttention-4 where it runs (`_varlen_kernel`). `step` wraps each graph's warm-up passes
-    (which compile its kernels) and capture in it; eager steps and chat keep torch's kernel."""
+    """Within it the vision attention takes FlashAttention-4 where it runs (`_varlen_kernel`).
+    `step` wraps each graph's warm-up passes (which compile its kernels) and capture in it.
+    Eager steps and chat keep torch's kernel: on eager padded image steps FlashAttention-4
+    measured no faster (H200, alternating runs in one lease: 0.735 and 0.865 s against 0.829
+    and 0.807 s), and they would pay its import (8.8 s on a fresh machine) and first compile
+    (~2 s) for nothing."""
     token = _GRAPHED.set(True)
     try:
         yield

@@ -361,9 +361,9 @@ def test_vision_attention_on_flash_is_the_masked_attention(graphed):
 
 
 def test_flash_attention_4_runs_only_in_a_graphs_passes(monkeypatch):
-    """`attention._varlen_kernel`: FlashAttention-4, whose Python side costs ~2.7 ms of host
-    time a call, only inside `graph_kernels` (a graph's warm-up and capture) and only where it
-    runs; else torch's flash attention. The start-of-run line says the same."""
+    """`attention._varlen_kernel`: FlashAttention-4 only inside `graph_kernels` (a graph's
+    warm-up and capture) and only where it runs; else torch's flash attention. The start-of-run
+    line says the same."""
     from llamalora import attention
 
     cuda = torch.device("cuda", 0)
