@@ -405,43 +405,56 @@ def _varlen_kernel(device):
     return _fa4_varlen if _GRAPHED.get() and _fa4_runs_on(device) else _flash_varlen
 
 
-@functools.cache
 def _fa4_runs_on(device) -> bool:
-    """FlashAttention-4 on `device`: CUDA of compute capability 9 (Hopper) or newer, the package
-    installed (`pip install 'llamalora[fa4]'`), LLAMALORA_NO_FA4 unset. Read once a device:
-    the import loads its compiler (8.8 s on a fresh H200 machine)."""
+    return _fa4_problem(device) is None
+
+
+@functools.cache
+def _fa4_problem(device) -> str | None:
+    """Why FlashAttention-4 does not run on `device`, or None where it does: CUDA of compute
+    capability 9 (Hopper) or newer, the package installed (`pip install 'llamalora[fa4]'`) and
+    importable, LLAMALORA_NO_FA4 unset. Read once a device: the import loads its compiler
+    (8.8 s on a fresh H200 machine)."""
     import importlib.util
     import os
     import warnings
 
     import torch
 
-    if (device.type != "cuda" or os.environ.get("LLAMALORA_NO_FA4")
-            or torch.cuda.get_device_capability(device)[0] < 9
-            or importlib.util.find_spec("flash_attn") is None):
-        return False
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return "not a Hopper or newer GPU"
+    if os.environ.get("LLAMALORA_NO_FA4"):
+        return "LLAMALORA_NO_FA4 is set"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "not installed"
     # Its compile cache on disk, off unless asked: a later run can load the kernels an earlier
     # one compiled (its documented behaviour; the time saved is not measured here).
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
     try:  # a flash_attn without cute is FlashAttention-2's package
         importlib.import_module("flash_attn.cute.interface")
-    except ImportError:
-        return False
+    except Exception as exc:  # a pre-release over native libraries: any failure means torch's
+        return f"flash_attn.cute did not import ({type(exc).__name__}: {exc})"
     # Printed at each compile, about an argument the compiler treats as a constant anyway.
     warnings.filterwarnings("ignore", message=r"Argument \w+ \(position \d+\) cannot be "
                             r"converted to a JitArgument", category=UserWarning)
-    return True
+    return None
 
 
 def vision_attention_kernel(device, graphs: bool) -> str:
-    """Which kernel the vision tower's attention runs, for the start-of-run line."""
+    """Which kernel the vision tower's attention runs, for the start-of-run line; with the
+    reason where FlashAttention-4 is installed but does not import."""
     import torch
 
     device = torch.device(device)
     if device.type != "cuda":
         return "SDPA"
-    if graphs and _fa4_runs_on(device):
+    if not graphs:
+        return "torch flash attention"
+    problem = _fa4_problem(device)
+    if problem is None:
         return "FlashAttention-4 (CUDA graphs)"
+    if problem.startswith("flash_attn.cute did not import"):
+        return f"torch flash attention ({problem})"
     return "torch flash attention"
 
 

@@ -367,7 +367,7 @@ def test_flash_attention_4_runs_only_in_a_graphs_passes(monkeypatch):
     from llamalora import attention
 
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(attention, "_fa4_runs_on", lambda device: True)
+    monkeypatch.setattr(attention, "_fa4_problem", lambda device: None)
     assert attention._varlen_kernel(cuda) is attention._flash_varlen
     with attention.graph_kernels():
         assert attention._varlen_kernel(cuda) is attention._fa4_varlen
@@ -375,13 +375,49 @@ def test_flash_attention_4_runs_only_in_a_graphs_passes(monkeypatch):
     assert attention.vision_attention_kernel(cuda, graphs=True) == \
         "FlashAttention-4 (CUDA graphs)"
     assert attention.vision_attention_kernel(cuda, graphs=False) == "torch flash attention"
-    monkeypatch.setattr(attention, "_fa4_runs_on", lambda device: False)
+    monkeypatch.setattr(attention, "_fa4_problem", lambda device: "not installed")
     with attention.graph_kernels():
         assert attention._varlen_kernel(cuda) is attention._flash_varlen
     assert attention.vision_attention_kernel(cuda, graphs=True) == "torch flash attention"
     assert attention.vision_attention_kernel("cpu", graphs=True) == "SDPA"
     monkeypatch.undo()
     assert not attention._fa4_runs_on(torch.device("cpu"))
+
+
+def test_a_flash_attention_4_that_does_not_import_leaves_torchs_kernel(tmp_path, monkeypatch):
+    """An installed FlashAttention-4 whose import fails (here an OSError, as a missing native
+    library gives) is not used, and the start-of-run line says why, instead of the run
+    stopping."""
+    from llamalora import attention
+
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "__init__.py").write_text("")
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    (tmp_path / "flash_attn" / "cute" / "interface.py").write_text(
+        "raise OSError('libcute_dsl_runtime.so: cannot open shared object file')\n")
+    import sys
+
+    for name in [n for n in sys.modules if n.split(".")[0] == "flash_attn"]:
+        monkeypatch.delitem(sys.modules, name)  # a real one already imported: put back after
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.delenv("LLAMALORA_NO_FA4", raising=False)
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", raising=False)
+    attention._fa4_problem.cache_clear()
+    try:
+        cuda = torch.device("cuda", 0)
+        assert not attention._fa4_runs_on(cuda)
+        with attention.graph_kernels():
+            assert attention._varlen_kernel(cuda) is attention._flash_varlen
+        line = attention.vision_attention_kernel(cuda, graphs=True)
+        assert line.startswith("torch flash attention (flash_attn.cute did not import (OSError")
+        monkeypatch.setenv("LLAMALORA_NO_FA4", "1")
+        attention._fa4_problem.cache_clear()
+        assert attention.vision_attention_kernel(cuda, graphs=True) == "torch flash attention"
+    finally:
+        attention._fa4_problem.cache_clear()
+        for name in [n for n in sys.modules if n.split(".")[0] == "flash_attn"]:
+            del sys.modules[name]  # the stand-in's; monkeypatch restores any real ones
 
 
 def test_lora_runs_in_the_activation_dtype(processor, records):
