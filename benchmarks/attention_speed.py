@@ -136,24 +136,23 @@ def main() -> None:
             return replay["r"]()
         return run
 
-    fa4 = []
+    kernels = [("llamalora's split on torch flash", on(attention._flash_varlen)),
+               ("llamalora's split on torch flash, graphed",
+                graphed(on(attention._flash_varlen)))]
     try:
         import flash_attn.cute.interface as fa4_interface
 
-        fa4 = [("llamalora's split on FA4", on(attention._fa4_varlen)),
-               ("llamalora's split on FA4, graphed", graphed(on(attention._fa4_varlen))),
-               ("llamalora's split on torch flash", on(attention._flash_varlen)),
-               ("llamalora's split on torch flash, graphed",
-                graphed(on(attention._flash_varlen))),
-               ("FA4, no mask (not the same function)",
-                lambda: fa4_interface.flash_attn_func(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                    softmax_scale=dim ** -0.5)[0].transpose(1, 2))]
+        kernels += [("llamalora's split on FA4", on(attention._fa4_varlen)),
+                    ("llamalora's split on FA4, graphed", graphed(on(attention._fa4_varlen))),
+                    ("FA4, no mask (not the same function)",
+                     lambda: fa4_interface.flash_attn_func(
+                         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                         softmax_scale=dim ** -0.5)[0].transpose(1, 2))]
     except ImportError as exc:
         results["fa4"] = f"not installed: {exc}"
 
     vision = {}
-    for name, fn in (*fa4, ("llamalora: varlen, real and padding queries apart", ours),
+    for name, fn in (*kernels, ("llamalora: varlen, real and padding queries apart", ours),
                      ("cudnn, no mask (not the same function)",
                       lambda: _cudnn_plain(q, k, v)),
                      ("efficient (today)", masked(SDPBackend.EFFICIENT_ATTENTION)),

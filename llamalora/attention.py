@@ -406,6 +406,7 @@ def _varlen_kernel(device):
 
 
 def _fa4_runs_on(device) -> bool:
+    """FlashAttention-4 runs on `device` (`_fa4_problem` says why not)."""
     return _fa4_problem(device) is None
 
 
@@ -441,8 +442,8 @@ def _fa4_problem(device) -> str | None:
 
 
 def vision_attention_kernel(device, graphs: bool) -> str:
-    """Which kernel the vision tower's attention runs, for the start-of-run line; with the
-    reason where FlashAttention-4 is installed but does not import."""
+    """Which kernel the vision tower's attention runs, for the start-of-run line; in a graphed
+    run without FlashAttention-4, why (not installed, did not import, ...)."""
     import torch
 
     device = torch.device(device)
@@ -453,9 +454,7 @@ def vision_attention_kernel(device, graphs: bool) -> str:
     problem = _fa4_problem(device)
     if problem is None:
         return "FlashAttention-4 (CUDA graphs)"
-    if problem.startswith("flash_attn.cute did not import"):
-        return f"torch flash attention ({problem})"
-    return "torch flash attention"
+    return f"torch flash attention (FlashAttention-4: {problem})"
 
 
 def use_fast_mllama_attention(model) -> int:

@@ -378,7 +378,8 @@ def test_flash_attention_4_runs_only_in_a_graphs_passes(monkeypatch):
     monkeypatch.setattr(attention, "_fa4_problem", lambda device: "not installed")
     with attention.graph_kernels():
         assert attention._varlen_kernel(cuda) is attention._flash_varlen
-    assert attention.vision_attention_kernel(cuda, graphs=True) == "torch flash attention"
+    assert attention.vision_attention_kernel(cuda, graphs=True) == \
+        "torch flash attention (FlashAttention-4: not installed)"
     assert attention.vision_attention_kernel("cpu", graphs=True) == "SDPA"
     monkeypatch.undo()
     assert not attention._fa4_runs_on(torch.device("cpu"))
@@ -410,10 +411,12 @@ def test_a_flash_attention_4_that_does_not_import_leaves_torchs_kernel(tmp_path,
         with attention.graph_kernels():
             assert attention._varlen_kernel(cuda) is attention._flash_varlen
         line = attention.vision_attention_kernel(cuda, graphs=True)
-        assert line.startswith("torch flash attention (flash_attn.cute did not import (OSError")
+        assert line.startswith("torch flash attention (FlashAttention-4: flash_attn.cute did "
+                               "not import (OSError: libcute_dsl_runtime.so")
         monkeypatch.setenv("LLAMALORA_NO_FA4", "1")
         attention._fa4_problem.cache_clear()
-        assert attention.vision_attention_kernel(cuda, graphs=True) == "torch flash attention"
+        assert attention.vision_attention_kernel(cuda, graphs=True) == \
+            "torch flash attention (FlashAttention-4: LLAMALORA_NO_FA4 is set)"
     finally:
         attention._fa4_problem.cache_clear()
         for name in [n for n in sys.modules if n.split(".")[0] == "flash_attn"]:
