@@ -80,6 +80,9 @@ def apply_adapter(model, folder: Path):
     Raises:
         ModelError: The adapter does not fit this model.
     """
+    from llamalora.models import preload_bitsandbytes
+
+    preload_bitsandbytes()
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 

@@ -304,9 +304,11 @@ def _trained_with_vision(info: AdapterInfo) -> bool:
 
 def _verify_adapter(info: AdapterInfo, folder: Path, dtype: str) -> tuple[float, float, float]:
     """Logits of base + the run's adapter vs base + plain `PeftModel.from_pretrained(folder)`."""
+    from llamalora.models import preload_bitsandbytes, resolve_model
+
+    preload_bitsandbytes()
     from peft import PeftModel
 
-    from llamalora.models import resolve_model
     from llamalora.tokenizer import load_model_tokenizer
 
     tokenizer, _ = load_model_tokenizer(resolve_model(info.base_model))

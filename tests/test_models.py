@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -186,6 +187,33 @@ def test_missing_bitsandbytes_names_the_fix(tiny_dir, monkeypatch):
     models.check_quant_packages("none")  # needs nothing
     with pytest.raises(MissingExtraError, match=r"--quant 4bit needs bitsandbytes"):
         models.check_quant_packages("4bit")
+
+
+@needs_bnb
+def test_bitsandbytes_imports_without_building_its_compile_wrappers():
+    # A fresh process, so bitsandbytes is imported here for the first time. torch.compile is
+    # replaced by a recorder that returns the function as it is: the import must not call it
+    # (building the wrappers is what imports Inductor), and bitsandbytes' wrapped kernel must
+    # still compute, calling it once with bitsandbytes' options at its first call.
+    code = """
+import sys, torch
+calls = []
+torch.compile = lambda fn, **options: calls.append((fn.__name__, options)) or fn
+from llamalora.models import import_bitsandbytes
+bnb = import_bitsandbytes()
+assert not calls, calls
+assert torch.compile.__name__ == "<lambda>", "torch.compile was not put back"
+from bitsandbytes.backends.default import ops
+codes = torch.linspace(-1, 1, 256)
+out = ops._dequantize_blockwise_compute(torch.tensor([0, 255], dtype=torch.uint8),
+                                        torch.tensor([2.0]), codes, 64, torch.float32)
+assert out.tolist() == [-2.0, 2.0], out
+assert calls == [("_dequantize_blockwise_compute", {"dynamic": False})], calls
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 @needs_bnb
