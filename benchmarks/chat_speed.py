@@ -44,6 +44,16 @@ class _Clock:
         pass
 
 
+def _eos_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def _pad_id(model) -> int:
+    pad = model.generation_config.pad_token_id
+    return pad if pad is not None else (_eos_ids(model) or [0])[0]
+
+
 def plain_generate(model, ids, max_new_tokens, tokens=None):
     import torch
 
@@ -52,7 +62,7 @@ def plain_generate(model, ids, max_new_tokens, tokens=None):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                              max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                              do_sample=False, temperature=None, top_p=None, top_k=None,
-                             pad_token_id=128004, streamer=clock)
+                             pad_token_id=_pad_id(model), streamer=clock)
     torch.cuda.synchronize()
     end = time.perf_counter()
     n = out.shape[1] - ids.shape[1]
@@ -62,7 +72,8 @@ def plain_generate(model, ids, max_new_tokens, tokens=None):
 
 
 def compare_tokens(model, decoder, ids, max_new_tokens):
-    """How ours agrees with generate over `max_new_tokens` greedy tokens (no stop token).
+    """How ours agrees with generate over `max_new_tokens` greedy tokens (no stop token: both
+    sides mask the end-of-sequence ids, as `min_new_tokens` does for generate).
 
     Returns same (leading tokens alike), ours_diff (the largest difference of our logits from
     one full forward over the shared prefix, teacher-forced), generate_diff (the same for
@@ -75,12 +86,19 @@ def compare_tokens(model, decoder, ids, max_new_tokens):
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                              max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                              do_sample=False, temperature=None, top_p=None, top_k=None,
-                             pad_token_id=128004, output_logits=True,
+                             pad_token_id=_pad_id(model), output_logits=True,
                              return_dict_in_generate=True)
     plain = gen.sequences[0, ids.shape[1]:].tolist()
     gen_logits = torch.stack([x[0].float() for x in gen.logits])
+    eos = _eos_ids(model)
+
+    def greedy(logits):
+        logits = logits.clone()
+        logits[..., eos] = float("-inf")
+        return logits.argmax(-1)
+
     ours = list(decoder.generate(ids[0].tolist(), max_new_tokens=max_new_tokens, stop_ids=[],
-                                 choose=lambda logits: logits.argmax(-1)))
+                                 choose=greedy))
     same = next((i for i, (a, b) in enumerate(zip(ours, plain)) if a != b), len(plain))
     n = min(same + 1, len(plain))
     mine = []
@@ -133,6 +151,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--kernels", default="auto", help="llamalora's side: auto, fast or plain")
+    ap.add_argument("--prompt", default=PROMPT, help="The user turn (default: a Korean "
+                    "glossary question).")
     args = ap.parse_args()
 
     import torch
@@ -163,13 +183,13 @@ def main() -> None:
         session = ChatSession(model=model, tokenizer=tokenizer, image_processor=None,
                               device=load["device"], base_model=path, adapter=None, quant=quant,
                               kernels=kernels, lora_merged=merged)
-        ids = torch.tensor([session.prompt_ids(PROMPT)], device=load["device"])
+        ids = torch.tensor([session.prompt_ids(args.prompt)], device=load["device"])
         # min_new_tokens keeps both paths generating the same count on a random model.
         options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=0)
         ours = []
         for _ in range(args.repeat + 1):  # the first ask captures the graph (and autotunes)
             session.reset()
-            reply = session.ask(PROMPT, options=options)
+            reply = session.ask(args.prompt, options=options)
             ours.append((reply.first_token_s, reply.decode_tokens_per_s, reply.new_tokens))
         first_ours, ours = ours[0], ours[1:]
         if merged:  # the comparisons below run on the adapter as trained, unmerged
