@@ -229,8 +229,8 @@ def plan_training(config: TrainConfig) -> Plan:
         raise ConfigError(f"no record fits --max-seq-length {config.max_seq_length} with a "
                           "response left; raise it (see `llamalora stats`)")
     train_idx, eval_idx = split_eval(len(kept), config.eval_fraction, config.seed)
-    train_set, eval_set = Records(data.dataset, kept[train_idx]), Records(data.dataset,
-                                                                          kept[eval_idx])
+    train_set, eval_set = Records(data.table, kept[train_idx]), Records(data.table,
+                                                                        kept[eval_idx])
     with_vision, truncation = data.with_vision, data.truncation
     batches = math.ceil(len(train_set) / config.batch_size)
     per_step = config.gradient_accumulation_steps * world_size

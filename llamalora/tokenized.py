@@ -6,7 +6,8 @@
             tokenizes nothing)
 
 Both files are memory-mapped, so a run holds statistics and indices, not token lists: `Records`
-hands the trainer one record at a time as a `Tokenized`. The node's local rank 0 builds the
+hands the trainer one record at a time as a `Tokenized`. A run that finds its data in the cache
+reads the Arrow files `Dataset.map` wrote with pyarrow alone (`_read_tables`). The node's local rank 0 builds the
 cache; the other ranks wait for its marker file and read it. Tokenization itself is
 `batching.tokenize_records`, the same code `tokenize_examples` runs.
 """
@@ -24,6 +25,7 @@ from llamalora.batching import Tokenized, TruncationSummary, tokenize_records
 from llamalora.data import Example, open_source, require_valid, scan_examples
 from llamalora.errors import DataError, LlamaLoraError
 from llamalora.template import render_segments, template_of
+from llamalora.tokenizer import tokenizer_digest
 
 # Bump when what is stored (columns, their meaning) changes: older caches are then ignored.
 CACHE_VERSION = 1
@@ -36,7 +38,7 @@ _STARTED = time.time()  # failure markers older than this process are a previous
 class TokenizedData:
     """The tokenized data set and what the plan needs to know about it."""
 
-    dataset: object  # datasets.Dataset: line, input_ids, labels, images, length, targets, kept
+    table: object  # pyarrow.Table: line, input_ids, labels, images, length, targets, kept
     records: int  # valid records (before truncation leaves any out)
     with_vision: bool
     truncation: TruncationSummary
@@ -50,18 +52,17 @@ class TokenizedData:
         return np.flatnonzero(self.column("kept"))
 
     def column(self, name: str):
-        return self.dataset.data.column(name).to_numpy()
+        return self.table.column(name).to_numpy()
 
 
 class Records:
-    """Some rows of a tokenized data set, by position, as `Tokenized`; `lengths` holds their
+    """Some rows of a tokenized table, by position, as `Tokenized`; `lengths` holds their
     token counts (what batching needs without reading a record), `image_counts` their images."""
 
-    def __init__(self, dataset, indices):
+    def __init__(self, table, indices):
         import numpy as np
 
         self._indices = np.asarray(indices, dtype=np.int64)
-        table = dataset.data
         self._lines = table.column("line").to_numpy()
         self._ids, self._labels = _lists(table.column("input_ids")), _lists(
             table.column("labels"))
@@ -129,7 +130,8 @@ def tokenize_data(data_path: str, tokenizer, *, max_seq_length: int, train_on_pr
 
     Args:
         data_path, split, image_root, skip_invalid: As `data.load_examples` takes them.
-        tokenizer: A `tokenizers.Tokenizer`.
+        tokenizer: A `tokenizers.Tokenizer`; a `tokenizer.FileTokenizer` is not parsed when
+            the cache has the data.
         max_seq_length, train_on_prompt, truncation: As `batching.tokenize_records`.
         num_proc: Tokenizing processes (0: one below PARALLEL_FROM records, else up to 8).
         builder: This process builds the cache (local rank 0); False waits for it to.
@@ -144,8 +146,8 @@ def tokenize_data(data_path: str, tokenizer, *, max_seq_length: int, train_on_pr
     root = Path(image_root).expanduser().resolve() if image_root else None
     folder = cache_root() / _digest(CACHE_VERSION, data_fp, str(root), skip_invalid)
     template = template_of(tokenizer)
-    key = _digest(folder.name, tokenizer.to_str(), max_seq_length, train_on_prompt, truncation,
-                  template.text, _template_probe(template))
+    key = _digest(folder.name, tokenizer_digest(tokenizer), max_seq_length, train_on_prompt,
+                  truncation, template.text, _template_probe(template))
     ready = folder / f"tokenized-{key}.json"
     failed = folder / f"failed-{key}.txt"
     built = False
@@ -163,14 +165,16 @@ def tokenize_data(data_path: str, tokenizer, *, max_seq_length: int, train_on_pr
             folder.mkdir(parents=True, exist_ok=True)
             failed.write_text(str(exc))
             raise
-    dataset = _tokenized(folder, key, tokenizer, summary["num_proc"], max_seq_length,
-                         train_on_prompt, truncation)
+    table = _read_tables(folder, summary.get("files")) if not built else None
+    if table is None:
+        table = _tokenized(folder, key, tokenizer, summary["num_proc"], max_seq_length,
+                           train_on_prompt, truncation).data.table
     truncation_summary = TruncationSummary(truncation, max_seq_length,
                                            **summary["truncation"])
     reused = not built
     if reused and builder and on_status is not None:
         on_status(f"Tokenized data read from the cache ({folder})")
-    return TokenizedData(dataset, summary["records"], summary["with_vision"], truncation_summary,
+    return TokenizedData(table, summary["records"], summary["with_vision"], truncation_summary,
                          data_fp, reused)
 
 
@@ -282,6 +286,18 @@ def _tokenized(folder: Path, key: str, tokenizer, num_proc: int, max_seq_length:
                                                       truncation))
 
 
+def _read_tables(folder: Path, files: list[str] | None):
+    """The tokenized table from the Arrow files a build recorded, memory-mapped, as `datasets`
+    reads its own; None if any is gone (or an older cache recorded none). Importing `datasets`
+    (pandas with it) was ~0.5 s of a second run's start, for files pyarrow reads as they are."""
+    if not files or not all((folder / name).is_file() for name in files):
+        return None
+    import pyarrow as pa
+
+    tables = [pa.ipc.open_stream(pa.memory_map(str(folder / name))).read_all() for name in files]
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
 def _build(source, folder: Path, key: str, tokenizer, *, num_proc: int, max_seq_length: int,
            train_on_prompt: bool, truncation: str, skip_invalid: bool,
            image_root: Path | None) -> dict:
@@ -297,6 +313,7 @@ def _build(source, folder: Path, key: str, tokenizer, *, num_proc: int, max_seq_
     lines = table.column("line").to_numpy()
     summary = {
         **report, "num_proc": num_proc,
+        "files": [Path(f["filename"]).name for f in ds.cache_files],
         "truncation": {
             "records_over": int((table.column("untruncated").to_numpy() > max_seq_length).sum()),
             "response_tokens_lost": int(table.column("response_lost").to_numpy().sum()),

@@ -3,6 +3,8 @@ fingerprint, read by the ranks that did not build it, and a plan that holds no t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import llamalora.tokenized as tokenized
@@ -52,7 +54,7 @@ def test_cache_equals_tokenize_examples_and_is_reused(tmp_path, counted):
     assert not first.reused and sum(counted) == len(RECORDS)
     examples, _ = load_examples(path)
     expected, summary = tokenize_examples(TOK, examples, **OPTIONS)
-    _same(tokenized.Records(first.dataset, first.kept()), expected)
+    _same(tokenized.Records(first.table, first.kept()), expected)
     assert first.truncation == summary and summary.records_over == 3
     assert first.records == len(RECORDS) and not first.with_vision
 
@@ -60,7 +62,7 @@ def test_cache_equals_tokenize_examples_and_is_reused(tmp_path, counted):
     notes = []
     second = tokenized.tokenize_data(str(path), TOK, **OPTIONS, on_status=notes.append)
     assert second.reused and counted == [] and "from the cache" in notes[0]
-    _same(tokenized.Records(second.dataset, second.kept()), expected)
+    _same(tokenized.Records(second.table, second.kept()), expected)
 
     # Another option tokenizes again (from the stored examples); other data is another entry.
     third = tokenized.tokenize_data(str(path), TOK, **{**OPTIONS, "truncation": "drop"})
@@ -107,9 +109,9 @@ def test_num_proc_2_gives_the_same_records(tmp_path):
     two = tokenized.tokenize_data(str(path), TOK, **OPTIONS, num_proc=2)
     assert len(list((tokenized.cache_root()).glob("*/tokenized-*_of_00002.arrow"))) == 2
     expected, _ = tokenize_examples(TOK, load_examples(path)[0], **OPTIONS)
-    _same(tokenized.Records(two.dataset, two.kept()), expected)
+    _same(tokenized.Records(two.table, two.kept()), expected)
     again = tokenized.tokenize_data(str(path), TOK, **OPTIONS, num_proc=2)
-    assert again.reused and len(again.dataset) == 900
+    assert again.reused and len(again.table) == 900
 
 
 def test_the_plan_holds_records_not_token_lists(tmp_path):
@@ -135,7 +137,7 @@ def test_images_survive_the_cache(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", GOOD + [
         {"instruction": "What colour?", "output": "black", "image": "a.png"}])
     data = tokenized.tokenize_data(str(path), TOK, **OPTIONS, image_root=str(tmp_path / "imgs"))
-    records = tokenized.Records(data.dataset, data.kept())
+    records = tokenized.Records(data.table, data.kept())
     assert data.with_vision and records[3].images == [tmp_path / "imgs" / "a.png"]
     assert records[0].images == [] and TOK.token_to_id("<|image|>") in records[3].input_ids
 
@@ -159,7 +161,60 @@ def test_worker_processes_render_with_the_tokenizers_own_template(tmp_path):
         for i in range(300) for r in GOOD])
     two = tokenized.tokenize_data(str(path), own, **OPTIONS, num_proc=2)
     expected, _ = tokenize_examples(own, load_examples(path)[0], **OPTIONS)
-    _same(tokenized.Records(two.dataset, two.kept()), expected)
+    _same(tokenized.Records(two.table, two.kept()), expected)
     bundled = tokenized.tokenize_data(str(path), TOK, **OPTIONS, num_proc=2)
     assert not bundled.reused  # another template, another key
-    assert tokenized.Records(bundled.dataset, bundled.kept())[0].input_ids != expected[0].input_ids
+    assert tokenized.Records(bundled.table, bundled.kept())[0].input_ids != expected[0].input_ids
+
+
+def test_a_cached_run_parses_no_tokenizer_and_imports_no_datasets(tmp_path):
+    """The second run's start: the token cache is keyed on the tokenizer file's digest, so the
+    file is never parsed, and the cached Arrow files are read by pyarrow alone."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    path = write_jsonl(tmp_path / "d.jsonl", RECORDS)
+    code = textwrap.dedent(f"""
+        import json, sys
+        from llamalora.tokenized import Records, tokenize_data
+        from llamalora.tokenizer import load_tokenizer
+        tok = load_tokenizer("bundled").tokenizer
+        data = tokenize_data({str(path)!r}, tok, max_seq_length=64, train_on_prompt=False,
+                             truncation="truncate")
+        rows = Records(data.table, data.kept())
+        print(json.dumps({{"reused": data.reused, "parsed": tok._parsed is not None,
+                          "datasets": "datasets" in sys.modules,
+                          "first": rows[0].input_ids, "n": len(rows)}}))
+    """)
+    env = {**os.environ, "LLAMALORA_HOME": os.environ["LLAMALORA_HOME"]}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                                      capture_output=True, text=True).stdout)
+            for _ in range(2)]
+    assert [r["reused"] for r in runs] == [False, True]
+    assert runs[0]["parsed"] and runs[0]["datasets"]  # the build tokenizes through datasets
+    assert not runs[1]["parsed"] and not runs[1]["datasets"]
+    assert (runs[1]["first"], runs[1]["n"]) == (runs[0]["first"], runs[0]["n"])
+
+
+def test_a_file_tokenizer_parses_once_pickles_and_names_a_broken_file(tmp_path):
+    import pickle
+
+    from tokenizers import Tokenizer
+
+    from llamalora.errors import ModelError
+    from llamalora.template import template_of
+    from llamalora.tokenizer import BUNDLED_TOKENIZER_DIR, FileTokenizer
+
+    tok = load_tokenizer("bundled").tokenizer
+    direct = Tokenizer.from_file(str(BUNDLED_TOKENIZER_DIR / "tokenizer.json"))
+    assert tok.encode("거푸집 formwork").ids == direct.encode("거푸집 formwork").ids
+    assert tok.parsed() is tok.parsed()
+    copy = pickle.loads(pickle.dumps(tok))
+    assert copy._parsed is None and template_of(copy) is not None
+    assert copy.token_to_id("<|image|>") == 128256
+    broken = tmp_path / "tokenizer.json"
+    broken.write_text("{not json")
+    with pytest.raises(ModelError, match=str(broken)):
+        FileTokenizer(broken).encode("x")
