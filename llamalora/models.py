@@ -34,6 +34,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamalora import weights
 from llamalora.config import DEFAULT_LORA_TARGETS, QUANT_CHOICES, check_choice, lora_target_names
 from llamalora.errors import ConfigError, MissingExtraError, ModelError
 
@@ -392,7 +393,8 @@ def load_base_model(name_or_path: str, *, quant: str = "8bit", with_vision: bool
     # each as UNEXPECTED in a long table. Missing weights are checked below instead.
     quiet = _drop_load_report() if not with_vision else contextlib.nullcontext()
     try:
-        with quiet, _int8_where_loaded() if quant == "8bit" else contextlib.nullcontext():
+        with quiet, _int8_where_loaded() if quant == "8bit" else contextlib.nullcontext(), \
+                weights.fast_reads():
             model, loading = model_cls.from_pretrained(path, trust_remote_code=False, **kwargs)
     except ImportError as exc:
         raise MissingExtraError(f"loading with --quant {quant} failed: {_first_line(exc)}; "
