@@ -209,7 +209,11 @@ def test_sigint_to_one_rank_stops_every_rank_at_one_checkpoint_and_resumes(tmp_p
     assert run["world_size"] == 2 and run["steps_run"] == 40 - stopped
     _one_process(data, tmp_path / "one", batch_size=1, gradient_accumulation_steps=2,
                  max_steps=40)
-    assert _max_diff(_adapter(out), _adapter(tmp_path / "one")) < 1e-4
+    # Two processes sum a step's gradients in another order than one: over these 40 steps at
+    # lr 1e-2 that left 1.09e-4 between the adapters on a 2-core CI machine (the same before
+    # and after the 2026-12-02 changes; shorter runs here stay under 1e-4), where a run one
+    # step short differs by 0.10.
+    assert _max_diff(_adapter(out), _adapter(tmp_path / "one")) < 1e-3
 
 
 def test_sigint_to_the_torchrun_launcher_stops_the_workers_cleanly(tmp_path):
