@@ -434,9 +434,9 @@ def _fa4_problem(device) -> str | None:
     try:  # a flash_attn without cute is FlashAttention-2's package
         importlib.import_module("flash_attn.cute.interface")
     except Exception as exc:  # a pre-release over native libraries: any failure means torch's
-        from llamalora.models import _first_line  # (a loader's error can run to many lines)
+        from llamalora.errors import first_line  # (a loader's error can run to many lines)
 
-        return f"flash_attn.cute did not import ({_first_line(exc)})"
+        return f"flash_attn.cute did not import ({first_line(exc)})"
     # Printed at each compile, about an argument the compiler treats as a constant anyway.
     warnings.filterwarnings("ignore", message=r"Argument \w+ \(position \d+\) cannot be "
                             r"converted to a JitArgument", category=UserWarning)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
-from llamalora.errors import DataError, UsageError
+from llamalora.errors import DataError, UsageError, first_line
 from llamalora.template import IMAGE, IMAGE_PLACEHOLDER, user_text
 
 ERROR_CODES = (
@@ -479,8 +479,7 @@ def read_image(path: Path) -> None:
 
 
 def image_error(exc: Exception) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:120] if text else type(exc).__name__
+    return first_line(exc)[:120]
 
 
 def _check_images(names: list[str], root: Path, line: int, problems: list[Problem],
@@ -827,19 +826,21 @@ def _load_table(source: Source):
         else:
             ds = datasets.load_dataset(str(source.path or source.name), split=source.split)
     except ValueError as exc:
+        reason = first_line(exc, with_type=False, limit=300)
         if "split" in str(exc).lower():
             raise UsageError(f"--split {source.split}: {source.name} has no such split "
-                             f"({_first_line(exc)})") from exc
-        raise UsageError(f"cannot read {what}: {_first_line(exc)}") from exc
+                             f"({reason})") from exc
+        raise UsageError(f"cannot read {what}: {reason}") from exc
     except (DatasetNotFoundError, ConnectionError, FileNotFoundError) as exc:
+        reason = first_line(exc, with_type=False, limit=300)
         if source.path is not None:
-            raise UsageError(f"cannot read {what}: {_first_line(exc)}") from exc
-        raise UsageError(f"cannot load the Hub dataset {source.name} ({_first_line(exc)}); if it "
+            raise UsageError(f"cannot read {what}: {reason}") from exc
+        raise UsageError(f"cannot load the Hub dataset {source.name} ({reason}); if it "
                          "is gated, log in with `hf auth login` and accept its terms on its Hub "
                          "page; offline, pass a local file or folder (a dataset used once before "
                          "loads from the cache with HF_DATASETS_OFFLINE=1)") from exc
     except Exception as exc:  # pyarrow and the CSV reader raise many types for a bad file
-        raise UsageError(f"cannot read {what}: {type(exc).__name__}: {_first_line(exc)}"
+        raise UsageError(f"cannot read {what}: {first_line(exc, limit=300)}"
                          ) from exc
     # Embedded media (datasets' Image/Video features, alone or in a list) have no path to give.
     embedded = [n for n, f in ds.features.items() if re.search(r"\b(Image|Video)\(", repr(f))]
@@ -848,11 +849,6 @@ def _load_table(source: Source):
                          "(a datasets Image/Video column); llamalora reads images from files: "
                          "save them and give their paths in `image` / `images`")
     return ds
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _drop_nulls(value):

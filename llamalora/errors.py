@@ -40,3 +40,14 @@ class MissingExtraError(LlamaLoraError):
 
 class OutputExistsError(LlamaLoraError):
     """The output folder or file already holds something we would overwrite."""
+
+
+def first_line(exc: BaseException, *, with_type: bool = True, limit: int | None = None) -> str:
+    """What another library's exception says, for a one-line error: the first line of its
+    message (a native loader's can run to many), after its type unless `with_type` is False,
+    cut to `limit` characters; the type's name alone when the message is empty."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    text = lines[0][:limit] if limit else lines[0]
+    return f"{type(exc).__name__}: {text}" if with_type else text

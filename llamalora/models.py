@@ -36,7 +36,7 @@ from pathlib import Path
 
 from llamalora import weights
 from llamalora.config import DEFAULT_LORA_TARGETS, QUANT_CHOICES, check_choice, lora_target_names
-from llamalora.errors import ConfigError, MissingExtraError, ModelError
+from llamalora.errors import ConfigError, MissingExtraError, ModelError, first_line
 
 TINY_MODEL = "tiny"
 
@@ -325,7 +325,7 @@ def _build_from_gguf(spec: PackagedGGUF, folder: Path, cache_dir: str | Path | N
                                                          dtype=torch.float32)
         except ImportError as exc:
             raise MissingExtraError(f"reading the GGUF needs the gguf package: pip install "
-                                    f"gguf ({_first_line(exc)})") from exc
+                                    f"gguf ({first_line(exc)})") from exc
     # Saved as an ordinary checkpoint: it no longer depends on the GGUF or on gguf.
     model.hf_quantizer = None
     del model.config.quantization_config
@@ -397,7 +397,7 @@ def load_base_model(name_or_path: str, *, quant: str = "8bit", with_vision: bool
                 weights.fast_reads():
             model, loading = model_cls.from_pretrained(path, trust_remote_code=False, **kwargs)
     except ImportError as exc:
-        raise MissingExtraError(f"loading with --quant {quant} failed: {_first_line(exc)}; "
+        raise MissingExtraError(f"loading with --quant {quant} failed: {first_line(exc)}; "
                                 f"{_QUANT_HINT}") from exc
     except Exception as exc:  # hub, file and quantization errors come in many types
         raise ModelError(_explain_load_error(name_or_path, path, exc)) from exc
@@ -463,7 +463,7 @@ def load_image_processor(name_or_path: str):
     try:
         return AutoImageProcessor.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:
-        raise ModelError(f"cannot load the image processor of {name_or_path} ({_first_line(exc)})"
+        raise ModelError(f"cannot load the image processor of {name_or_path} ({first_line(exc)})"
                          "; images need a Llama 3.2 Vision model folder") from exc
 
 
@@ -521,7 +521,7 @@ def check_quant_packages(quant: str) -> None:
     except ImportError as exc:
         raise MissingExtraError(f"--quant {quant} needs bitsandbytes: {_QUANT_HINT}") from exc
     except Exception as exc:  # installed but broken (no usable backend for this machine)
-        raise ModelError(f"bitsandbytes could not be imported ({_first_line(exc)}); reinstall "
+        raise ModelError(f"bitsandbytes could not be imported ({first_line(exc)}); reinstall "
                          "it or pass --quant none") from exc
 
 
@@ -660,11 +660,6 @@ def _drop_load_report():
         log.removeFilter(report_filter)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
 def _exception_chain(exc: BaseException):
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -699,7 +694,7 @@ def _explain_load_error(name: str, path: str, exc: BaseException) -> str:
             w in text for w in ("offline", "connect", "couldn't connect", "timed out")):
         return (f"--model {name} could not be downloaded (offline?); fetch it first with "
                 f"`hf download {name}` where there is internet, or {fallback}")
-    return f"cannot load --model {name} ({_first_line(exc)}); {fallback}"
+    return f"cannot load --model {name} ({first_line(exc)}); {fallback}"
 
 
 def mask_imageless_cross_attention(model) -> int:
@@ -859,7 +854,7 @@ def attach_lora(model, *, r: int = 8, alpha: float = 32, dropout: float = 0.05,
                                     category=FutureWarning)
             peft_model = get_peft_model(model, config)
     except ValueError as exc:  # peft: "Target modules ... not found in the base model"
-        raise ConfigError(f"--target-modules {target_modules}: {_first_line(exc)}") from exc
+        raise ConfigError(f"--target-modules {target_modules}: {first_line(exc)}") from exc
     lora_in_vision = [n for n, _ in peft_model.named_parameters()
                       if "lora_" in n and is_vision_name(n)]
     if lora_in_vision:  # the pattern above rules this out; guard against peft changing

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from llamalora.attention import DENSE, cross_attention_runs, graph_kernels
 from llamalora.batching import IGNORE_INDEX
+from llamalora.errors import first_line
 
 
 def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +223,7 @@ class GraphedStep(TrainStep):
     def _give_up(self, exc: RuntimeError) -> None:
         """Something in the pass can't be captured (a host sync, say): the run goes on eagerly,
         and the recipe says why (`failure`)."""
-        self.failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+        self.failure = first_line(exc, limit=300)
         self.graphs.clear()
         self.optimizer.zero_grad(set_to_none=True)  # what a half-done warm-up left
         if torch.cuda.is_available():

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from llamalora.errors import ModelError, UsageError
+from llamalora.errors import ModelError, UsageError, first_line
 from llamalora.template import ChatTemplate, attach_template, template_from_config
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-11B-Vision-Instruct"
@@ -209,7 +209,7 @@ def load_tokenizer(name: str | None = None) -> TokenizerSource:
     try:
         tokenizer = FileTokenizer(_hub_tokenizer_file(name))
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+        reason = first_line(exc)
         if not _is_llama3_id(name):
             raise ModelError(f"cannot load the tokenizer {name!r} ({reason}); pass a local "
                              "folder, or log in with `hf auth login` for a gated model") from exc

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from llamalora.errors import ConfigError, MissingExtraError
+from llamalora.errors import ConfigError, MissingExtraError, first_line
 from llamalora.events import EvalDone, StepDone
 
 TRACKERS = ("tensorboard", "wandb", "trackio")
@@ -62,7 +62,7 @@ def check_trackers(names: list[str]) -> None:
             missing.append(name)
         except Exception as exc:  # a broken install (a protobuf clash, say) is as fatal
             missing.append(name)
-            broken.append(f"{name}: {_reason(exc)}")
+            broken.append(f"{name}: {first_line(exc)}")
     if missing:
         listed = ", ".join(missing)
         why = f" ({'; '.join(broken)})" if broken else ""
@@ -157,11 +157,6 @@ def _rewind(path: Path, step: int) -> None:
     os.replace(tmp, path)  # a crash here leaves the old file, not half of it
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 class Trackers:
     """`metrics.jsonl` and the open trackers of one run; make it with `open_trackers`.
 
@@ -192,7 +187,7 @@ class Trackers:
         except Exception as exc:
             # One warning, then the tracker is off: a dead connection would fail every step.
             self._backends.pop(name, None)
-            self._warn(f"{name} failed to {what} ({_reason(exc)}); it is off for the rest of "
+            self._warn(f"{name} failed to {what} ({first_line(exc)}); it is off for the rest of "
                        f"the run, {self.metrics_path.name} still gets every metric")
 
     def log(self, event: object) -> None:

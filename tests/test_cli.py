@@ -564,3 +564,12 @@ def test_chat_passes_its_options_to_the_core(monkeypatch):
     seen.clear()
     r = run("chat", "--model", "tiny", "--no-adapter", "--prompt", "?", "--image-root", "nope/")
     assert r.exit_code == 2 and "--image-root nope: no such folder" in r.stderr and not seen
+
+
+def test_another_librarys_error_is_one_line_of_it():
+    from llamalora.errors import first_line
+
+    native = OSError("libfoo.so: cannot open shared object file\n  at loader.c:12\n")
+    assert first_line(native) == "OSError: libfoo.so: cannot open shared object file"
+    assert first_line(native, with_type=False, limit=9) == "libfoo.so"
+    assert first_line(RuntimeError()) == first_line(RuntimeError("  \n")) == "RuntimeError"
