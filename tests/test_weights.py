@@ -3,7 +3,7 @@ loaded model through transformers' loader, with and without quantization."""
 
 from __future__ import annotations
 
-import functools
+import contextlib
 
 import pytest
 
@@ -25,8 +25,10 @@ def tiny_dir(tmp_path_factory):
     return models.tiny_model_dir(tmp_path_factory.mktemp("tiny-cache"))
 
 
-def test_read_tensor_gives_the_bytes_safetensors_reads(tmp_path, monkeypatch):
-    # Several chunks for the larger tensor (a small CHUNK), odd sizes, a scalar and an empty one.
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+def test_read_tensor_gives_the_bytes_safetensors_reads(tmp_path, monkeypatch, device):
+    # Several chunks for the larger tensor (a small CHUNK: on CUDA both staging buffers in
+    # turn), odd sizes, a scalar and an empty one.
     monkeypatch.setattr(weights, "CHUNK", 1000)
     tensors = {"big": torch.randn(37, 129).to(torch.bfloat16), "f32": torch.randn(5, 3),
                "ids": torch.arange(7, dtype=torch.int64), "mask": torch.rand(9) > 0.5,
@@ -37,14 +39,12 @@ def test_read_tensor_gives_the_bytes_safetensors_reads(tmp_path, monkeypatch):
     where = weights.tensor_locations(path)
     assert where.keys() == tensors.keys()
     reference = load_file(path)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        staging = weights._Staging().get(torch.device(device)) if device == "cuda" else None
-        for name, loc in where.items():
-            got = weights.read_tensor(loc, torch.device(device), staging)
-            want = reference[name]
-            assert got.dtype == want.dtype and got.shape == want.shape, name
-            assert torch.equal(got.cpu(), want), name
+    staging = weights._Staging().get(torch.device(device)) if device == "cuda" else None
+    for name, loc in where.items():
+        got = weights.read_tensor(loc, torch.device(device), staging)
+        want = reference[name]
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert got.device.type == device and torch.equal(got.cpu(), want), name
 
 
 def test_a_truncated_file_is_an_error(tmp_path):
@@ -61,19 +61,15 @@ def _load(tiny_dir, monkeypatch, quant: str, device: str, reads: list):
     takes it for CUDA devices), counting the tensors it read."""
     stock = weights.fast_reads
 
-    @functools.wraps(stock)
+    @contextlib.contextmanager
     def counted(devices=("cuda",)):
         with stock(devices=(device,)) as ahead:
             yield ahead
             reads.append(ahead.reads if ahead is not None else 0)
 
-    import contextlib
-
-    monkeypatch.setattr(weights, "fast_reads", contextlib.contextmanager(counted))
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(weights, "fast_reads", counted)
         return models.load_base_model(str(tiny_dir), quant=quant, device=device)[0]
-    finally:
-        monkeypatch.setattr(weights, "fast_reads", stock)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
