@@ -167,5 +167,7 @@ class ImageRoot:
         so the copy finds the same file; an absolute path stays as it is."""
         if os.path.isabs(name):
             return name
-        path = self.find(name) or resolve_image(name, self.folder)
-        return Path(os.path.relpath(path.absolute(), folder.absolute())).as_posix()
+        path = os.path.abspath(self.find(name) or resolve_image(name, self.folder))
+        if os.path.abspath(folder / name) == path:
+            return name  # already right from there
+        return Path(os.path.relpath(path, folder.absolute())).as_posix()

@@ -191,22 +191,29 @@ def _prepend(turn: dict, text: str) -> dict:
     return {**turn, key: text + content}
 
 
+def _speaker(turn: object) -> str | None:
+    return SPEAKERS.get(turn.get("role", turn.get("from"))) if isinstance(turn, dict) else None
+
+
+def _content(turn: dict) -> object:
+    return turn.get("content", turn.get("value"))
+
+
 def fix_conversation(obj: dict, key: str) -> Fixed:
     """--fix for a conversation: a system message next to images (a `system` field or a first
     system turn) moves to the start of the first user turn, where Llama 3.2 Vision's template
     takes it."""
     turns = obj.get(key)
-    if not isinstance(turns, list) or not _has_images(obj, turns):
+    if not isinstance(turns, list) or not turns or not _has_images(obj, turns):
         return Fixed([obj])
     name = system_field(obj)
-    first = turns[0] if turns and isinstance(turns[0], dict) else {}
-    from_turn = name is None and first.get("role", first.get("from")) == "system"
-    system = obj.get(name) if name else first.get("content", first.get("value"))
-    user = next((i for i, t in enumerate(turns) if isinstance(t, dict) and SPEAKERS.get(
-        t.get("role", t.get("from"))) == "user"), None)
-    if not (isinstance(system, str) and system.strip()) or user is None or not (
-            name or from_turn) or not isinstance(turns[user].get(
-                "content", turns[user].get("value")), (str, list)):
+    from_turn = name is None and _speaker(turns[0]) == "system"
+    if not (name or from_turn):
+        return Fixed([obj])
+    system = obj[name] if name else _content(turns[0])
+    user = next((i for i, t in enumerate(turns) if _speaker(t) == "user"), None)
+    if not (isinstance(system, str) and system.strip()) or user is None or not isinstance(
+            _content(turns[user]), (str, list)):
         return Fixed([obj])
     fixed = {k: v for k, v in obj.items() if k != name}
     moved = [_prepend(t, f"{system}\n\n") if i == user else t for i, t in enumerate(turns)]
