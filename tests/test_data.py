@@ -477,7 +477,9 @@ def test_fix_with_nothing_left_writes_nothing_and_says_so(tmp_path):
     assert report.fixed_records == 0 and report.fixed_path is None and not out.exists()
     result = CliRunner().invoke(app, ["validate", str(path), "--fix", str(out)])
     assert result.exit_code == 1 and not out.exists()
-    assert "Nothing written" in result.stderr and "with --fix OUT" not in result.stderr
+    assert result.stderr == (f"Error: nothing written to {out}: none of the 1 record(s) is "
+                             "valid, even after the renames and conversions --fix makes; fix "
+                             "the lines listed by hand\n")
 
 
 # --- tables through `datasets` ----------------------------------------------------------------
@@ -823,3 +825,24 @@ def test_tool_turns_keep_their_order(tmp_path):
     assert p.text == ("conversations[1].role is 'observation' where 'gpt' or 'function_call' was "
                       "due: turns go human, then gpt or function_call, then each call's result "
                       "as an observation, then gpt or function_call again")
+
+
+def test_fix_into_a_missing_folder_is_refused(tmp_path, good_file):
+    with pytest.raises(UsageError) as caught:
+        validate_file(good_file, fix_out=tmp_path / "nope" / "out.jsonl")
+    assert str(caught.value) == (f"--fix {tmp_path / 'nope' / 'out.jsonl'}: no such folder "
+                                 f"{tmp_path / 'nope'}; create it or name a file in an existing "
+                                 "one")
+
+
+def test_a_tally_lists_each_line_once_and_counts_every_record():
+    """Three records of one line (a JSON array on one line) are three, at one line; the lines
+    past the first five are counted, also after the cache's round trip."""
+    from llamalora.data import Tally
+
+    tally = Tally()
+    for line in (1, 1, 1, *range(10, 20)):
+        tally.add("wrong_type" if line == 1 else "missing_field", line)
+    summary = "10 missing_field (lines 10, 11, 12, 13, 14 and 5 more), 3 wrong_type (line 1)"
+    assert tally.summary() == summary
+    assert Tally.from_dict(tally.to_dict()).summary() == summary

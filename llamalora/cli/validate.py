@@ -64,12 +64,12 @@ def validate(
     elif not report.ok:
         bad = report.records - report.records_ok
         err.print(f"Error: {sum(report.error_counts.values())} error(s) in {bad} record(s); "
-                  f"fix the {report.unit}s listed{_fix_hint(report.fixable, bad, report.unit)}",
+                  f"fix the {report.unit}s listed{_fix_hint(report.fixable, bad)}",
                   markup=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
-def _fix_hint(fixable: int, bad: int, unit: str) -> str:
+def _fix_hint(fixable: int, bad: int) -> str:
     """Whether to point at --fix: only for what its rules can fix."""
     if not fixable:
         return ""
@@ -84,20 +84,17 @@ def _conclude_fix(report, fix: Path) -> None:
     0 when the copy holds every record (duplicates aside), 1 when some could not be fixed."""
     unit = report.unit
     if report.fixed_path is None:
-        err.print(f"Nothing written to {fix}: none of the {report.records} record(s) is valid, "
-                  "even after the renames and conversions --fix makes; fix the "
+        err.print(f"Error: nothing written to {fix}: none of the {report.records} record(s) is "
+                  "valid, even after the renames and conversions --fix makes; fix the "
                   f"{unit}s listed by hand", markup=False, soft_wrap=True)
-    else:
-        err.print(f"Wrote {report.fixed_records} record(s) to {report.fixed_path}", markup=False,
-                  soft_wrap=True)
-        if report.changes:
-            err.print(f"  changed: {report.changes.summary(unit)}", markup=False, soft_wrap=True)
-        if report.left_out:
-            err.print(f"  left out: {report.left_out.summary(unit)}", markup=False,
-                      soft_wrap=True)
-    unfixed = report.left_out_invalid
-    if report.fixed_path is None and not report.ok:
         raise typer.Exit(1)
+    err.print(f"Wrote {report.fixed_records} record(s) to {report.fixed_path}", markup=False,
+              soft_wrap=True)
+    if report.changes:
+        err.print(f"  changed: {report.changes.summary(unit)}", markup=False, soft_wrap=True)
+    if report.left_out:
+        err.print(f"  left out: {report.left_out.summary(unit)}", markup=False, soft_wrap=True)
+    unfixed = report.left_out_invalid
     if unfixed:
         err.print(f"Error: {unfixed} record(s) could not be fixed and were left out of "
                   f"{report.fixed_path}; fix those {unit}s in the input by hand (see the "

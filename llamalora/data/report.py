@@ -18,9 +18,16 @@ class Tally:
 
     counts: Counter = field(default_factory=Counter)
     lines: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    _last: dict[str, int] = field(default_factory=dict, repr=False)
+    _distinct: Counter = field(default_factory=Counter, repr=False)
 
     def add(self, reason: str, line: int, note: str = "") -> None:
         self.counts[reason] += 1
+        # Records of one line (a JSON array written on one line, `instances`) list it once.
+        if self._last.get(reason) == line:
+            return
+        self._last[reason] = line
+        self._distinct[reason] += 1
         kept = self.lines.setdefault(reason, [])
         if len(kept) < TALLY_LINES:
             kept.append((line, note))
@@ -39,8 +46,10 @@ class Tally:
         for reason, count in self.counts.most_common():
             kept = self.lines.get(reason, [])
             shown = ", ".join(f"{line} ({note})" if note else str(line) for line, note in kept)
-            more = f" and {count - len(kept)} more" if count > len(kept) else ""
-            parts.append(f"{count} {reason} ({unit}{'s' if count > 1 else ''} {shown}{more})")
+            lines = self._distinct[reason] or len(kept)
+            more = f" and {lines - len(kept)} more" if lines > len(kept) else ""
+            parts.append(f"{count} {reason} ({unit}{'s' if len(kept) > 1 or more else ''} "
+                         f"{shown}{more})")
         return ", ".join(parts)
 
     def to_dict(self) -> dict:
@@ -53,6 +62,9 @@ class Tally:
         for reason, entry in data.items():
             tally.counts[reason] = entry["count"]
             tally.lines[reason] = [(line, "") for line in entry["lines"]]
+            # Fewer lines than kept at most: those are all; else a record a line, as most have.
+            kept = len(entry["lines"])
+            tally._distinct[reason] = entry["count"] if kept == TALLY_LINES else kept
         return tally
 
 

@@ -163,6 +163,9 @@ def validate_file(path: str | os.PathLike, *, max_problems: int | None = None,
     if fix_path is not None and fix_path.exists() and source.path is not None and (
             fix_path.resolve() == source.path.resolve()):
         raise UsageError("--fix must name a new file, not the input; the input is never changed")
+    if fix_path is not None and not fix_path.parent.is_dir():
+        raise UsageError(f"--fix {fix_path}: no such folder {fix_path.parent}; create it or "
+                         "name a file in an existing one")
     scan = _Scan(source, check_options(source, image_root, check_images=check_images),
                  max_problems=max_problems, on_example=None, on_progress=on_progress,
                  count_fixable=fix_path is None)
