@@ -73,9 +73,9 @@ def train(
             warn(plan.model_note)
         if plan.data_note:
             info(plan.data_note)
-        if not (dry_run and json_out):
-            # A dry run's plan is its result (stdout); a run's plan is progress (stderr).
-            _render_plan(plan.to_dict(), config, _result_line if dry_run else info)
+        # A dry run's plan is its result (stdout, unless --json prints it there as JSON); a
+        # run's plan is progress (stderr).
+        _render_plan(plan.to_dict(), config, _result_line if dry_run and not json_out else info)
     if dry_run:
         if json_out and is_main:
             print_json({"plan": plan.to_dict()})
