@@ -1,6 +1,11 @@
 """Wall time of `validate` and `stats` against bare baselines, whole process each.
 
     python3 benchmarks/data_speed.py            # 300,000 records for validate, 20,000 for stats
+    python3 benchmarks/data_speed.py --source a.json --source b.jsonl --validate-mb 253
+
+`--source` builds validate's file from other data sets' Alpaca records instead of the sample
+glossary's (JSON arrays or JSONL; `instruction`, `input`, `output` kept), to `--validate-mb`
+megabytes when given.
 
 validate is compared with a bare `json.loads` loop over the same file; stats with bare batched
 tokenization (`tokenizers`, encode_batch_fast) of the same training texts; and `validate --json`
@@ -29,15 +34,30 @@ from llamalora.data import load_examples  # noqa: E402
 from llamalora.template import render_segments  # noqa: E402
 
 
-def make_file(path: Path, n: int, seed: int = 0) -> None:
-    """A realistic mix: the sample glossary's records, varied so none repeats."""
-    base = [json.loads(line) for line in (ROOT / "data" / "sample.jsonl").read_text().splitlines()]
+def read_records(path: Path) -> list[dict]:
+    """A JSON array's or JSONL file's Alpaca fields."""
+    text = path.read_text(encoding="utf-8")
+    records = json.loads(text) if text.lstrip().startswith("[") else [
+        json.loads(line) for line in text.splitlines() if line.strip()]
+    return [{k: r[k] for k in ("instruction", "input", "output") if k in r} for r in records]
+
+
+def make_file(path: Path, n: int, seed: int = 0, sources: list[Path] | None = None,
+              megabytes: float | None = None) -> None:
+    """A realistic mix: the sample glossary's records (or the sources'), varied so none repeats;
+    `n` of them, or `megabytes` of them when given."""
+    base = [r for s in sources or [ROOT / "data" / "sample.jsonl"] for r in read_records(s)]
     rng = random.Random(seed)
+    size, limit = 0, megabytes * 2**20 if megabytes else None
     with path.open("w", encoding="utf-8") as f:
-        for i in range(n):
+        i = 0
+        while (size < limit) if limit else (i < n):
             rec = dict(rng.choice(base))
             rec["instruction"] = f"{rec['instruction']} ({i})"
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            line = json.dumps(rec, ensure_ascii=False) + "\n"
+            f.write(line)
+            size += len(line.encode())
+            i += 1
 
 
 def make_duplicates(path: Path, n: int) -> None:
@@ -118,13 +138,17 @@ def main() -> None:
     ap.add_argument("--validate-records", type=int, default=300_000)
     ap.add_argument("--stats-records", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--source", type=Path, action="append",
+                    help="Build validate's file from this data set's records (repeatable).")
+    ap.add_argument("--validate-mb", type=float,
+                    help="Size of validate's file in MB (instead of --validate-records).")
     args = ap.parse_args()
     py = sys.executable
     tok_file = ROOT / "llamalora" / "assets" / "llama3_2_tokenizer" / "tokenizer.json"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         big, small, dups = tmp / "big.jsonl", tmp / "small.jsonl", tmp / "dups.jsonl"
-        make_file(big, args.validate_records)
+        make_file(big, args.validate_records, sources=args.source, megabytes=args.validate_mb)
         make_duplicates(dups, args.validate_records)
         make_file(small, args.stats_records, seed=1)
         examples, _ = load_examples(small)

@@ -184,17 +184,27 @@ class Plan:
 
 def load_model_config(model: str):
     """The model's config, or the 11B architecture's for the default id when offline."""
+    from pathlib import Path
+
     from transformers import AutoConfig
 
+    from llamalora.hub import hub_reachable, unreachable_reason
     from llamalora.tokenizer import DEFAULT_MODEL
 
+    # The cache only when the Hub is unreachable: its retries would take ~25 s to fail.
+    local_only = not Path(model).exists() and not hub_reachable()
     try:
-        return AutoConfig.from_pretrained(model, trust_remote_code=False), ""
+        return AutoConfig.from_pretrained(model, trust_remote_code=False,
+                                          local_files_only=local_only), ""
     except Exception as exc:
         if model == DEFAULT_MODEL:
             return mllama_default_config(), (f"config.json of {model} could not be fetched "
                                              f"({type(exc).__name__}); the plan uses the 11B "
                                              "architecture's defaults")
+        if local_only:
+            raise ModelError(f"--model {model}: its config.json is not in the local Hugging Face "
+                             f"cache, and {unreachable_reason()}; pass a local folder or `tiny`, "
+                             "or run once where the Hub is reachable") from exc
         raise ModelError(f"cannot read the config of --model {model!r} ({exc}); pass a local "
                          "folder, `tiny`, or log in for a gated hub model") from exc
 

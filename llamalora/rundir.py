@@ -82,8 +82,7 @@ def is_finished_run(path: Path) -> bool:
     return (path / RUN_MARKER).is_file() and (path / "adapter_model.safetensors").is_file()
 
 
-def prepare_output_dir(output_dir: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuses a non-empty folder unless --overwrite (which clears it) or --resume."""
+def _refuse_existing(output_dir: Path, *, overwrite: bool, resume: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputExistsError(f"{output_dir} is a file; pass a folder to --output-dir")
     existing = [p for p in output_dir.iterdir() if p.name != LOCK] if output_dir.is_dir() else []
@@ -99,6 +98,28 @@ def prepare_output_dir(output_dir: Path, *, overwrite: bool, resume: bool) -> No
                 f"{output_dir} holds files llamalora did not write ({', '.join(foreign[:3])}"
                 f"{', ...' if len(foreign) > 3 else ''}); --overwrite only replaces a run "
                 "folder: pick another --output-dir")
+
+
+def _refuse_finished(output_dir: Path) -> None:
+    """--resume of a run that finished."""
+    if (output_dir / RUN_MARKER).is_file():
+        raise OutputExistsError(f"the run in {output_dir} already finished; pass "
+                                "--overwrite to train it again, or another --output-dir")
+
+
+def check_output_dir(output_dir: Path, *, overwrite: bool, resume: bool) -> None:
+    """The refusals of a run folder, made without touching it: train makes them before it plans
+    (minutes on a large data set); `RunFolder.open` makes them again under the lock."""
+    _refuse_existing(output_dir, overwrite=overwrite, resume=resume)
+    if resume:
+        _refuse_finished(output_dir)
+
+
+def prepare_output_dir(output_dir: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuses a non-empty folder unless --overwrite (which clears it) or --resume."""
+    _refuse_existing(output_dir, overwrite=overwrite, resume=resume)
+    existing = [p for p in output_dir.iterdir() if p.name != LOCK] if output_dir.is_dir() else []
+    if existing and overwrite and not resume:
         # The marker goes first, so a crash mid-clear never leaves a folder that looks finished.
         (output_dir / RUN_MARKER).unlink(missing_ok=True)
         for p in existing:
@@ -193,9 +214,7 @@ class RunFolder:
             prepare_output_dir(self.path, overwrite=overwrite, resume=resume)
         if not resume:
             return ""
-        if (self.path / RUN_MARKER).is_file():
-            raise OutputExistsError(f"the run in {self.path} already finished; pass "
-                                    "--overwrite to train it again, or another --output-dir")
+        _refuse_finished(self.path)
         self.resume_from = last_checkpoint(self.path)
         if self.resume_from is None:
             return f"no checkpoint in {self.path}; starting from step 0"

@@ -121,6 +121,7 @@ class StatsReport:
             "tokenizer": self.tokenizer,
             "records": n,
             "skipped_invalid": self.skipped_invalid,
+            "left_out": self.validation.invalid.to_dict() if self.skipped_invalid else {},
             "max_seq_length": self.max_seq_length,
             "tokens": summarize(totals),
             "prompt_tokens": summarize([r.prompt for r in self.lengths]),
@@ -164,9 +165,10 @@ def compute_stats(path: str | Path, tokenizer, *, tokenizer_name: str = "",
     """
     lengths: list[LengthRecord] = []
     pending: list[Example] = []
+    template = template_of(tokenizer)
 
     def flush() -> None:
-        encoded = encode_segments(tokenizer, render_examples(pending, template_of(tokenizer)),
+        encoded = encode_segments(tokenizer, render_examples(pending, template),
                                   lengths_only=True)
         for ex, segments in zip(pending, encoded):
             lengths.append(LengthRecord(ex.line, *measure(segments, max_seq_length)))
@@ -179,7 +181,8 @@ def compute_stats(path: str | Path, tokenizer, *, tokenizer_name: str = "",
         if len(pending) >= _CHUNK:
             flush()
 
-    report = scan_examples(path, on_example, image_root=image_root, split=split)
+    report = scan_examples(path, on_example, image_root=image_root, split=split,
+                           system_with_images=template.takes_system_with_images)
     require_valid(report, skip_invalid=skip_invalid)
     if pending:
         flush()

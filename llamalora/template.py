@@ -39,6 +39,12 @@ PAD = "<|finetune_right_pad_id|>"  # Llama 3's padding token
 STOPS = ("<|end_of_text|>", "<|eom_id|>", EOT)  # where a Llama 3 reply ends
 # An image's place in the text of a `messages` record (LLaMA-Factory's convention).
 IMAGE_PLACEHOLDER = "<image>"
+# Tool calling's two turns besides user and assistant: an assistant turn that calls tools (its
+# content the JSON of the message's `content` and `tool_calls`) and a tool's result. Templates
+# render the result as their tool role (Llama 3.1+: `ipython`).
+TOOL_CALLS = "tool_calls"
+TOOL = "tool"
+_ANSWERS = ("assistant", TOOL_CALLS)  # the turns trained on
 # Meta's templates put today's date in the system block unless given one; their own default,
 # fixed, keeps the training text (and so the data hash and any resume) the same every day.
 DATE_STRING = "26 Jul 2024"
@@ -68,16 +74,27 @@ class ChatTemplate:
         except TemplateRenderError:
             return False
 
+    @functools.cached_property
+    def takes_system_with_images(self) -> bool:
+        """Whether the template renders a system message next to an image (Llama 3.2 Vision's
+        refuses one)."""
+        try:
+            self.render(chat_messages("s", [("user", IMAGE + "q")]), True)
+            return True
+        except TemplateRenderError:
+            return False
+
     @property
     def stops(self) -> tuple[str, ...]:
         """The tokens a reply ends at: Llama 3's and the tokenizer's eos token."""
         eos = dict(self.special_tokens).get("eos_token")
         return STOPS + ((eos,) if eos and eos not in STOPS else ())
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False,
+               tools: list[dict] | None = None) -> str:
         try:
             return _compile(self.text).render(
-                messages=messages, tools=None, documents=None,
+                messages=messages, tools=tools, documents=None,
                 add_generation_prompt=add_generation_prompt, date_string=DATE_STRING,
                 **dict(self.special_tokens))
         except Exception as exc:  # jinja's TemplateError, and whatever the template trips on
@@ -180,21 +197,25 @@ def chat_messages(system: str | None, messages: list[tuple[str, str]], parts: bo
                   ) -> list[dict]:
     """Our (role, content) turns as the messages `apply_chat_template` takes.
 
-    A turn with `<|image|>` (or every turn, with `parts`) becomes a list of parts,
-    `{"type": "image"}` where each image stands and `{"type": "text", ...}` around them (the
-    processor's convention, which Meta's template reads); other turns keep a plain string, which
-    every template reads. The system message is always a string (Meta's template trims it).
+    A user or assistant turn with `<|image|>` (or every one, with `parts`) becomes a list of
+    parts, `{"type": "image"}` where each image stands and `{"type": "text", ...}` around them
+    (the processor's convention, which Meta's template reads); other turns keep a plain string,
+    which every template reads. A tool-calls turn becomes an assistant message with its
+    `tool_calls`, a tool turn a `tool` message. The system message is always a string (Meta's
+    template trims it).
     """
     out = [{"role": "system", "content": system}] if system else []
     for role, content in messages:
-        if parts or IMAGE in content:
-            parts: list[dict] = []
+        if role == TOOL_CALLS:
+            out.append({"role": "assistant", **json.loads(content)})
+        elif role != TOOL and (parts or IMAGE in content):
+            pieces: list[dict] = []
             for k, text in enumerate(content.split(IMAGE)):
                 if k:
-                    parts.append({"type": "image"})
+                    pieces.append({"type": "image"})
                 if text:
-                    parts.append({"type": "text", "text": text})
-            out.append({"role": role, "content": parts})
+                    pieces.append({"type": "text", "text": text})
+            out.append({"role": role, "content": pieces})
         else:
             out.append({"role": role, "content": content})
     return out
@@ -206,42 +227,50 @@ def render_segments(
     add_generation_prompt: bool = False,
     *,
     template: ChatTemplate | None = None,
+    tools: list[dict] | None = None,
 ) -> list[tuple[str, bool]]:
     """Renders a conversation as (text, is_response) segments with a chat template.
 
     Args:
         system: The system message, or None/"" for none.
         messages: (role, content) pairs, roles alternating "user"/"assistant", starting with
-            "user". Content already holds `<|image|>` where images go.
+            "user" (with tools, "tool_calls" and "tool" turns too: see `data.Example`).
+            Content already holds `<|image|>` where images go.
         add_generation_prompt: For chat: the conversation ends with a user turn, and the text
             ends with the template's generation prompt so the model writes the answer next.
         template: The tokenizer's template (`template_of(tokenizer)`); default: Meta's Llama 3.2
             Vision template.
+        tools: The functions the conversation may call (JSON schemas), for the template's
+            tools block.
 
     Returns:
         Segments whose concatenation is the template's text for the whole conversation. Response
-        segments (True) are an assistant turn's content and the template's text after it up to
-        and including the stop token (`<|eot_id|>`, `<|im_end|>`); everything else is prompt.
+        segments (True) are an assistant turn's content (or its tool calls, as the template
+        writes them) and the template's text after it up to and including the stop token
+        (`<|eot_id|>`, `<|im_end|>`); everything else is prompt.
 
     Raises:
         TemplateRenderError: The template refuses the conversation, or renders a turn in a way
             that is not a prefix of the whole conversation (no exact loss mask is possible).
     """
     template = template or template_of(None)
-    chat = chat_messages(system, messages, parts=template.reads_parts)
+    # Parts are a speed-up only; Meta's template reads the first user message as a string when
+    # it writes the tools block before it.
+    chat = chat_messages(system, messages, parts=template.reads_parts and not tools)
     offset = len(chat) - len(messages)  # 1 with a system message
-    ends_with_user = bool(messages) and messages[-1][0] == "user"
-    if ends_with_user != add_generation_prompt:
+    ends_with_answer = bool(messages) and messages[-1][0] in _ANSWERS
+    if ends_with_answer == add_generation_prompt:
         raise ValueError("a chat prompt must end with a user turn" if add_generation_prompt
                          else "a training conversation must end with an assistant turn")
-    full = template.render(chat, add_generation_prompt)
+    full = template.render(chat, add_generation_prompt, tools)
     segments: list[tuple[str, bool]] = []
     done = 0  # characters of `full` already in segments
     for i, (role, _) in enumerate(messages):
-        if role != "assistant":
+        if role not in _ANSWERS:
             continue
-        prompt = template.render(chat[:offset + i], add_generation_prompt=True)
-        with_turn = full if i == len(messages) - 1 else template.render(chat[:offset + i + 1])
+        prompt = template.render(chat[:offset + i], True, tools)
+        with_turn = full if i == len(messages) - 1 else template.render(chat[:offset + i + 1],
+                                                                        False, tools)
         if not (with_turn.startswith(prompt) and full.startswith(with_turn)
                 and len(prompt) >= done):
             raise TemplateRenderError(
@@ -267,10 +296,11 @@ def render_examples(examples, template: ChatTemplate | None = None) -> list[list
     out = []
     for example in examples:
         try:
-            out.append(render_segments(example.system, example.messages, template=template))
+            out.append(render_segments(example.system, example.messages, template=template,
+                                       tools=example.tools))
         except TemplateRenderError as exc:
             # Meta's template refuses a system message next to images, as vLLM and Ollama do.
-            hint = "; drop `system` from records with images" if example.system and \
-                example.images else ""
+            hint = ("; move the system message into the first user turn (`llamalora validate "
+                    "--fix` does this)" if example.system and example.images else "")
             raise TemplateRenderError(f"line {example.line}: {exc}{hint}") from exc
     return out

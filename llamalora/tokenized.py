@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamalora.batching import Tokenized, TruncationSummary, tokenize_records
-from llamalora.data import Example, open_source, require_valid, scan_examples
+from llamalora.data import (Example, Tally, left_out_note, open_source, require_valid,
+                            scan_examples)
 from llamalora.errors import DataError, LlamaLoraError
 from llamalora.template import render_segments, template_of
 from llamalora.tokenizer import tokenizer_digest
 
 # Bump when what is stored (columns, their meaning) changes: older caches are then ignored.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # Below this many records one process tokenizes (starting workers costs more than it saves).
 PARALLEL_FROM = 50_000
 _STARTED = time.time()  # failure markers older than this process are a previous run's
@@ -144,8 +145,11 @@ def tokenize_data(data_path: str, tokenizer, *, max_seq_length: int, train_on_pr
     source = open_source(data_path, split)
     data_fp = source.fingerprint()
     root = Path(image_root).expanduser().resolve() if image_root else None
-    folder = cache_root() / _digest(CACHE_VERSION, data_fp, str(root), skip_invalid)
     template = template_of(tokenizer)
+    # Which records are valid depends on these (the template: a system message next to images).
+    system_with_images = template.takes_system_with_images
+    folder = cache_root() / _digest(CACHE_VERSION, data_fp, str(root), skip_invalid,
+                                    system_with_images)
     key = _digest(folder.name, tokenizer_digest(tokenizer), max_seq_length, train_on_prompt,
                   truncation, template.text, _template_probe(template))
     ready = folder / f"tokenized-{key}.json"
@@ -160,7 +164,8 @@ def tokenize_data(data_path: str, tokenizer, *, max_seq_length: int, train_on_pr
         try:
             summary = _build(source, folder, key, tokenizer, num_proc=num_proc,
                              max_seq_length=max_seq_length, train_on_prompt=train_on_prompt,
-                             truncation=truncation, skip_invalid=skip_invalid, image_root=root)
+                             truncation=truncation, skip_invalid=skip_invalid, image_root=root,
+                             system_with_images=system_with_images)
         except LlamaLoraError as exc:
             folder.mkdir(parents=True, exist_ok=True)
             failed.write_text(str(exc))
@@ -172,8 +177,12 @@ def tokenize_data(data_path: str, tokenizer, *, max_seq_length: int, train_on_pr
     truncation_summary = TruncationSummary(truncation, max_seq_length,
                                            **summary["truncation"])
     reused = not built
-    if reused and builder and on_status is not None:
-        on_status(f"Tokenized data read from the cache ({folder})")
+    if builder and on_status is not None:
+        if summary.get("left_out"):
+            on_status(left_out_note(Tally.from_dict(summary["left_out"]), data_path,
+                                    source.unit))
+        if reused:
+            on_status(f"Tokenized data read from the cache ({folder})")
     return TokenizedData(table, summary["records"], summary["with_vision"], truncation_summary,
                          data_fp, reused)
 
@@ -187,7 +196,8 @@ def _wait_for(ready: Path, failed: Path) -> dict:
         time.sleep(0.5)
 
 
-def _examples(source, folder: Path, *, skip_invalid: bool, image_root: Path | None) -> dict:
+def _examples(source, folder: Path, *, skip_invalid: bool, image_root: Path | None,
+              system_with_images: bool) -> dict:
     """Streams the valid records into folder/examples.arrow (once per data and options)."""
     import datasets
     from datasets.arrow_writer import ArrowWriter
@@ -200,7 +210,8 @@ def _examples(source, folder: Path, *, skip_invalid: bool, image_root: Path | No
         "line": datasets.Value("int64"), "system": datasets.Value("string"),
         "roles": datasets.List(datasets.Value("string")),
         "contents": datasets.List(datasets.Value("string")),
-        "images": datasets.List(datasets.Value("string"))})
+        "images": datasets.List(datasets.Value("string")),
+        "tools": datasets.Value("string")})  # JSON of the record's tools, or null
     tmp = folder / f".examples.{os.getpid()}.arrow"
     with_vision = 0
     writer = ArrowWriter(features=features, path=str(tmp), writer_batch_size=10_000)
@@ -211,10 +222,13 @@ def _examples(source, folder: Path, *, skip_invalid: bool, image_root: Path | No
         writer.write({"line": example.line, "system": example.system,
                       "roles": [r for r, _ in example.messages],
                       "contents": [c for _, c in example.messages],
-                      "images": [str(p) for p in example.images]})
+                      "images": [str(p) for p in example.images],
+                      "tools": json.dumps(example.tools, ensure_ascii=False)
+                      if example.tools else None})
 
     try:
-        report = scan_examples(source, write, image_root=image_root)
+        report = scan_examples(source, write, image_root=image_root,
+                               system_with_images=system_with_images)
         writer.finalize()
         require_valid(report, skip_invalid=skip_invalid)
     except BaseException:
@@ -224,7 +238,8 @@ def _examples(source, folder: Path, *, skip_invalid: bool, image_root: Path | No
     writer.close()
     os.replace(tmp, folder / "examples.arrow")
     summary = {"records": report.records_ok, "with_vision": with_vision > 0,
-               "skipped": report.records - report.records_ok}
+               "skipped": report.records - report.records_ok,
+               "left_out": report.invalid.to_dict()}
     _write_json(report_path, summary)
     return summary
 
@@ -232,10 +247,11 @@ def _examples(source, folder: Path, *, skip_invalid: bool, image_root: Path | No
 def _encode_batch(batch: dict, tokenizer, max_seq_length: int, train_on_prompt: bool,
                   truncation: str, template) -> dict:
     """`Dataset.map`'s function: a batch of examples -> their ids, labels and counts."""
-    examples = [Example(line, system, list(zip(roles, contents)), [Path(p) for p in images])
-                for line, system, roles, contents, images in zip(
+    examples = [Example(line, system, list(zip(roles, contents)), [Path(p) for p in images],
+                        json.loads(tools) if tools else None)
+                for line, system, roles, contents, images, tools in zip(
                     batch["line"], batch["system"], batch["roles"], batch["contents"],
-                    batch["images"])]
+                    batch["images"], batch["tools"])]
     out = {name: [] for name in ("input_ids", "labels", "length", "targets", "untruncated",
                                  "response_lost", "kept")}
     for enc in tokenize_records(tokenizer, examples, max_seq_length=max_seq_length,
@@ -262,7 +278,7 @@ def _map_options(folder: Path, key: str, tokenizer, num_proc: int, max_seq_lengt
         fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length,
                    "train_on_prompt": train_on_prompt, "truncation": truncation,
                    "template": template_of(tokenizer)},
-        remove_columns=["system", "roles", "contents"],
+        remove_columns=["system", "roles", "contents", "tools"],
         cache_file_name=str(folder / f"tokenized-{key}.arrow"), new_fingerprint=key,
         load_from_cache_file=True,
         features=datasets.Features({
@@ -289,9 +305,8 @@ def _tokenized(folder: Path, key: str, tokenizer, num_proc: int, max_seq_length:
 def _read_tables(folder: Path, files: list[str] | None):
     """The tokenized table from the Arrow files a build recorded, memory-mapped, as `datasets`
     reads its own; None if any is gone (or an older cache recorded none). A cached run then
-    needs no `datasets`: with it, and the tokenizer serialized for the key, `tokenize_data` took
-    1.20-1.43 s of a second run's start on an H200 host, without them 0.06-0.12 s
-    (2026-12-02)."""
+    needs no `datasets`, whose import was most of a second run's plan (BENCHMARKS.md, "A second
+    run's start, old against new")."""
     if not files or not all((folder / name).is_file() for name in files):
         return None
     import pyarrow as pa
@@ -302,10 +317,11 @@ def _read_tables(folder: Path, files: list[str] | None):
 
 def _build(source, folder: Path, key: str, tokenizer, *, num_proc: int, max_seq_length: int,
            train_on_prompt: bool, truncation: str, skip_invalid: bool,
-           image_root: Path | None) -> dict:
+           image_root: Path | None, system_with_images: bool) -> dict:
     import numpy as np
 
-    report = _examples(source, folder, skip_invalid=skip_invalid, image_root=image_root)
+    report = _examples(source, folder, skip_invalid=skip_invalid, image_root=image_root,
+                       system_with_images=system_with_images)
     if num_proc <= 0:
         num_proc = 1 if report["records"] < PARALLEL_FROM else min(8, os.cpu_count() or 1)
     ds = _tokenized(folder, key, tokenizer, num_proc, max_seq_length, train_on_prompt,

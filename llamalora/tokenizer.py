@@ -13,12 +13,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 from llamalora.errors import ModelError, UsageError, first_line
+from llamalora.hub import hub_reachable, unreachable_reason
 from llamalora.template import ChatTemplate, attach_template, template_from_config
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-11B-Vision-Instruct"
@@ -49,18 +48,8 @@ def _is_path(name: str) -> bool:
             or name.endswith("/"))
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    # huggingface_hub retries a failed request for ~25 s; a quick connect tells us first.
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+class HubUnavailable(OSError):
+    """A file that is not in the local cache, with the Hub unreachable (or HF_HUB_OFFLINE)."""
 
 
 def _hub_tokenizer_file(repo_id: str, filename: str = "tokenizer.json") -> str:
@@ -70,9 +59,30 @@ def _hub_tokenizer_file(repo_id: str, filename: str = "tokenizer.json") -> str:
         return hf_hub_download(repo_id, filename, local_files_only=True)
     except Exception:  # not cached: try the network below
         pass
-    if not _hub_reachable():
-        raise OSError("the Hugging Face Hub is unreachable (offline?)")
+    if not hub_reachable():
+        raise HubUnavailable(unreachable_reason())
     return hf_hub_download(repo_id, filename)
+
+
+def _hub_failure(name: str, exc: Exception) -> str:
+    """What is wrong with a hub id that gave no tokenizer, and what to do, in one line."""
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, \
+        RepositoryNotFoundError
+
+    if isinstance(exc, HubUnavailable):
+        return (f"{name} is not in the local Hugging Face cache, and {exc}; pass a local model "
+                "folder (or `tiny`), or run once where the Hub is reachable so it is cached")
+    if isinstance(exc, GatedRepoError):
+        return (f"{name} is gated: log in with `hf auth login` and accept its terms on its Hub "
+                "page, or pass a local model folder")
+    if isinstance(exc, RepositoryNotFoundError):
+        return (f"{name} is not on the Hugging Face Hub (or is private): check the id, log in "
+                "with `hf auth login`, or pass a local model folder")
+    if isinstance(exc, EntryNotFoundError):
+        return (f"{name} has no tokenizer.json on the Hub (no fast tokenizer); pass a local "
+                "folder holding one")
+    return (f"cannot load the tokenizer of {name} ({first_line(exc)}); pass a local folder, or "
+            "log in with `hf auth login` for a gated model")
 
 
 def _read_template(folder: Path, source: str) -> ChatTemplate | None:
@@ -130,9 +140,9 @@ class FileTokenizer:
     """A `tokenizers.Tokenizer` parsed from its tokenizer.json at first use.
 
     A run whose data is already tokenized needs only the file's digest (the token cache's key)
-    and the chat template: parsing Llama 3's 9 MB file took 0.85-0.99 s of a second run's start
-    on an H200 host, and serializing it again for the key (`to_str`) 0.27-0.34 s on a 2-core CPU
-    (2026-12-02). Every other attribute is the parsed Tokenizer's.
+    and the chat template, and parsing Llama 3's 9 MB file (and serializing it again for a key)
+    took most of a second run's plan (BENCHMARKS.md, "A second run's start, old against new").
+    Every other attribute is the parsed Tokenizer's.
     """
 
     def __init__(self, path: Path):
@@ -211,8 +221,7 @@ def load_tokenizer(name: str | None = None) -> TokenizerSource:
     except Exception as exc:
         reason = first_line(exc)
         if not _is_llama3_id(name):
-            raise ModelError(f"cannot load the tokenizer {name!r} ({reason}); pass a local "
-                             "folder, or log in with `hf auth login` for a gated model") from exc
+            raise ModelError(_hub_failure(name, exc)) from exc
         bundled = load_tokenizer(BUNDLED)
         bundled.fallback_reason = (f"could not load {name} ({reason}); using the bundled "
                                    "Llama 3.2 tokenizer, which has the same vocabulary")

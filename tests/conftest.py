@@ -91,6 +91,20 @@ def _isolated_home(_session_home, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
 
 
+@pytest.fixture
+def hub_unreachable(monkeypatch):
+    """HF_HUB_OFFLINE unset, and no connection opens: what a machine offline sees."""
+    import socket
+
+    from huggingface_hub import constants
+
+    def refuse(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
 def write_jsonl(path: Path, records: list, *, raw_lines: list[str] | None = None) -> Path:
     """Writes records as JSONL (or raw lines verbatim when given)."""
     lines = raw_lines if raw_lines is not None else [

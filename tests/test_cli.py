@@ -61,12 +61,86 @@ def test_validate_missing_file_is_exit_2_without_traceback(tmp_path):
 
 
 def test_validate_fix_round_trip(tmp_path):
+    """Every error fixed into OUT: exit 0, and the last line says to use OUT."""
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"instruction": "a", "output": 5}\n')
     out = tmp_path / "out.jsonl"
     r = run("validate", str(path), "--fix", str(out))
-    assert r.exit_code == 1 and "Wrote 1 record(s)" in r.stderr
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines() == [
+        f"Wrote 1 record(s) to {out}",
+        "  changed: 1 turned `output` into a string (line 1)",
+        f"Fixed: every record with an error is fixed in {out}; use that file (the input is "
+        "unchanged)"]
     assert run("validate", str(out)).exit_code == 0
+
+
+def test_validate_fix_that_leaves_records_out_says_why_and_exits_1(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        {"instruction": "a", "answer": "b"}, {"instruction": "a", "output": "b"},
+        {"instruction": "c", "output": ["x", "y"]}])
+    out = tmp_path / "out.jsonl"
+    r = run("validate", str(path), "--fix", str(out))
+    assert r.exit_code == 1
+    assert r.stderr.splitlines() == [
+        f"Wrote 1 record(s) to {out}",
+        "  changed: 1 renamed `answer` to `output` (line 1)",
+        "  left out: 1 duplicate after the fix (line 2 (same as 1)), 1 wrong_type (line 3)",
+        f"Error: 1 record(s) could not be fixed and were left out of {out}; fix those lines in "
+        "the input by hand (see the problems listed) and run --fix again"]
+
+
+@pytest.mark.parametrize("records, hint", [
+    ([{"instruction": "a", "output": 5}, {"question": "q", "output": "b"}],
+     ", or write a cleaned copy with --fix OUT"),
+    ([{"instruction": "a", "output": 5}, {"instruction": "a", "output": ["x"]}],
+     "; --fix OUT fixes 1 of the 2 records, the other 1 need fixing by hand"),
+    ([{"instruction": "a", "output": "b", "image": "nope.png"}], ""),
+])
+def test_validate_suggests_fix_only_for_what_it_fixes(tmp_path, records, hint):
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    r = run("validate", str(path))
+    assert r.exit_code == 1
+    n = len(records)
+    assert r.stderr == f"Error: {n} error(s) in {n} record(s); fix the lines listed{hint}\n"
+
+
+def test_validate_prints_each_fix_whole_at_80_columns(tmp_path, monkeypatch):
+    """A LLaVA-style file whose images sit in a sibling folder: the folder to pass is one
+    plain line below the table, whole at 80 columns, and the error line does not offer --fix
+    (it does not find images)."""
+    from PIL import Image
+
+    (tmp_path / "visual_genome_images").mkdir()
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "visual_genome_images" / "2316470.png")
+    records = [{"id": str(i), "image": "2316470.png", "conversations": [
+        {"from": "human", "value": f"<image>\nQuestion {i}?"}, {"from": "gpt", "value": "Yes."}]}
+        for i in range(2)]
+    (tmp_path / "data" / "llava.json").write_text(json.dumps(records, indent=1))
+    monkeypatch.chdir(tmp_path / "data")
+    monkeypatch.setenv("COLUMNS", "80")
+    r = run("validate", "llava.json")
+    assert r.exit_code == 1
+    lines = r.stdout.splitlines()
+    assert lines[lines.index("Fixes:") + 1:] == [
+        "  lines 2, 16 (image_missing): it is at ../visual_genome_images/2316470.png: pass "
+        "--image-root ../visual_genome_images"]
+    assert r.stderr == "Error: 2 error(s) in 2 record(s); fix the lines listed\n"
+    assert run("validate", "llava.json", "--image-root", "../visual_genome_images"
+               ).exit_code == 0
+
+
+def test_validate_json_of_an_unreadable_input_is_still_a_report(tmp_path):
+    r = run("validate", str(tmp_path / "missing.jsonl"), "--json")
+    assert r.exit_code == 2
+    message = f"{tmp_path / 'missing.jsonl'}: no such file; check the path (a Hub dataset is " \
+              "given as ORG/NAME)"
+    assert json.loads(r.stdout) == {
+        "path": str(tmp_path / "missing.jsonl"), "records": 0, "records_ok": 0,
+        "errors": [{"line": None, "field": None, "code": "unreadable", "message": message}],
+        "warnings": [], "error_counts": {"unreadable": 1}, "warning_counts": {}}
+    assert r.stderr == f"Error: {message}\n"
 
 
 def test_bad_option_is_exit_2():
@@ -101,7 +175,28 @@ def test_stats_refuses_invalid_then_skips(tmp_path):
     assert r.exit_code == 1 and "line 4" in r.stderr and r.stdout == ""
     r = run("stats", str(path), "--tokenizer", "bundled", "--skip-invalid", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["records"] == 3
-    assert "left out 1 invalid record" in r.stderr
+    assert json.loads(r.stdout)["left_out"] == {"missing_field": {"count": 1, "lines": [4]}}
+    assert r.stderr == (f"Warning: Left out 1 invalid record(s) (--skip-invalid): 1 "
+                        f"missing_field (line 4); `llamalora validate {path}` lists their "
+                        "problems\n")
+
+
+def test_train_skip_invalid_and_drops_say_what_they_left_out(tmp_path):
+    """--skip-invalid and --truncation drop name each reason and its lines; a dry run's plan is
+    its result, on stdout."""
+    path = write_jsonl(tmp_path / "d.jsonl", GOOD + [
+        {"instruction": "x"}, {"instruction": "y", "output": 3},
+        {"instruction": "long " * 200, "output": "z"}])
+    r = run("train", str(path), "--model", "tiny", "--dry-run", "--skip-invalid",
+            "--truncation", "drop", "--max-seq-length", "128")
+    assert r.exit_code == 0, r.output
+    assert (f"Left out 2 invalid record(s) (--skip-invalid): 1 missing_field (line 4), 1 "
+            f"wrong_type (line 5); `llamalora validate {path}` lists their problems"
+            ) in " ".join(r.stderr.split())  # stderr wraps at the terminal's width
+    plan = r.stdout.splitlines()
+    assert plan[0].startswith("Plan: 3 training record(s);") and "Plan:" not in r.stderr
+    assert plan[1] == ("Truncation at 128 (drop): 1 record(s) over, 2 response token(s) cut, 1 "
+                       "record(s) left out (over the limit with --truncation drop: line 6)")
 
 
 def test_data_commands_import_no_torch(good_file):
@@ -232,6 +327,20 @@ def test_train_dry_run_skips_the_recipe(core):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout) == {"plan": PLAN} and "train" not in core
     assert core["plan_config"].output_dir == ""
+    r = run("train", "d.jsonl", "--dry-run")
+    assert r.stdout.startswith("Plan: 3 training record(s); 120 tokens per epoch") and \
+        r.stderr == ""
+
+
+def test_train_refuses_the_output_folder_before_planning(core, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("mine")
+    r = run("train", "d.jsonl", "--output-dir", str(tmp_path / "o"))
+    assert r.exit_code == 1 and "plan_config" not in core
+    assert r.stderr == (f"Error: {tmp_path / 'o'} is not empty; pass --overwrite to replace it, "
+                        "--resume to continue its last checkpoint, or another --output-dir\n")
+    r = run("train", "d.jsonl", "--output-dir", str(tmp_path / "o"), "--overwrite")
+    assert r.exit_code == 1 and "did not write (notes.txt)" in r.stderr and "plan_config" not in core
 
 
 # Every spelling today's train accepts (and the old script's --weight_decay, --max_grad_norm).
@@ -373,7 +482,7 @@ def test_replay_of_a_recorded_run(core, tmp_path):
     (tmp_path / "out").mkdir()
     record = _yaml(tmp_path / "out" / "llamalora.json",
                    json.dumps(_result(recorded).to_dict(), indent=2))
-    r = run("train", "--config", str(record))
+    r = run("train", "--config", str(record), "--overwrite")  # its own folder holds the record
     assert r.exit_code == 0, r.output
     assert core["train"]["config"] == recorded
     r = run("train", "--config", str(record), "--output-dir", str(tmp_path / "again"),

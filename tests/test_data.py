@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -49,7 +50,7 @@ def test_invalid_utf8(tmp_path):
 
 def test_invalid_json_has_message_and_column(tmp_path):
     _, p = _check(tmp_path, '{"instruction": "a", "output": }', "invalid_json", field=None)
-    assert "column 32" in p.message and "Expecting value" in p.message
+    assert "column 32" in p.text and "Expecting value" in p.text
 
 
 def test_not_object(tmp_path):
@@ -59,7 +60,7 @@ def test_not_object(tmp_path):
 def test_missing_field_hints_at_alias(tmp_path):
     _, p = _check(tmp_path, '{"instruction": "a", "answer": "b"}', "missing_field",
                   field="output")
-    assert "`answer`" in p.message
+    assert "`answer`" in p.text
 
 
 def test_missing_instruction(tmp_path):
@@ -102,7 +103,7 @@ def test_good_image_passes(tmp_path):
 ])
 def test_bad_messages(tmp_path, record, words):
     _, p = _check(tmp_path, json.dumps(record), "bad_messages")
-    assert words in p.message
+    assert words in p.text
 
 
 def test_messages_non_string_content_is_wrong_type(tmp_path):
@@ -214,7 +215,9 @@ def test_messages_record_images_become_image_tokens(tmp_path):
                         {"role": "assistant", "content": "black"},
                         {"role": "user", "content": "sure?"},
                         {"role": "assistant", "content": "yes"}], "images": ["a.png"]}
-    examples, _ = load_examples(write_jsonl(tmp_path / "m.jsonl", [rec]))
+    # A template that takes a system message next to images (not Llama 3.2 Vision's).
+    examples, _ = load_examples(write_jsonl(tmp_path / "m.jsonl", [rec]),
+                                system_with_images=True)
     ex = examples[0]
     assert ex.system == "s" and ex.images == [tmp_path / "a.png"]
     assert ex.messages[0] == ("user", "<|image|>what?") and len(ex.messages) == 4
@@ -230,9 +233,9 @@ def test_fifo_is_refused_not_waited_on(tmp_path):
 
 
 def test_record_too_large_is_skipped_unread(tmp_path, monkeypatch):
-    import llamalora.data as data
+    import llamalora.data.readers as readers
 
-    monkeypatch.setattr(data, "MAX_RECORD_BYTES", 1000)
+    monkeypatch.setattr(readers, "MAX_RECORD_BYTES", 1000)
     big = json.dumps({"instruction": "a", "output": "x" * 5000})
     _check(tmp_path, big, "record_too_large", field=None)
     path = tmp_path / "a.json"
@@ -244,7 +247,7 @@ def test_record_too_large_is_skipped_unread(tmp_path, monkeypatch):
 def test_deeply_nested_json_is_an_error_not_a_crash(tmp_path):
     deep = '{"instruction": "a", "output": ' + "[" * 200_000 + "]" * 200_000 + "}"
     _, p = _check(tmp_path, deep, "invalid_json", field=None)
-    assert "nested" in p.message
+    assert "nested" in p.text
 
 
 def test_truncated_and_oversized_images(tmp_path):
@@ -258,7 +261,7 @@ def test_truncated_and_oversized_images(tmp_path):
                   "image_unreadable")
     _, p = _check(tmp_path, '{"instruction": "a", "output": "b", "image": "bomb.png"}',
                   "image_unreadable")
-    assert "pixel" in p.message
+    assert "pixel" in p.text
 
 
 def test_large_json_array_streams_with_right_lines(tmp_path):
@@ -275,13 +278,13 @@ def test_large_json_array_streams_with_right_lines(tmp_path):
 
 
 def test_duplicate_tracking_is_capped(tmp_path, monkeypatch):
-    import llamalora.data as data
+    import llamalora.data.scan as scan
 
-    monkeypatch.setattr(data, "DUPLICATE_TRACK_LIMIT", 2)
+    monkeypatch.setattr(scan, "DUPLICATE_TRACK_LIMIT", 2)
     recs = [{"instruction": f"t{i}", "output": "o"} for i in range(4)] + [
         {"instruction": "t0", "output": "o"}, {"instruction": "t3", "output": "o"}]
     report = validate_file(write_jsonl(tmp_path / "d.jsonl", recs))
-    dups = [(p.line, p.message[:22]) for p in report.warnings if p.code == "duplicate"]
+    dups = [(p.line, p.text[:22]) for p in report.warnings if p.code == "duplicate"]
     assert dups == [(None, "duplicate check stoppe"), (5, "exact duplicate of lin")]
 
 
@@ -359,7 +362,7 @@ def test_sharegpt_and_llava_conversations(tmp_path):
                              {"from": "gpt", "value": "A red square."},
                              {"from": "human", "value": "Sure?"},
                              {"from": "gpt", "value": "Yes."}]}
-    ex = _one(tmp_path, rec, ["system_with_images"], image_root=tmp_path / "images")
+    ex = _one(tmp_path, rec, image_root=tmp_path / "images", system_with_images=True)
     assert ex.system == "Be exact." and ex.images == [tmp_path / "images" / "coco" / "a.png"]
     assert ex.messages == [("user", "<|image|>\nWhat is it?"), ("assistant", "A red square."),
                            ("user", "Sure?"), ("assistant", "Yes.")]
@@ -394,7 +397,7 @@ def test_alpaca_image_list_system_prompt_and_placeholders(tmp_path):
     _png(tmp_path / "b.png")
     ex = _one(tmp_path, {"instruction": "Which is left?", "output": "a",
                          "image": ["a.png", "b.png"], "system_prompt": "s"},
-              ["system_with_images"])
+              system_with_images=True)
     assert ex.messages[0] == ("user", "<|image|><|image|>Which is left?") and ex.system == "s"
     ex = _one(tmp_path, {"instruction": "Left <image>, right <image>: same?", "output": "yes",
                          "images": ["a.png", "b.png"]})
@@ -419,26 +422,25 @@ def test_alpaca_image_list_system_prompt_and_placeholders(tmp_path):
      "`output.text`"),
     ({"instruction": "a", "input": {"context": "c"}, "output": "b"}, "wrong_type", "input",
      "`input.context`"),
-    ({"conversations": [{"from": "human", "value": "a"}, {"from": "function_call",
-                                                         "value": "b"}]},
+    ({"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]},
      "bad_messages", "conversations[1].role", "human or gpt"),
     ({"instruction": "a", "output": "b", "system": "s", "system_prompt": "t"}, "wrong_type",
      "system", "not both"),
 ])
 def test_wrong_layouts_get_a_hint(tmp_path, record, code, field, words):
     _, p = _check(tmp_path, json.dumps(record), code, field=field)
-    assert words in p.message, p.message
+    assert words in p.text, p.text
 
 
 def test_missing_image_names_the_path_tried_and_the_option(tmp_path):
     _png(tmp_path / "images" / "a.png")
     _, p = _check(tmp_path, '{"instruction": "a", "output": "b", "image": "a.png"}',
                   "image_missing", field="image")
-    assert str(tmp_path / "a.png") in p.message
-    assert f"--image-root {tmp_path / 'images'}" in p.message
+    assert str(tmp_path / "a.png") in p.text
+    assert f"--image-root {tmp_path / 'images'}" in p.text
     _, p = _check(tmp_path, '{"instruction": "a", "output": "b", "image": "zz.png"}',
                   "image_missing", field="image")
-    assert "--image-root DIR" in p.message
+    assert "--image-root DIR" in p.text
     with pytest.raises(UsageError, match="no such folder"):
         validate_file(write_jsonl(tmp_path / "x.jsonl", GOOD), image_root=tmp_path / "nope")
 
@@ -475,7 +477,9 @@ def test_fix_with_nothing_left_writes_nothing_and_says_so(tmp_path):
     assert report.fixed_records == 0 and report.fixed_path is None and not out.exists()
     result = CliRunner().invoke(app, ["validate", str(path), "--fix", str(out)])
     assert result.exit_code == 1 and not out.exists()
-    assert "Nothing written" in result.stderr and "with --fix OUT" not in result.stderr
+    assert result.stderr == (f"Error: nothing written to {out}: none of the 1 record(s) is "
+                             "valid, even after the renames and conversions --fix makes; fix "
+                             "the lines listed by hand\n")
 
 
 # --- tables through `datasets` ----------------------------------------------------------------
@@ -548,6 +552,24 @@ def test_hub_id_offline_is_one_clear_error(tmp_path, monkeypatch):
         validate_file("someorg/missing-set.jsonl")
 
 
+def test_hub_id_with_the_hub_unreachable_fails_at_once(tmp_path, monkeypatch, hub_unreachable):
+    """No `datasets` call (its five retries took ~25 s), one line that says why."""
+    import time
+
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("asked the Hub"))
+    start = time.perf_counter()
+    with pytest.raises(UsageError) as caught:
+        validate_file("someorg/missing-set")
+    assert str(caught.value) == (
+        "cannot load the Hub dataset someorg/missing-set: the Hugging Face Hub is unreachable "
+        "(offline?); pass a local file or folder, or set HF_HUB_OFFLINE=1 to read the copy an "
+        "earlier run cached")
+    assert time.perf_counter() - start < 5
+
+
 def test_a_save_to_disk_folder_reads_by_split(tmp_path):
     from datasets import Dataset, DatasetDict
 
@@ -562,17 +584,265 @@ def test_a_save_to_disk_folder_reads_by_split(tmp_path):
         validate_file(tmp_path / "dd", split="dev")
 
 
-def test_system_message_beside_images_is_a_warning(tmp_path):
-    """Meta's Llama 3.2 Vision template refuses a system message next to images; validate
-    (which knows no template) warns at the line, so stats/train's stop comes as no surprise."""
+SYSTEM_WITH_IMAGES = ("`system_prompt` next to images: Llama 3.2 Vision's chat template takes no "
+                      "system message with images (nor do vLLM and Ollama), so stats and train "
+                      "stop here; move its text into the first user turn (--fix does this)")
+
+
+def test_system_prompt_beside_images_is_an_error_that_fix_moves(tmp_path):
+    """An LLaVA record with `system_prompt` and an image: validate says what stats and train say
+    (the error, under the record's own key), and --fix moves the text into the first user turn
+    and says so; the copy then validates, and stats reads it."""
+    from llamalora.stats import compute_stats
+    from llamalora.tokenizer import load_tokenizer
+
     _png(tmp_path / "a.png")
     path = write_jsonl(tmp_path / "s.jsonl", [
         {"instruction": "What is it?", "output": "Red.", "image": "a.png", "system": "Be brief."},
         {"instruction": "What is it?", "output": "Red.", "system": "Be brief."},
-        {"messages": [{"role": "user", "content": "<image>Color?"},
-                      {"role": "assistant", "content": "Red."}],
-         "images": ["a.png"], "system": "Be brief."}])
+        {"conversations": [{"from": "human", "value": "<image>Color?"},
+                           {"from": "gpt", "value": "Red."}],
+         "image": "a.png", "system_prompt": "Be brief."},
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "<image>Color?"},
+                      {"role": "assistant", "content": "Red."}], "images": ["a.png"]}])
     report = validate_file(path)
-    assert report.ok and report.records_ok == 3
-    assert {(p.code, p.line, p.field) for p in report.warnings} == {
-        ("system_with_images", 1, "system"), ("system_with_images", 3, "system")}
+    assert [(p.line, p.field, p.code) for p in report.errors] == [
+        (1, "system", "system_with_images"), (3, "system_prompt", "system_with_images"),
+        (4, "messages[0]", "system_with_images")]
+    assert report.errors[1].text == SYSTEM_WITH_IMAGES and report.fixable == 3
+    with pytest.raises(DataError, match="line 1: .*`system` next to images"):
+        compute_stats(path, load_tokenizer("bundled").tokenizer)
+    out = tmp_path / "fixed.jsonl"
+    report = validate_file(path, fix_out=out)
+    assert report.fixed_records == 4 and not report.left_out
+    assert report.changes.to_dict() == {
+        "moved `system` into the instruction (a system message next to images)":
+            {"count": 1, "lines": [1]},
+        "moved `system_prompt` into the first user turn (a system message next to images)":
+            {"count": 1, "lines": [3]},
+        "moved the system turn into the first user turn (a system message next to images)":
+            {"count": 1, "lines": [4]}}
+    fixed = [json.loads(line) for line in out.read_text().splitlines()]
+    assert fixed[0] == {"instruction": "Be brief.\n\nWhat is it?", "output": "Red.",
+                        "image": "a.png"}
+    assert fixed[2]["conversations"][0]["value"] == "Be brief.\n\n<image>Color?"
+    assert fixed[3]["messages"][0] == {"role": "user", "content": "Be brief.\n\n<image>Color?"}
+    assert validate_file(out).ok
+    stats = compute_stats(out, load_tokenizer("bundled").tokenizer)
+    assert len(stats.lengths) == 4
+    # A template that takes a system message with images: stats and train keep the records.
+    examples, report = load_examples(path, system_with_images=True)
+    assert report.ok and examples[2].system == "Be brief."
+
+
+def test_duplicates_are_counted_over_every_record(tmp_path):
+    """35 exact duplicates, 15 of them of an invalid record, are 35 duplicate warnings."""
+    bad = {"instruction": "a", "output": 7}
+    recs = [GOOD[0]] * 21 + [bad] * 16 + [GOOD[1]]
+    report = validate_file(write_jsonl(tmp_path / "d.jsonl", recs))
+    assert report.warning_counts["duplicate"] == 35
+    assert report.error_counts["wrong_type"] == 16 and report.records_ok == 22
+    dup = next(p for p in report.warnings if p.line == 23)
+    assert dup.message == "exact duplicate of line 22"
+
+
+def test_fix_says_why_it_left_each_record_out(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        {"instruction": "a", "output": "b"},
+        {"instruction": "a", "response": "b"},  # the same as line 1 once renamed
+        {"instruction": "a", "output": "b"},  # an exact duplicate of line 1
+        {"instruction": "c", "output": ["x"]},  # no rule fixes a list
+        {"instruction": "d", "answer": "e", "input": None},
+    ], raw_lines=None)
+    with path.open("a") as f:
+        f.write("{not json\n")
+    out = tmp_path / "out.jsonl"
+    report = validate_file(path, fix_out=out)
+    assert report.fixed_records == 2 and report.dropped_lines == [2, 3, 4, 6]
+    assert report.left_out.summary() == ("1 duplicate after the fix (line 2 (same as 1)), "
+                                         "1 duplicate (line 3 (same as 1)), 1 wrong_type "
+                                         "(line 4), 1 invalid_json (line 6)")
+    assert report.changes.summary() == ("1 renamed `answer` to `output` (line 5), 1 turned a "
+                                        "null `input` into \"\" (line 5)")
+    assert report.left_out_invalid == 2
+    assert report.to_dict()["fixed"]["left_out"]["duplicate after the fix"] == {
+        "count": 1, "lines": [2]}
+
+
+def test_null_input_says_fix_does_this(tmp_path):
+    _, p = _check(tmp_path, '{"instruction": "a", "input": null, "output": "b"}', "wrong_type",
+                  field="input")
+    assert p.text == "`input` must be a string, got null; give \"\" or leave it out (--fix does this)"
+
+
+def test_an_unreadable_input_has_a_report_too():
+    from llamalora.data import unreadable_report
+
+    report = unreadable_report("x.jsonl", "x.jsonl: no such file; check the path")
+    assert report.to_dict() == {
+        "path": "x.jsonl", "records": 0, "records_ok": 0,
+        "errors": [{"line": None, "field": None, "code": "unreadable",
+                    "message": "x.jsonl: no such file; check the path"}],
+        "warnings": [], "error_counts": {"unreadable": 1}, "warning_counts": {}}
+
+
+def test_fix_copy_in_another_folder_keeps_its_images(tmp_path, monkeypatch):
+    """--fix writing to another folder rewrites relative image paths to start from the copy's
+    folder: the copy validates clean from there, without --image-root."""
+    _png(tmp_path / "data" / "img" / "a.png")
+    _png(tmp_path / "data" / "img" / "b.png", "blue")
+    path = write_jsonl(tmp_path / "data" / "d.jsonl", [
+        {"instruction": "<image>What?", "response": "red", "image": "img/a.png"},
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": "img/b.png"},
+                                                   {"type": "text", "text": "What?"}]},
+                      {"role": "assistant", "content": "blue"}]},
+        {"instruction": "x", "output": "y", "image": str(tmp_path / "data" / "img" / "a.png")}])
+    out = tmp_path / "elsewhere" / "fix" / "out.jsonl"
+    out.parent.mkdir(parents=True)
+    report = validate_file(path, fix_out=out)
+    assert report.fixed_records == 3
+    assert report.changes.to_dict()[
+        "rewrote relative image paths to start from the copy's folder"]["lines"] == [1, 2]
+    fixed = [json.loads(line) for line in out.read_text().splitlines()]
+    assert fixed[0]["image"] == "../../data/img/a.png"
+    assert fixed[1]["messages"][0]["content"][0]["image"] == "../../data/img/b.png"
+    assert fixed[2]["image"] == str(tmp_path / "data" / "img" / "a.png")  # absolute: kept
+    monkeypatch.chdir(tmp_path)
+    again = validate_file(out)
+    assert again.ok and again.records_ok == 3 and not again.warnings
+
+
+def test_images_under_another_prefix_get_the_root_that_works(tmp_path, monkeypatch):
+    """Qwen-VL's demo layout: records say `demo/images/x.png`, the files are in `images/`. The
+    hint names the root and the prefix dropped; --image-root that root then finds them."""
+    _png(tmp_path / "images" / "x.png")
+    monkeypatch.chdir(tmp_path)
+    path = write_jsonl(tmp_path / "demo.jsonl", [
+        {"messages": [{"role": "user", "content": "<image>What?"},
+                      {"role": "assistant", "content": "red"}],
+         "images": ["demo/images/x.png"]}])
+    (p,) = validate_file(path).errors
+    assert p.message == f"image not found: {tmp_path / 'demo' / 'images' / 'x.png'}"
+    assert p.fix == ("it is at images/x.png: pass --image-root . (a path not found under "
+                     "--image-root is tried without its leading folders, here `demo/`)")
+    examples, report = load_examples(path, image_root=".")
+    assert report.ok and examples[0].images == [Path("images/x.png")]
+    # The data's own folder, implied, resolves paths as written.
+    assert not validate_file(path).ok
+
+
+# --- tool calling -------------------------------------------------------------------------------
+
+WEATHER = {"name": "get_weather", "description": "The weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                          "required": ["city"]}}
+
+
+def glaive_record(call=None, tools=None) -> dict:
+    """A record in LLaMA-Factory's glaive_toolcall layout (ShareGPT with function_call and
+    observation turns; `tools` a JSON string)."""
+    return {"conversations": [
+        {"from": "human", "value": "What is the weather in Seoul?"},
+        {"from": "function_call", "value": call if call is not None else json.dumps(
+            {"name": "get_weather", "arguments": {"city": "Seoul"}})},
+        {"from": "observation", "value": json.dumps({"temperature": 21})},
+        {"from": "gpt", "value": "It is 21 degrees in Seoul."}],
+        "tools": tools if tools is not None else json.dumps([WEATHER])}
+
+
+def openai_record(arguments='{"city": "Seoul"}', name="get_weather") -> dict:
+    return {"messages": [
+        {"role": "system", "content": "Use the tools."},
+        {"role": "user", "content": "What is the weather in Seoul?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": name, "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+        {"role": "assistant", "content": "It is 21 degrees in Seoul."}],
+        "tools": [{"type": "function", "function": WEATHER}]}
+
+
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Seoul"}}}
+
+
+def test_sharegpt_tool_calls_become_tool_turns(tmp_path):
+    ex = _one(tmp_path, glaive_record())
+    assert ex.tools == [{"type": "function", "function": WEATHER}]
+    assert ex.messages == [
+        ("user", "What is the weather in Seoul?"),
+        ("tool_calls", json.dumps({"content": "", "tool_calls": [CALL]})),
+        ("tool", '{"temperature": 21}'), ("assistant", "It is 21 degrees in Seoul.")]
+
+
+def test_openai_tool_calls_become_tool_turns(tmp_path):
+    ex = _one(tmp_path, openai_record())
+    assert ex.system == "Use the tools." and ex.tools == [{"type": "function",
+                                                           "function": WEATHER}]
+    assert [r for r, _ in ex.messages] == ["user", "tool_calls", "tool", "assistant"]
+    assert json.loads(ex.messages[1][1]) == {"content": "", "tool_calls": [{**CALL,
+                                                                            "id": "call_1"}]}
+
+
+@pytest.mark.parametrize("record, field, text", [
+    (openai_record(arguments='{"city": Seoul}'), "messages[2].tool_calls[0].arguments",
+     "messages[2].tool_calls[0].arguments is not valid JSON (Expecting value: line 1 column 10 "
+     "(char 9))"),
+    (openai_record(arguments='["Seoul"]'), "messages[2].tool_calls[0].arguments",
+     "messages[2].tool_calls[0].arguments must be a JSON object, got a list"),
+    (openai_record(name="get_wether"), "messages[2].tool_calls[0]",
+     "messages[2].tool_calls[0] calls `get_wether`, which the record's `tools` does not declare "
+     "(it declares `get_weather`); declare it in `tools`, or fix the name"),
+    (glaive_record(call='{"name": "get_weather", "arguments": {"city": "Seoul"}'),
+     "conversations[1].value", "conversations[1].value is not a valid JSON tool call "
+     "(Expecting ',' delimiter: line 1 column 55 (char 54))"),
+    (glaive_record(call=json.dumps({"arguments": {}})), "conversations[1].value[0]",
+     "conversations[1].value[0] has no function `name`"),
+])
+def test_a_bad_tool_call_is_named(tmp_path, record, field, text):
+    _, p = _check(tmp_path, json.dumps(record), "bad_tool_call", field=field)
+    assert p.text == text
+
+
+@pytest.mark.parametrize("tools, field, text", [
+    ("[{not json", "tools", "`tools` is a string but not valid JSON (Expecting property name "
+                            "enclosed in double quotes: line 1 column 3 (char 2))"),
+    ({"name": "x"}, "tools", "`tools` must be a list of functions, got an object"),
+    ([{"description": "no name"}], "tools[0]",
+     "tools[0] must be a function: {\"name\": ..., \"description\": ..., \"parameters\": "
+     "{...}} (or OpenAI's {\"type\": \"function\", \"function\": {...}})"),
+])
+def test_bad_tools_are_named(tmp_path, tools, field, text):
+    _, p = _check(tmp_path, json.dumps(glaive_record(tools=tools)), "bad_tools", field=field)
+    assert p.text == text
+
+
+def test_tool_turns_keep_their_order(tmp_path):
+    rec = glaive_record()
+    rec["conversations"] = [rec["conversations"][0], rec["conversations"][2],
+                            rec["conversations"][3]]
+    _, p = _check(tmp_path, json.dumps(rec), "bad_messages", field="conversations[1].role")
+    assert p.text == ("conversations[1].role is 'observation' where 'gpt' or 'function_call' was "
+                      "due: turns go human, then gpt or function_call, then each call's result "
+                      "as an observation, then gpt or function_call again")
+
+
+def test_fix_into_a_missing_folder_is_refused(tmp_path, good_file):
+    with pytest.raises(UsageError) as caught:
+        validate_file(good_file, fix_out=tmp_path / "nope" / "out.jsonl")
+    assert str(caught.value) == (f"--fix {tmp_path / 'nope' / 'out.jsonl'}: no such folder "
+                                 f"{tmp_path / 'nope'}; create it or name a file in an existing "
+                                 "one")
+
+
+def test_a_tally_lists_each_line_once_and_counts_every_record():
+    """Three records of one line (a JSON array on one line) are three, at one line; the lines
+    past the first five are counted, also after the cache's round trip."""
+    from llamalora.data import Tally
+
+    tally = Tally()
+    for line in (1, 1, 1, *range(10, 20)):
+        tally.add("wrong_type" if line == 1 else "missing_field", line)
+    summary = "10 missing_field (lines 10, 11, 12, 13, 14 and 5 more), 3 wrong_type (line 1)"
+    assert tally.summary() == summary
+    assert Tally.from_dict(tally.to_dict()).summary() == summary

@@ -90,10 +90,39 @@ def test_invalid_records_refused_or_skipped(tmp_path, tok):
 def test_tokenizer_falls_back_for_llama_ids_only(tmp_path):
     src = load_tokenizer("meta-llama/Llama-3.2-11B-Vision-Instruct")
     assert src.fallback_reason and "bundled" in src.fallback_reason
-    with pytest.raises(ModelError, match="cannot load the tokenizer"):
+    with pytest.raises(ModelError) as caught:
         load_tokenizer("someone/other-model")
+    assert str(caught.value) == (
+        "someone/other-model is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set, "
+        "so only the local cache is read; pass a local model folder (or `tiny`), or run once "
+        "where the Hub is reachable so it is cached")
     with pytest.raises(ModelError, match="no tokenizer.json"):
         load_tokenizer(str(tmp_path))
+
+
+def test_a_hub_tokenizer_with_the_hub_unreachable_fails_at_once(monkeypatch, hub_unreachable):
+    """`--model someorg/somemodel` offline: the local cache only (no retries), and a message
+    that says what is missing and what to do."""
+    import time
+
+    import huggingface_hub
+
+    calls = []
+    real = huggingface_hub.hf_hub_download
+
+    def download(*args, **kwargs):
+        calls.append(kwargs.get("local_files_only", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    start = time.perf_counter()
+    with pytest.raises(ModelError) as caught:
+        load_tokenizer("someorg/somemodel")
+    assert str(caught.value) == (
+        "someorg/somemodel is not in the local Hugging Face cache, and the Hugging Face Hub is "
+        "unreachable (offline?); pass a local model folder (or `tiny`), or run once where the "
+        "Hub is reachable so it is cached")
+    assert calls == [True] and time.perf_counter() - start < 5
 
 
 def test_missing_tokenizer_folder_is_a_usage_error(tmp_path, monkeypatch):

@@ -218,3 +218,38 @@ def test_a_file_tokenizer_parses_once_pickles_and_names_a_broken_file(tmp_path):
     broken.write_text("{not json")
     with pytest.raises(ModelError, match=str(broken)):
         FileTokenizer(broken).encode("x")
+
+
+def test_skip_invalid_says_what_it_left_out_on_every_run(tmp_path):
+    """--skip-invalid's records, by reason with their lines, on the first run and on one that
+    reads the cache."""
+    path = write_jsonl(tmp_path / "d.jsonl", GOOD + [{"instruction": "x"},
+                                                     {"instruction": "y", "output": 3}])
+    note = (f"Left out 2 invalid record(s) (--skip-invalid): 1 missing_field (line 4), 1 "
+            f"wrong_type (line 5); `llamalora validate {path}` lists their problems")
+    for reused in (False, True):
+        notes = []
+        data = tokenized.tokenize_data(str(path), TOK, **OPTIONS, skip_invalid=True,
+                                       on_status=notes.append)
+        assert data.reused == reused and notes[0] == note and data.records == 3
+
+
+def test_tool_calls_survive_the_cache_and_are_trained_on(tmp_path):
+    """A tool-calling record keeps its tools and tool turns through examples.arrow: the cache
+    holds what tokenize_examples makes of it, the call among the tokens with loss."""
+    tools = [{"name": "get_weather", "parameters": {"type": "object"}}]
+    record = {"conversations": [
+        {"from": "human", "value": "Weather in Seoul?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather",
+                                                       "arguments": {"city": "Seoul"}})},
+        {"from": "observation", "value": '{"temperature": 21}'},
+        {"from": "gpt", "value": "21 degrees."}], "tools": json.dumps(tools)}
+    path = write_jsonl(tmp_path / "t.jsonl", [record])
+    options = {**OPTIONS, "max_seq_length": 512}
+    data = tokenized.tokenize_data(str(path), TOK, **options)
+    examples, _ = load_examples(path)
+    expected, _ = tokenize_examples(TOK, examples, **options)
+    _same(tokenized.Records(data.table, data.kept()), expected)
+    trained = [t for t, label in zip(expected[0].input_ids, expected[0].labels) if label != -100]
+    assert TOK.decode(trained, skip_special_tokens=False) == (
+        '{"name": "get_weather", "parameters": {"city": "Seoul"}}<|eot_id|>21 degrees.<|eot_id|>')

@@ -12,6 +12,7 @@ from llamalora.cli._console import info, out, print_json, spinner, warn
 from llamalora.cli._errors import handle_errors
 from llamalora.cli._options import (DataPathArg, ImageRootOpt, JsonOpt, MaxSeqLenOpt,
                                     SkipInvalidOpt, SplitOpt, TokenizerOpt)
+from llamalora.data import left_out_note
 from llamalora.stats import compute_stats, plot_histogram
 from llamalora.tokenizer import DEFAULT_MODEL, load_tokenizer
 
@@ -54,8 +55,7 @@ def stats(
                                skip_invalid=skip_invalid, image_root=image_root, split=split,
                                on_progress=lambda n: update(f"Tokenizing: {n} records"))
     if report.skipped_invalid:
-        warn(f"left out {report.skipped_invalid} invalid record(s) (--skip-invalid); "
-             f"`llamalora validate {path}` lists them")
+        warn(left_out_note(report.validation.invalid, path, report.validation.unit))
     data = report.to_dict()
     if plot is not None:
         info(f"Wrote {plot_histogram(report, plot)}")

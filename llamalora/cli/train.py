@@ -15,6 +15,7 @@ from llamalora.cli._options import JsonOpt
 from llamalora.config import OptionSpec, TrainConfig, load_config_file
 from llamalora.errors import UsageError
 from llamalora.events import CheckpointSaved, Event, ModelReady, Status, StepDone, TrainResult
+from llamalora.rundir import check_output_dir
 
 EXAMPLES = """Examples:
 
@@ -56,12 +57,15 @@ def train(
 ) -> None:
     """Fine-tune a LoRA adapter on a quantized Llama 3.2 base."""
     config = _build_config(data, config_file, options, dry_run)
-    quiet_libraries()
     from llamalora.parallel import world
+
+    is_main = world()[0] == 0
+    if is_main and not dry_run:  # before the imports and the planning, not after
+        check_output_dir(Path(config.output_dir), overwrite=overwrite, resume=resume)
+    quiet_libraries()
     from llamalora.plan import plan_training
     from llamalora.recipe import train as run_training
 
-    is_main = world()[0] == 0
     with spinner("Checking and tokenizing the data"):
         plan = plan_training(config)
     if is_main:
@@ -69,7 +73,9 @@ def train(
             warn(plan.model_note)
         if plan.data_note:
             info(plan.data_note)
-        _render_plan(plan.to_dict(), config)
+        # A dry run's plan is its result (stdout, unless --json prints it there as JSON); a
+        # run's plan is progress (stderr).
+        _render_plan(plan.to_dict(), config, _result_line if dry_run and not json_out else info)
     if dry_run:
         if json_out and is_main:
             print_json({"plan": plan.to_dict()})
@@ -141,23 +147,34 @@ def _render_result(result: TrainResult, output_dir: str, json_out: bool) -> None
     out.print(f"Chat with it: llamalora chat --adapter {output_dir}")
 
 
-def _render_plan(p: dict, config: TrainConfig) -> None:
+def _result_line(text: str) -> None:
+    out.print(text, markup=False, soft_wrap=True)
+
+
+def _render_plan(p: dict, config: TrainConfig, say) -> None:
     t = p["truncation"]
     mem = p["estimated_peak_gib"]
-    info(f"Plan: {p['train_records']} training record(s)"
-         + (f", {p['eval_records']} held out for eval" if p["eval_records"] else "")
-         + f"; {p['tokens_per_epoch']} tokens per epoch; {p['steps']} optimizer step(s) "
-           f"({p['steps_per_epoch']} per epoch) of {p['effective_batch']} record(s) "
-           f"= {config.batch_size} x {config.gradient_accumulation_steps} accumulation x "
-           f"{p['world_size']} process(es)")
-    info(f"Truncation at {t['max_seq_length']} ({t['mode']}): {t['records_over']} record(s) "
-         f"over, {t['response_tokens_lost']} response token(s) cut, {t['records_dropped']} "
-         "record(s) left out")
-    info(f"Model: {config.model}, {p['params']['base'] / 1e9:.2f}B parameters"
-         f"{' with the vision tower' if p['with_vision'] else ' (text only)'}, "
-         f"LoRA {p['params']['lora'] / 1e6:.2f}M; estimated peak GPU memory: "
-         + ", ".join(f"{q} {gib} GiB{' (chosen)' if q == config.quant else ''}"
-                     for q, gib in mem.items()))
+    dropped = t["records_dropped"]
+    why = ("over the limit with --truncation drop" if t["mode"] == "drop" else
+           "no response token left after the cut")
+    lines = t.get("dropped_lines", [])[:5]
+    left_out = (f" ({why}: {'line' if len(lines) == 1 else 'lines'} "
+                f"{', '.join(map(str, lines))}{' and more' if dropped > len(lines) else ''})"
+                if dropped and lines else "")
+    say(f"Plan: {p['train_records']} training record(s)"
+        + (f", {p['eval_records']} held out for eval" if p["eval_records"] else "")
+        + f"; {p['tokens_per_epoch']} tokens per epoch; {p['steps']} optimizer step(s) "
+          f"({p['steps_per_epoch']} per epoch) of {p['effective_batch']} record(s) "
+          f"= {config.batch_size} x {config.gradient_accumulation_steps} accumulation x "
+          f"{p['world_size']} process(es)")
+    say(f"Truncation at {t['max_seq_length']} ({t['mode']}): {t['records_over']} record(s) "
+        f"over, {t['response_tokens_lost']} response token(s) cut, {dropped} record(s) left "
+        f"out{left_out}")
+    say(f"Model: {config.model}, {p['params']['base'] / 1e9:.2f}B parameters"
+        f"{' with the vision tower' if p['with_vision'] else ' (text only)'}, "
+        f"LoRA {p['params']['lora'] / 1e6:.2f}M; estimated peak GPU memory: "
+        + ", ".join(f"{q} {gib} GiB{' (chosen)' if q == config.quant else ''}"
+                    for q, gib in mem.items()))
 
 
 class _ProgressRenderer:
