@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 
 from llamalora.cli.main import app
 from llamalora.errors import ModelError
-from llamalora.export_llama import (LLAMA31_CHAT_TEMPLATE, _permute_rotary, check_llama_names,
-                                    llama_config, llama_weights, rope_factors)
+from llamalora.export.gguf_file import llama_shape, permute_rotary, rope_factors
+from llamalora.export.llama import (check_llama_names, llama31_chat_template, llama_config,
+                                    llama_weights)
 
 runner = CliRunner()
 
@@ -95,16 +96,16 @@ def test_rope_factors_are_what_llama_cpp_divides_by():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    config = {"hidden_size": 4096, "num_attention_heads": 32, "rope_theta": 500000.0,
-              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0,
-                               "original_max_position_embeddings": 8192}}
-    factors = rope_factors(config)
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192})
+    factors = rope_factors(llama_shape(config))
     base = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
-    expected = LlamaRotaryEmbedding(LlamaConfig(**json.loads(json.dumps(config)))).inv_freq
+    expected = LlamaRotaryEmbedding(config).inv_freq
     assert torch.allclose(base / factors, expected, rtol=1e-6)
     assert factors.min() == 1.0 and factors.max() == 8.0  # high frequencies kept, low ones / 8
-    assert rope_factors({**config, "rope_scaling": None}) is None
+    assert rope_factors(llama_shape(LlamaConfig(hidden_size=4096, num_attention_heads=32))) is None
 
 
 def test_rotary_permutation_is_undone_by_transformers_gguf_loader():
@@ -113,7 +114,7 @@ def test_rotary_permutation_is_undone_by_transformers_gguf_loader():
     processor = LlamaTensorProcessor({"num_attention_heads": 4, "num_key_value_heads": 2})
     q, k = torch.randn(64, 64), torch.randn(32, 64)
     for name, weight, heads in (("blk.0.attn_q.weight", q, 4), ("blk.0.attn_k.weight", k, 2)):
-        permuted = _permute_rotary(weight, heads)
+        permuted = permute_rotary(weight, heads)
         assert not torch.equal(permuted, weight)
         back = processor.process(weights=permuted.numpy(), name=name).weights
         assert torch.equal(torch.from_numpy(back), weight)
@@ -128,13 +129,13 @@ def test_chat_template_is_meta_llama31_text_format():
     system = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge "
               "Date: December 2023\nToday Date: 26 Jul 2024\n\n")
     text = tokenizer.apply_chat_template([{"role": "user", "content": "거푸집이란?"}],
-                                         chat_template=LLAMA31_CHAT_TEMPLATE, tokenize=False,
+                                         chat_template=llama31_chat_template(), tokenize=False,
                                          add_generation_prompt=True)
     assert text == (system + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n거푸집이란?"
                     "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     text = tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-         {"role": "assistant", "content": "ok"}], chat_template=LLAMA31_CHAT_TEMPLATE,
+         {"role": "assistant", "content": "ok"}], chat_template=llama31_chat_template(),
         tokenize=False)
     assert text == (system + "Be brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nhi"
                     "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nok<|eot_id|>")
@@ -225,7 +226,7 @@ def test_q8_0_gguf_of_an_untrained_adapter(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from llamalora.export import export_adapter
-    from llamalora.export_llama import GGUF_Q8_TOLERANCE
+    from llamalora.export.gguf_file import GGUF_Q8_TOLERANCE
 
     from conftest import tiny_lora_model
 
@@ -242,7 +243,9 @@ def test_q8_0_gguf_of_an_untrained_adapter(tmp_path):
     assert result.details["layers"] == 2 and result.details["dropped_cross_attention_layers"] == [1]
     params = result.details["params"]
     assert params * 34 / 32 < result.gguf["bytes"] < params * 34 / 32 + 8 * 2**20
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "llama", "model-q8_0.gguf"]
+    # The GGUF, and beside it the record that lets a later --overwrite know it for an export's.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".model-q8_0.gguf.llamalora.json", "adapter", "llama", "model-q8_0.gguf"]
 
     ids = torch.tensor([list(range(128000, 128010)) + list(range(1000, 1030))])
     folder = AutoModelForCausalLM.from_pretrained(str(tmp_path / "llama"))
@@ -257,7 +260,7 @@ def test_q8_0_gguf_of_an_untrained_adapter(tmp_path):
 def test_q8_0_is_gguf_pys_bit_for_bit():
     import gguf
 
-    from llamalora.export_llama import quantize_q8_0
+    from llamalora.export.gguf_file import quantize_q8_0
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 96, generator=g) * 0.02
@@ -276,21 +279,25 @@ def test_disk_check_sums_what_goes_to_one_disk(tmp_path, monkeypatch):
     from collections import namedtuple
 
     from llamalora.errors import UsageError
-    from llamalora.export import check_disk
+    from llamalora.export.target import Target, check_room
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(sh, "disk_usage", lambda p: usage(0, 0, 10 * 2**30))
     (tmp_path / "a").mkdir()
-    check_disk([(tmp_path, 6 * 2**30)], "the export")  # fits
+    a, b = (Target(p, p, True, "--out") for p in (tmp_path, tmp_path / "a"))
+    check_room([(a, 6 * 2**30)], "the export")  # fits
     with pytest.raises(UsageError, match=r"needs about 12\.0 GiB, 10\.0 GiB free"):
-        check_disk([(tmp_path, 6 * 2**30), (tmp_path / "a", 6 * 2**30)], "the export")
+        check_room([(a, 6 * 2**30), (b, 6 * 2**30)], "the export")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(0, 0, 3 * 2**20))
+    with pytest.raises(UsageError, match=r"needs about 20\.0 MiB, 3\.0 MiB free"):
+        check_room([(a, 20 * 2**20)], "the export")  # small sizes in MiB, never "0.0 GiB"
 
 
 def test_gguf_tolerance_allows_the_models_own_rounding_noise():
     """An f16 GGUF may differ by 2% of the largest logit (bf16), or by twice the noise the
     export measured (attention on SDPA's math kernel) where that is more: the random 11B's f16
     GGUF differed by 0.305 with noise 0.371 and largest logit 6.97 (H200). Q8_0 keeps 15%."""
-    from llamalora.export_llama import gguf_tolerance
+    from llamalora.export.gguf_file import gguf_tolerance
 
     assert gguf_tolerance("f16", "bf16", 6.97, 0.01) == pytest.approx(0.02 * 6.97)
     assert gguf_tolerance("f16", "bf16", 6.97, 0.371) == pytest.approx(0.742)
