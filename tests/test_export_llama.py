@@ -20,6 +20,8 @@ from llamalora.export.gguf_file import llama_shape, permute_rotary, rope_factors
 from llamalora.export.llama import (check_llama_names, llama31_chat_template, llama_config,
                                     llama_weights)
 
+from conftest import tiny_adapter
+
 runner = CliRunner()
 
 
@@ -143,28 +145,6 @@ def test_chat_template_is_meta_llama31_text_format():
 
 # --- refusals (no model is loaded for any of them) ---------------------------------------------
 
-def _adapter_folder(tmp_path, run: dict | None = None, cross_b: float = 0.0):
-    """An adapter folder for the tiny model; its cross-attention layer's LoRA B is `cross_b`."""
-    from safetensors.torch import save_file
-
-    from llamalora.models import tiny_model_dir
-
-    folder = tmp_path / "adapter"
-    folder.mkdir()
-    prefix = "base_model.model.model.layers"
-    save_file({f"{prefix}.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 64),
-               f"{prefix}.0.self_attn.q_proj.lora_B.weight": torch.randn(64, 4),
-               f"{prefix}.1.cross_attn.q_proj.lora_A.weight": torch.randn(4, 64),
-               f"{prefix}.1.cross_attn.q_proj.lora_B.weight": torch.full((64, 4), cross_b)},
-              str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"base_model_name_or_path": str(tiny_model_dir()), "peft_type": "LORA", "r": 4,
-         "lora_alpha": 8, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}))
-    if run is not None:
-        (folder / "llamalora.json").write_text(json.dumps(run))
-    return folder
-
-
 def _export(*args):
     return runner.invoke(app, ["export-adapter", *map(str, args)])
 
@@ -176,14 +156,14 @@ def _export(*args):
     (["--merge", "--text-only", "--gguf", "model.bin"], "ending in .gguf"),
 ])
 def test_option_refusals(tmp_path, args, message):
-    r = _export(_adapter_folder(tmp_path), "--out", tmp_path / "out", *args)
+    r = _export(tiny_adapter(tmp_path), "--out", tmp_path / "out", *args)
     assert r.exit_code == 2, r.output
     assert message in r.stderr and r.stderr.startswith("Error: ")
     assert not (tmp_path / "out").exists()
 
 
 def test_run_trained_with_images_is_refused(tmp_path):
-    folder = _adapter_folder(tmp_path, run={"plan": {"with_vision": True}})
+    folder = tiny_adapter(tmp_path, run={"plan": {"with_vision": True}})
     r = _export(folder, "--out", tmp_path / "out", "--merge", "--text-only")
     assert r.exit_code == 2 and "was trained with images" in r.stderr
     assert "--merge (the full vision model)" in r.stderr
@@ -191,7 +171,7 @@ def test_run_trained_with_images_is_refused(tmp_path):
 
 def test_adapter_that_changed_a_cross_attention_layer_is_refused(tmp_path):
     """A bare adapter has no run record: a trained cross-attention LoRA gives it away."""
-    r = _export(_adapter_folder(tmp_path, cross_b=0.1), "--out", tmp_path / "out", "--merge",
+    r = _export(tiny_adapter(tmp_path, cross_b=0.1), "--out", tmp_path / "out", "--merge",
                 "--text-only")
     assert r.exit_code == 2 and "changed cross-attention layer 1" in r.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.tmp").exists()
@@ -201,14 +181,14 @@ def test_gguf_without_the_package_names_the_install(tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
-    r = _export(_adapter_folder(tmp_path), "--out", tmp_path / "out", "--merge", "--text-only",
+    r = _export(tiny_adapter(tmp_path), "--out", tmp_path / "out", "--merge", "--text-only",
                 "--gguf", tmp_path / "m.gguf")
     assert r.exit_code == 1 and "pip install 'gguf>=0.19'" in r.stderr
 
 
 def test_existing_gguf_is_not_overwritten(tmp_path):
     (tmp_path / "m.gguf").write_text("mine")
-    r = _export(_adapter_folder(tmp_path), "--out", tmp_path / "out", "--merge", "--text-only",
+    r = _export(tiny_adapter(tmp_path), "--out", tmp_path / "out", "--merge", "--text-only",
                 "--gguf", tmp_path / "m.gguf")
     assert r.exit_code == 1 and "--overwrite" in r.stderr
     assert (tmp_path / "m.gguf").read_text() == "mine"

@@ -107,8 +107,8 @@ def check_folder(out: str | Path, *, overwrite: bool, sources: list[Path]) -> Ta
                 f"{', ...' if len(foreign) > 3 else ''}); --overwrite only replaces an earlier "
                 "export: pick another --out")
     staging = out.with_name(f".{out.name}.tmp")
-    _clear(staging)
     try:
+        _clear(staging)  # a crashed export's
         staging.mkdir(parents=True)
     except OSError as exc:
         raise UsageError(f"cannot write to {out.parent} ({exc.strerror or exc}); pick a "
@@ -147,10 +147,10 @@ def check_file(path: str | Path, *, flag: str, suffix: str | None, overwrite: bo
         path.parent.mkdir(parents=True, exist_ok=True)
         probe.touch()
         probe.unlink()
+        staging.unlink(missing_ok=True)  # a crashed export's
     except OSError as exc:
         raise UsageError(f"cannot write to {path.parent} ({exc.strerror or exc}); pick a "
                          f"writable {flag} path") from exc
-    staging.unlink(missing_ok=True)
     return Target(path, staging, False, flag)
 
 
@@ -162,14 +162,14 @@ def check_room(needs: list[tuple[Target, int]], what: str) -> None:
     """
     per_disk: dict[int, tuple[Path, int]] = {}
     for target, nbytes in needs:
-        place = target.staging if target.is_dir else target.staging.parent
+        place = target.staging.parent
         disk = place.stat().st_dev
         per_disk[disk] = (place, per_disk.get(disk, (place, 0))[1] + nbytes)
     for place, nbytes in per_disk.values():
         free = shutil.disk_usage(place).free
         if nbytes * (1 + ROOM_MARGIN) > free:
             raise UsageError(f"not enough disk for {what}: needs about {format_size(nbytes)}, "
-                             f"{format_size(free)} free at {place.parent}; free some space or "
+                             f"{format_size(free)} free at {place}; free some space or "
                              "write elsewhere")
 
 
