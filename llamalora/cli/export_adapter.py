@@ -102,8 +102,8 @@ def _report_checks(result, dtype: str) -> None:
     drift = result.merge_drift
     if result.merge_diff is not None and drift is not None:
         info(f"Merging into {dtype} moved the probe logits by at most {result.merge_diff:.3g} "
-             f"(largest {drift['logit_scale']:.3g}, where one {dtype} rounding step is "
-             f"{drift['rounding_step']:.3g}), as rounding each merged weight to {dtype} does; "
-             f"the most likely next token stayed the same at {drift['same_top']} of "
-             f"{drift['positions']} prompt positions"
+             f"(largest {drift['logit_scale']:.3g}); {dtype} rounding alone moves this model's "
+             f"logits by {drift['noise']:.3g} (the same merged model through another attention "
+             f"kernel), and the most likely next token stayed the same at {drift['same_top']} "
+             f"of {drift['positions']} prompt positions"
             + ("" if dtype == "fp32" else "; --dtype fp32 keeps the merge exact"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from llamalora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, rename_keys
+from llamalora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter
 from llamalora.errors import ModelError
 from llamalora.events import Status
 from llamalora.export.card import write_adapter_card
@@ -25,15 +25,9 @@ def write_adapter(source: ExportSource, targets: Targets, *, dtype: str, gguf_ty
     files, and a model card; checked with plain peft against the run's adapter."""
     from safetensors.torch import save_file
 
-    weights = source.adapter_weights()
-    # On an Mllama base each weight goes under both layer names (the text-only and the vision
-    # class), each with its own storage as safetensors wants; a plain Llama has one.
-    both = dict(weights)
-    for to_vision in (True, False) if source.mllama else ():
-        both.update({k: v.clone() for k, v in rename_keys(weights, to_vision).items()
-                     if k not in both})
     folder = targets.folder
-    save_file(both, str(folder.staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(source.adapter_weights_for_peft(), str(folder.staging / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
     config = json.loads((source.info.folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = source.base_name
     (folder.staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True),

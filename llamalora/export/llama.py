@@ -318,8 +318,7 @@ def export_llama(source: ExportSource, targets: Targets, *, dtype: str, gguf_typ
     source.refuse_text_only()
     _check_room(source, folder, gguf, dtype, gguf_type, emit)
     clock = _Clock()
-    merged = merge(source, dtype, with_vision=False, check=check,
-                   measure_noise=check and gguf is not None)
+    merged = merge(source, dtype, with_vision=False, check=check)
     clock.lap("merge_s")
     llama = convert(merged.model.state_dict(), source.text_config, dtype)
     files = _write_folder(source, folder, llama)

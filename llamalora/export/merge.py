@@ -1,10 +1,6 @@
 """`--merge`: the LoRA merged into the base's weights, loaded in `--dtype` (never the quantized copy
 a run may have trained on), saved as a standalone checkpoint that plain transformers loads; for a
-plain Llama base also as a GGUF (`--gguf`).
-
-An Mllama run is merged into the full vision model, text-only runs too: the result is a complete
-Mllama checkpoint that AutoModelForCausalLM (text) and MllamaForConditionalGeneration (images)
-both load, like the original.
+plain Llama base also as a GGUF (`--gguf`). The merge step itself serves `--text-only` too.
 """
 
 from __future__ import annotations
@@ -32,14 +28,13 @@ class Merged:
     inv_freq: object | None  # a text model's rotary frequencies, for the GGUF's rope check
     expected: object | None  # the merged model's probe logits
     unmerged: object | None  # the base + adapter's
-    noise: float | None  # the merged model's own rounding noise (see gguf_file.GGUF_NOISE_FACTOR)
+    noise: float | None  # the merged model's own rounding noise (see verify.Drift)
     drift: Drift | None
 
 
-def merge(source: ExportSource, dtype: str, *, with_vision: bool, check: bool,
-          measure_noise: bool = False) -> Merged:
+def merge(source: ExportSource, dtype: str, *, with_vision: bool, check: bool) -> Merged:
     """Loads the base in `dtype`, puts the run's adapter on it, and merges it in; with `check`,
-    records the probe logits before and after."""
+    records the probe logits before and after, and the merged model's rounding noise."""
     base, device = source.load_base(DTYPES[dtype], with_vision)
     model = apply_adapter(base, source.info.folder)
     probe = probe_for(source.tokenizer, device)
@@ -50,10 +45,9 @@ def merge(source: ExportSource, dtype: str, *, with_vision: bool, check: bool,
     if not check:
         return Merged(merged, probe, inv_freq, None, None, None, None)
     expected = probe_logits(merged, probe)
-    noise = (logit_diff(expected, probe_logits(merged, probe, math_attention=True))[0]
-             if measure_noise else None)
+    noise = logit_diff(expected, probe_logits(merged, probe, math_attention=True))[0]
     return Merged(merged, probe, inv_freq, expected, unmerged, noise,
-                  drift(unmerged, expected, dtype))
+                  drift(unmerged, expected, noise))
 
 
 def export_merged(source: ExportSource, targets: Targets, *, dtype: str, gguf_type: str,
@@ -63,15 +57,15 @@ def export_merged(source: ExportSource, targets: Targets, *, dtype: str, gguf_ty
     from llamalora.plan import count_params
 
     folder, gguf = targets.folder, targets.gguf
-    need = count_params(source.config, source.mllama).total * (4 if dtype == "fp32" else 2)
+    with_vision = source.merges_with_vision
+    need = count_params(source.config, with_vision).total * (4 if dtype == "fp32" else 2)
     needs = [(folder, need)]
     if gguf is not None:
         needs.append((gguf, gguf_bytes(gguf_weights(source.meta_text_weights(),
                                                     source.config), gguf_type)))
     emit(Status(f"The merged model needs about {format_size(sum(n for _, n in needs))} on disk"))
     check_room(needs, "the merged model")
-    merged = merge(source, dtype, with_vision=source.mllama, check=check,
-                   measure_noise=check and gguf is not None)
+    merged = merge(source, dtype, with_vision=with_vision, check=check)
     merged.model.save_pretrained(str(folder.staging), safe_serialization=True,
                                  max_shard_size="5GB")
     _save_tokenizer(source, folder)
@@ -97,7 +91,7 @@ def export_merged(source: ExportSource, targets: Targets, *, dtype: str, gguf_ty
 
 def _save_tokenizer(source: ExportSource, folder: Target) -> None:
     """The base's tokenizer, with the chat template the run trained with (a base without one
-    trained with llamalora's default), and an Mllama's image processor."""
+    trained with llamalora's default), and its image processor if it has one."""
     from transformers import AutoTokenizer
 
     from llamalora.template import template_of
@@ -106,10 +100,7 @@ def _save_tokenizer(source: ExportSource, folder: Target) -> None:
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = template_of(source.tokenizer).text
     tokenizer.save_pretrained(str(folder.staging))
-    if source.mllama:
-        from llamalora.models import load_image_processor
-
-        load_image_processor(source.base_path).save_pretrained(str(folder.staging))
+    source.save_processor(folder.staging)
 
 
 def _verify_merged(source: ExportSource, merged: Merged, folder: Target, dtype: str, emit,

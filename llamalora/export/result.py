@@ -21,15 +21,14 @@ class ExportResult:
     details: dict | None = None  # --text-only: layers kept and dropped, vocabulary rows, timings
     gguf: dict | None = None  # --gguf: path, type, bytes, its max_logit_diff and tolerance
     # --merge: what merging into --dtype moved (see verify.Drift): the largest logit of the
-    # unmerged model, one rounding step there, and the prompt positions whose top token stayed
+    # unmerged model, the merged model's rounding noise, and the positions whose top token stayed
     merge_drift: dict | None = None
 
     def note_drift(self, drift) -> None:
         """Records a `verify.Drift`: what merging into --dtype moved."""
         self.merge_diff = drift.max_logit_diff
-        self.merge_drift = {"logit_scale": drift.logit_scale,
-                            "rounding_step": drift.rounding_step, "same_top": drift.same_top,
-                            "positions": drift.positions}
+        self.merge_drift = {"logit_scale": drift.logit_scale, "noise": drift.noise,
+                            "same_top": drift.same_top, "positions": drift.positions}
 
     def finish(self, targets) -> ExportResult:
         """Fills in what was written, once `targets` (target.Targets) are in place."""

@@ -11,7 +11,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamalora.adapters import ADAPTER_WEIGHTS, AdapterInfo, find_adapter
+from llamalora.adapters import ADAPTER_WEIGHTS, AdapterInfo, find_adapter, rename_keys
 from llamalora.errors import UsageError
 from llamalora.models import hub_id_of, resolve_model
 from llamalora.plan import load_model_config
@@ -85,10 +85,35 @@ class ExportSource:
 
         return load_model_tokenizer(self.base_path)[0]
 
+    @property
+    def merges_with_vision(self) -> bool:
+        """An Mllama run is merged into the full vision model, text-only runs too: the result
+        is a complete Mllama checkpoint that AutoModelForCausalLM (text) and
+        MllamaForConditionalGeneration (images) both load, like the original."""
+        return self.mllama
+
     def adapter_weights(self) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(self.info.folder / ADAPTER_WEIGHTS))
+
+    def adapter_weights_for_peft(self) -> dict:
+        """The adapter's weights for a PEFT folder: on an Mllama base each under both layer
+        names (the text-only class's and the vision class's), each with its own storage as
+        safetensors wants, so it loads onto either; a Llama's as they are."""
+        weights = self.adapter_weights()
+        out = dict(weights)
+        for to_vision in (True, False) if self.mllama else ():
+            out.update({k: v.clone() for k, v in rename_keys(weights, to_vision).items()
+                        if k not in out})
+        return out
+
+    def save_processor(self, folder: Path) -> None:
+        """An Mllama's image processor, beside a merged model (a Llama has none)."""
+        if self.mllama:
+            from llamalora.models import load_image_processor
+
+            load_image_processor(self.base_path).save_pretrained(str(folder))
 
     def meta_text_weights(self) -> dict:
         """The language model's weights on the meta device: names and shapes, no memory."""
