@@ -11,10 +11,10 @@ from llamalora.export.source import ExportSource
 
 def _run_lines(source: ExportSource) -> list[str]:
     run, cfg = source.info.run, source.info.run.get("config", {})
-    where = (f" (trained on the local copy `{source.base_path}`)"
+    where = (f"trained on the local copy `{source.base_path}`; "
              if source.hub_id and source.base_path != source.hub_id else "")
     return [
-        f"- Base model: `{source.base_name}`{where} (quantization during training: "
+        f"- Base model: `{source.base_name}` ({where}quantization during training: "
         f"{source.info.quant or '?'})",
         f"- Data: `{cfg.get('data_path', '?')}` (sha256 `{run.get('data_sha256', '?')}`)",
         f"- LoRA: r={cfg.get('lora_rank', '?')}, alpha={cfg.get('lora_alpha', '?')}, "
