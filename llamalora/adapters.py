@@ -17,6 +17,9 @@ from llamalora.errors import ModelError, UsageError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# Written last into every folder export-adapter makes: what it wrote, and the base as llamalora
+# loads it (adapter_config.json names the base as the Hub knows it, which may not be here).
+EXPORT_MARKER = "llamalora_export.json"
 TEXT_PREFIX = "base_model.model.model.layers."
 VISION_PREFIX = "base_model.model.model.language_model.layers."
 
@@ -60,8 +63,13 @@ def find_adapter(path: str | Path) -> AdapterInfo:
     elif folder != run_dir and (folder / STATE).is_file():
         run = json.loads((folder / STATE).read_text(encoding="utf-8"))
     cfg = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    base = cfg.get("base_model_name_or_path") or ""
+    if (folder / EXPORT_MARKER).is_file():  # the copy it was trained on, where it is here
+        local = json.loads((folder / EXPORT_MARKER).read_text(encoding="utf-8")).get(
+            "base_model_local")
+        base = local if local and Path(local).exists() else base
     quant = run.get("quant") or run.get("config", {}).get("quant")
-    return AdapterInfo(folder, run_dir, cfg.get("base_model_name_or_path") or "", quant, run)
+    return AdapterInfo(folder, run_dir, base, quant, run)
 
 
 def rename_keys(state: dict, to_vision: bool) -> dict:

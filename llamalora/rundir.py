@@ -51,6 +51,21 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def apply_umask(path: Path) -> None:
+    """Gives `path` and everything under it the mode a new file or folder gets from the umask.
+
+    safetensors (0.8) writes each file as a temporary file, which is created 0600, and renames it
+    into place: without this, weights would be readable by their owner alone, unlike the
+    config and tokenizer files written beside them.
+    """
+    umask = os.umask(0o022)
+    os.umask(umask)
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = output_dir / CHECKPOINTS
@@ -324,6 +339,7 @@ def save_adapter(model, folder: Path, adapter: dict | None = None) -> None:
     model.save_pretrained(str(folder), safe_serialization=True,
                           **({"state_dict": adapter} if adapter is not None else {}))
     (folder / "README.md").unlink(missing_ok=True)  # peft's empty card; export writes a real one
+    apply_umask(folder)
 
 
 @contextlib.contextmanager

@@ -171,6 +171,30 @@ def make_records(lengths: list[int], seed: int = 0, prompt_share: float = 0.5) -
     return out
 
 
+def tiny_adapter(tmp_path, run: dict | None = None, cross_b: float = 0.0) -> Path:
+    """An adapter folder for the tiny model (`run`: its llamalora.json, as a finished run has);
+    its cross-attention layer's LoRA B is `cross_b`. Building it loads no model."""
+    import torch
+    from safetensors.torch import save_file
+
+    from llamalora.models import tiny_model_dir
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    prefix = "base_model.model.model.layers"
+    save_file({f"{prefix}.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 64),
+               f"{prefix}.0.self_attn.q_proj.lora_B.weight": torch.randn(64, 4),
+               f"{prefix}.1.cross_attn.q_proj.lora_A.weight": torch.randn(4, 64),
+               f"{prefix}.1.cross_attn.q_proj.lora_B.weight": torch.full((64, 4), cross_b)},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": str(tiny_model_dir()), "peft_type": "LORA", "r": 4,
+         "lora_alpha": 8, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}))
+    if run is not None:
+        (folder / "llamalora.json").write_text(json.dumps(run))
+    return folder
+
+
 def tiny_lora_model(dtype=None):
     """The tiny model on the CPU with LoRA r 4 (no dropout) whose B is not zero, so every LoRA
     weight gets a gradient; `dtype` (e.g. torch.float64) converts it."""

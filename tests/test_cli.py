@@ -612,15 +612,15 @@ def test_stats_passes_its_options_to_the_core(monkeypatch):
 
 def test_export_adapter_passes_its_options_to_the_core(monkeypatch, tmp_path):
     import llamalora.cli.export_adapter as export_cmd
-    import llamalora.export
+    from llamalora.export import ExportResult, exporter
 
     seen = {}
 
     def fake(run_dir, out_dir, **kw):
         seen.update(run=run_dir, out=out_dir, **{k: v for k, v in kw.items() if k != "on_event"})
-        return llamalora.export.ExportResult(out=out_dir, kind="merged", bytes_written=2**20)
+        return ExportResult(out=out_dir, kind="merged", bytes_written=2**20)
 
-    monkeypatch.setattr(llamalora.export, "export_adapter", fake)
+    monkeypatch.setattr(exporter, "export_adapter", fake)
     monkeypatch.setattr(export_cmd, "quiet_libraries", lambda: None)
     r = run("export-adapter", "runs/a", "--out", str(tmp_path / "m"), "--merge", "--dtype",
             "fp32", "--no-verify")

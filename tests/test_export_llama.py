@@ -16,8 +16,11 @@ from typer.testing import CliRunner
 
 from llamalora.cli.main import app
 from llamalora.errors import ModelError
-from llamalora.export_llama import (LLAMA31_CHAT_TEMPLATE, _permute_rotary, check_llama_names,
-                                    llama_config, llama_weights, rope_factors)
+from llamalora.export.gguf_file import llama_shape, permute_rotary, rope_factors
+from llamalora.export.llama import (check_llama_names, llama31_chat_template, llama_config,
+                                    llama_weights)
+
+from conftest import tiny_adapter
 
 runner = CliRunner()
 
@@ -95,16 +98,16 @@ def test_rope_factors_are_what_llama_cpp_divides_by():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    config = {"hidden_size": 4096, "num_attention_heads": 32, "rope_theta": 500000.0,
-              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0,
-                               "original_max_position_embeddings": 8192}}
-    factors = rope_factors(config)
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192})
+    factors = rope_factors(llama_shape(config))
     base = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
-    expected = LlamaRotaryEmbedding(LlamaConfig(**json.loads(json.dumps(config)))).inv_freq
+    expected = LlamaRotaryEmbedding(config).inv_freq
     assert torch.allclose(base / factors, expected, rtol=1e-6)
     assert factors.min() == 1.0 and factors.max() == 8.0  # high frequencies kept, low ones / 8
-    assert rope_factors({**config, "rope_scaling": None}) is None
+    assert rope_factors(llama_shape(LlamaConfig(hidden_size=4096, num_attention_heads=32))) is None
 
 
 def test_rotary_permutation_is_undone_by_transformers_gguf_loader():
@@ -113,7 +116,7 @@ def test_rotary_permutation_is_undone_by_transformers_gguf_loader():
     processor = LlamaTensorProcessor({"num_attention_heads": 4, "num_key_value_heads": 2})
     q, k = torch.randn(64, 64), torch.randn(32, 64)
     for name, weight, heads in (("blk.0.attn_q.weight", q, 4), ("blk.0.attn_k.weight", k, 2)):
-        permuted = _permute_rotary(weight, heads)
+        permuted = permute_rotary(weight, heads)
         assert not torch.equal(permuted, weight)
         back = processor.process(weights=permuted.numpy(), name=name).weights
         assert torch.equal(torch.from_numpy(back), weight)
@@ -128,41 +131,19 @@ def test_chat_template_is_meta_llama31_text_format():
     system = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge "
               "Date: December 2023\nToday Date: 26 Jul 2024\n\n")
     text = tokenizer.apply_chat_template([{"role": "user", "content": "거푸집이란?"}],
-                                         chat_template=LLAMA31_CHAT_TEMPLATE, tokenize=False,
+                                         chat_template=llama31_chat_template(), tokenize=False,
                                          add_generation_prompt=True)
     assert text == (system + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n거푸집이란?"
                     "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     text = tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-         {"role": "assistant", "content": "ok"}], chat_template=LLAMA31_CHAT_TEMPLATE,
+         {"role": "assistant", "content": "ok"}], chat_template=llama31_chat_template(),
         tokenize=False)
     assert text == (system + "Be brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nhi"
                     "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nok<|eot_id|>")
 
 
 # --- refusals (no model is loaded for any of them) ---------------------------------------------
-
-def _adapter_folder(tmp_path, run: dict | None = None, cross_b: float = 0.0):
-    """An adapter folder for the tiny model; its cross-attention layer's LoRA B is `cross_b`."""
-    from safetensors.torch import save_file
-
-    from llamalora.models import tiny_model_dir
-
-    folder = tmp_path / "adapter"
-    folder.mkdir()
-    prefix = "base_model.model.model.layers"
-    save_file({f"{prefix}.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 64),
-               f"{prefix}.0.self_attn.q_proj.lora_B.weight": torch.randn(64, 4),
-               f"{prefix}.1.cross_attn.q_proj.lora_A.weight": torch.randn(4, 64),
-               f"{prefix}.1.cross_attn.q_proj.lora_B.weight": torch.full((64, 4), cross_b)},
-              str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"base_model_name_or_path": str(tiny_model_dir()), "peft_type": "LORA", "r": 4,
-         "lora_alpha": 8, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}))
-    if run is not None:
-        (folder / "llamalora.json").write_text(json.dumps(run))
-    return folder
-
 
 def _export(*args):
     return runner.invoke(app, ["export-adapter", *map(str, args)])
@@ -175,14 +156,14 @@ def _export(*args):
     (["--merge", "--text-only", "--gguf", "model.bin"], "ending in .gguf"),
 ])
 def test_option_refusals(tmp_path, args, message):
-    r = _export(_adapter_folder(tmp_path), "--out", tmp_path / "out", *args)
+    r = _export(tiny_adapter(tmp_path), "--out", tmp_path / "out", *args)
     assert r.exit_code == 2, r.output
     assert message in r.stderr and r.stderr.startswith("Error: ")
     assert not (tmp_path / "out").exists()
 
 
 def test_run_trained_with_images_is_refused(tmp_path):
-    folder = _adapter_folder(tmp_path, run={"plan": {"with_vision": True}})
+    folder = tiny_adapter(tmp_path, run={"plan": {"with_vision": True}})
     r = _export(folder, "--out", tmp_path / "out", "--merge", "--text-only")
     assert r.exit_code == 2 and "was trained with images" in r.stderr
     assert "--merge (the full vision model)" in r.stderr
@@ -190,7 +171,7 @@ def test_run_trained_with_images_is_refused(tmp_path):
 
 def test_adapter_that_changed_a_cross_attention_layer_is_refused(tmp_path):
     """A bare adapter has no run record: a trained cross-attention LoRA gives it away."""
-    r = _export(_adapter_folder(tmp_path, cross_b=0.1), "--out", tmp_path / "out", "--merge",
+    r = _export(tiny_adapter(tmp_path, cross_b=0.1), "--out", tmp_path / "out", "--merge",
                 "--text-only")
     assert r.exit_code == 2 and "changed cross-attention layer 1" in r.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.tmp").exists()
@@ -200,14 +181,14 @@ def test_gguf_without_the_package_names_the_install(tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
-    r = _export(_adapter_folder(tmp_path), "--out", tmp_path / "out", "--merge", "--text-only",
+    r = _export(tiny_adapter(tmp_path), "--out", tmp_path / "out", "--merge", "--text-only",
                 "--gguf", tmp_path / "m.gguf")
     assert r.exit_code == 1 and "pip install 'gguf>=0.19'" in r.stderr
 
 
 def test_existing_gguf_is_not_overwritten(tmp_path):
     (tmp_path / "m.gguf").write_text("mine")
-    r = _export(_adapter_folder(tmp_path), "--out", tmp_path / "out", "--merge", "--text-only",
+    r = _export(tiny_adapter(tmp_path), "--out", tmp_path / "out", "--merge", "--text-only",
                 "--gguf", tmp_path / "m.gguf")
     assert r.exit_code == 1 and "--overwrite" in r.stderr
     assert (tmp_path / "m.gguf").read_text() == "mine"
@@ -216,7 +197,7 @@ def test_existing_gguf_is_not_overwritten(tmp_path):
 # --- a whole export, q8_0 ---------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_q8_0_gguf_of_an_untrained_adapter(tmp_path):
+def test_q8_0_gguf_of_an_untrained_adapter(tmp_path, caplog):
     """An adapter with random B (every layer but the cross-attention one, as text training
     leaves it) exported through the API with a Q8_0 GGUF, read back through transformers' GGUF
     loader: within the export's Q8_0 tolerance of the Llama folder, at 34 bytes per 32 weights.
@@ -225,7 +206,7 @@ def test_q8_0_gguf_of_an_untrained_adapter(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from llamalora.export import export_adapter
-    from llamalora.export_llama import GGUF_Q8_TOLERANCE
+    from llamalora.export.gguf_file import GGUF_Q8_TOLERANCE
 
     from conftest import tiny_lora_model
 
@@ -239,10 +220,14 @@ def test_q8_0_gguf_of_an_untrained_adapter(tmp_path):
     result = export_adapter(tmp_path / "adapter", tmp_path / "llama", merge=True, dtype="fp32",
                             text_only=True, gguf=gguf, gguf_type="q8_0", verify=False)
     assert result.kind == "llama" and result.gguf["type"] == "q8_0" and gguf.is_file()
+    # gguf-py's warning about Llama 3's pair template (which a GGUF never uses) is not shown.
+    assert not [r for r in caplog.records if r.name.startswith("gguf")]
     assert result.details["layers"] == 2 and result.details["dropped_cross_attention_layers"] == [1]
     params = result.details["params"]
     assert params * 34 / 32 < result.gguf["bytes"] < params * 34 / 32 + 8 * 2**20
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "llama", "model-q8_0.gguf"]
+    # The GGUF, and beside it the record that lets a later --overwrite know it for an export's.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".model-q8_0.gguf.llamalora.json", "adapter", "llama", "model-q8_0.gguf"]
 
     ids = torch.tensor([list(range(128000, 128010)) + list(range(1000, 1030))])
     folder = AutoModelForCausalLM.from_pretrained(str(tmp_path / "llama"))
@@ -257,7 +242,7 @@ def test_q8_0_gguf_of_an_untrained_adapter(tmp_path):
 def test_q8_0_is_gguf_pys_bit_for_bit():
     import gguf
 
-    from llamalora.export_llama import quantize_q8_0
+    from llamalora.export.gguf_file import quantize_q8_0
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 96, generator=g) * 0.02
@@ -276,21 +261,25 @@ def test_disk_check_sums_what_goes_to_one_disk(tmp_path, monkeypatch):
     from collections import namedtuple
 
     from llamalora.errors import UsageError
-    from llamalora.export import check_disk
+    from llamalora.export.target import Target, check_room
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(sh, "disk_usage", lambda p: usage(0, 0, 10 * 2**30))
     (tmp_path / "a").mkdir()
-    check_disk([(tmp_path, 6 * 2**30)], "the export")  # fits
+    a, b = (Target(p, p, True, "--out") for p in (tmp_path, tmp_path / "a"))
+    check_room([(a, 6 * 2**30)], "the export")  # fits
     with pytest.raises(UsageError, match=r"needs about 12\.0 GiB, 10\.0 GiB free"):
-        check_disk([(tmp_path, 6 * 2**30), (tmp_path / "a", 6 * 2**30)], "the export")
+        check_room([(a, 6 * 2**30), (b, 6 * 2**30)], "the export")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(0, 0, 3 * 2**20))
+    with pytest.raises(UsageError, match=r"needs about 20\.0 MiB, 3\.0 MiB free"):
+        check_room([(a, 20 * 2**20)], "the export")  # small sizes in MiB, never "0.0 GiB"
 
 
 def test_gguf_tolerance_allows_the_models_own_rounding_noise():
     """An f16 GGUF may differ by 2% of the largest logit (bf16), or by twice the noise the
     export measured (attention on SDPA's math kernel) where that is more: the random 11B's f16
     GGUF differed by 0.305 with noise 0.371 and largest logit 6.97 (H200). Q8_0 keeps 15%."""
-    from llamalora.export_llama import gguf_tolerance
+    from llamalora.export.gguf_file import gguf_tolerance
 
     assert gguf_tolerance("f16", "bf16", 6.97, 0.01) == pytest.approx(0.02 * 6.97)
     assert gguf_tolerance("f16", "bf16", 6.97, 0.371) == pytest.approx(0.742)

@@ -49,3 +49,16 @@ def test_core_dependencies_are_pinned_for_ci():
               if "==" in line and not line.lstrip().startswith("#")}
     unpinned = sorted(_requirement_names(project["dependencies"]) - pinned)
     assert not unpinned, f"core dependencies without a pin in constraints.txt: {unpinned}"
+
+
+def test_every_asset_is_package_data():
+    """A file the package reads at run time (the bundled tokenizer, the Llama 3.1 chat template)
+    must be in the wheel: setuptools copies only what package-data names."""
+    from fnmatch import fnmatch
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["llamalora"]
+    assets = [p.relative_to(ROOT / "llamalora").as_posix()
+              for p in (ROOT / "llamalora" / "assets").rglob("*") if p.is_file()]
+    missing = [a for a in assets if not any(fnmatch(a, pattern) for pattern in patterns)]
+    assert assets and not missing, f"not in package-data: {missing}"
