@@ -1,0 +1,184 @@
+"""Long records: packed text self-attention through the varlen seam (no [L, L] mask), the
+response loss in chunks, and what the plan turns on for a record that won't fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llamalora import attention, step
+from llamalora.batching import pack, pack_padded, with_loss_index
+from llamalora.step import loss_sum, response_loss
+
+from conftest import make_records, tiny_lora_model
+
+
+def _records(lengths: list[int], seed: int = 0):
+    return make_records(lengths, seed, prompt_share=1 / 3)
+
+
+def _loss_and_grads(model, batch: dict):
+    loss, n = loss_sum(model, batch)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), int(n), grads
+
+
+def _per_record(q, k, v, cu_seqlens, max_seqlen, scale):
+    """A stand-in for flash attention's varlen kernel with its contract (tokens [n, heads,
+    dim], key heads shared by query heads, causal within each record), one record at a time."""
+    assert q.shape[0] == k.shape[0] and max_seqlen >= int(cu_seqlens.diff().max())
+    out = torch.zeros_like(q)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            out[a:b] = F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["masked", "flash"])
+def test_varlen_seam_equals_masked_attention_for_packed_rows(monkeypatch, kernel):
+    """fp64 on the CPU: a packed row and a static row (zero-length records to its slot count)
+    through `_text_attention` give the loss and LoRA gradients of SDPA with transformers' own
+    mask for the records it finds in the position ids. `flash` runs the kernel's branch with a
+    per-record stand-in for the kernel, which checks the layout the kernel is given."""
+    model = tiny_lora_model(torch.float64)
+    assert attention.uses_varlen_text_attention(model)
+    items = _records([37, 12, 60, 5], seed=3)
+    lengths = [len(t) for t in items]
+    attention.use_varlen_text_attention(model, enable=False)
+    assert not attention.uses_varlen_text_attention(model)
+    reference = _loss_and_grads(model, pack(items))  # SDPA, transformers' mask
+    assert attention.use_varlen_text_attention(model) == 2  # the tiny model's self-attention
+    if kernel == "flash":
+        monkeypatch.setattr(attention, "_takes_text_flash", lambda tensor: True)
+        monkeypatch.setattr(attention, "_flash_text", _per_record)
+    from transformers import AttentionInterface
+
+    calls = []
+    seam = attention._text_attention
+    monkeypatch.setitem(AttentionInterface._global_mapping, attention.TEXT,
+                        lambda *a, **k: calls.append(k.get("llamalora_cu_seqlens")) or seam(*a, **k))
+    packed = with_loss_index(pack(items), lengths)
+    assert packed["cu_seqlens"].tolist() == [0, 37, 49, 109, 114]
+    for batch in (packed, pack_padded(items, pad_id=128004)):
+        calls.clear()
+        loss, n, grads = _loss_and_grads(model, batch)
+        assert len(calls) == 2 and all(c is not None for c in calls)  # every layer, varlen
+        assert n == reference[1]
+        torch.testing.assert_close(loss, reference[0], rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(grads, reference[2], rtol=1e-9, atol=1e-11)
+    # the lengths decide the result: one record over the row is another loss
+    wrong = {**packed, "cu_seqlens": torch.tensor([0, sum(lengths)], dtype=torch.int32),
+             "max_seqlen": sum(lengths)}
+    assert not torch.allclose(loss_sum(model, wrong)[0].detach(), reference[0])
+
+
+def test_sequence_mask_keeps_each_record_causal_and_to_itself():
+    cu = torch.tensor([0, 2, 5, 6, 6, 6], dtype=torch.int32)
+    mask = attention.sequence_mask(cu, 6)[0, 0].int()
+    assert mask.tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0],
+                             [0, 0, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0],
+                             [0, 0, 0, 0, 0, 1]]
+
+
+def test_padded_rows_carry_no_mask_to_the_varlen_seam():
+    """Rows padded on the right need no mask: each row is causal on its own (its padding after
+    its tokens), which `varlen_kwargs` describes as one record a row."""
+    from types import SimpleNamespace
+
+    batch = {"input_ids": torch.zeros(3, 5, dtype=torch.long),
+             "attention_mask": torch.ones(3, 5, dtype=torch.long)}
+    base = SimpleNamespace(**{attention._VARLEN_FLAG: True})
+    inputs = dict(batch)
+    kwargs = step._attention_inputs(base, batch, inputs)
+    assert "attention_mask" not in inputs
+    assert kwargs["llamalora_cu_seqlens"].tolist() == [0, 5, 10, 15]
+    assert kwargs["llamalora_max_seqlen"] == 5
+
+
+def _head(vocab: int, hidden: int, trainable: bool = False):
+    head = torch.nn.Linear(hidden, vocab, bias=False, dtype=torch.float64)
+    head.weight.requires_grad_(trainable)
+    return head
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_chunked_response_loss_and_gradients_equal_the_full_loss(monkeypatch, rows):
+    """fp64: `response_loss` a few positions at a time (`LOSS_ROWS`, lowered here) gives the
+    summed cross-entropy of all the logits at once and its gradient to the hidden states,
+    with ignored (-100) positions in chunks of their own and among others."""
+    monkeypatch.setattr(step, "LOSS_ROWS", rows)
+    g = torch.Generator().manual_seed(0)
+    head = _head(50, 16)
+    hidden = torch.randn(23, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (23,), generator=g)
+    targets[[0, 3, 4, 5, 6, 7, 22]] = -100
+    loss, count = response_loss(head, hidden, targets)
+    assert count == 16
+    (grad,) = torch.autograd.grad(loss * 0.37, hidden)  # the step scales the loss
+    full = F.cross_entropy(head(hidden), targets, reduction="sum")
+    (want,) = torch.autograd.grad(full * 0.37, hidden)
+    torch.testing.assert_close(loss, full, rtol=1e-13, atol=0)
+    torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-15)
+    with torch.no_grad():  # eval: the same loss, no gradient kept
+        torch.testing.assert_close(response_loss(head, hidden, targets)[0], full.detach())
+
+
+def test_a_trainable_head_takes_the_full_logits_with_its_gradient():
+    """`_LinearCrossEntropy` never computes the head's gradient: a head whose weight trains
+    goes through autograd with every logit at once, and gets its gradient."""
+    g = torch.Generator().manual_seed(1)
+    head = _head(40, 8, trainable=True)
+    hidden = torch.randn(9, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(0, 40, (9,), generator=g)
+    loss, _ = response_loss(head, hidden, targets)
+    assert loss.grad_fn is not None and "LinearCrossEntropy" not in type(loss.grad_fn).__name__
+    loss.backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+def test_the_frozen_head_path_keeps_no_logits():
+    """What backward keeps is the gradient to the hidden states, not a [positions, vocab]
+    tensor: the loss's graph saves one tensor of the hidden states' shape."""
+    head = _head(1000, 8)
+    hidden = torch.randn(300, 8, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                  lambda t: t):
+        response_loss(head, hidden, torch.randint(0, 1000, (300,)))
+    assert saved == [hidden.shape]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flash_varlen_equals_masked_attention_in_bf16():
+    """The kernel itself: causal varlen flash attention with 4 query heads a key head, records
+    of uneven lengths and trailing zero-length records, against SDPA with the dense mask in
+    fp32, forward and gradients."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lengths = [300, 17, 1024, 5, 700]
+    n = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist(), n, n, n],
+                      dtype=torch.int32, device="cuda")
+
+    def rand(heads):
+        return torch.randn(n, heads, 128, device="cuda", generator=g, dtype=torch.bfloat16,
+                           requires_grad=True)
+
+    q, k, v = rand(32), rand(8), rand(8)
+    grad_out = torch.randn(n, 32, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+    scale = 128 ** -0.5
+    out = attention._flash_text(q, k, v, cu, 2048, scale)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = attention._masked_text(*ref_in, cu, scale, 0.0)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad_out.float())
+    for got, want in ((out, ref), *zip(grads, ref_grads)):
+        err = (got.float() - want).norm() / want.norm()
+        assert err < 1e-2, err
