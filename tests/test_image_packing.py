@@ -635,7 +635,7 @@ _MEASURED_PEAKS = {("mixed", "8bit", False): 18.82, ("mixed", "8bit", True): 19.
 def test_the_plan_estimates_image_runs_at_or_above_their_measured_peaks(tmp_path):
     """The plan's estimate for the 11B with images (eager: `memory_gib`; CUDA graphs:
     `memory_gib_fused`) covers each measured peak, by at most 2.5 GiB; without its image-state
-    term it fell up to 4.5 GiB short."""
+    term it fell up to 4.5 GiB short. (The peaks predate the varlen text attention.)"""
     import subprocess
     import sys
     from pathlib import Path

@@ -182,3 +182,85 @@ def test_flash_varlen_equals_masked_attention_in_bf16():
     for got, want in ((out, ref), *zip(grads, ref_grads)):
         err = (got.float() - want).norm() / want.norm()
         assert err < 1e-2, err
+
+
+def _eleven_b(tmp_path):
+    """A model folder with the 11B's config and the bundled tokenizer, no weights: what the
+    plan reads."""
+    from transformers import AutoTokenizer
+
+    from llamalora.plan import mllama_default_config
+    from llamalora.tokenizer import bundled_tokenizer_dir
+
+    model = tmp_path / "11b"
+    mllama_default_config().save_pretrained(model)
+    AutoTokenizer.from_pretrained(bundled_tokenizer_dir()).save_pretrained(model)
+    return model
+
+
+def test_a_128k_token_record_plans_checkpointing_and_offload_on_80_gib(tmp_path):
+    """One record of ~128k tokens at 8-bit (the 11B, text only): without checkpointing the
+    plan needs hundreds of GiB; on an 80 GiB card it turns on checkpointing and keeps the
+    checkpointed layer inputs in host memory, and says so with its estimates; on a 141 GiB card
+    (an H200) checkpointing alone fits."""
+    import json
+
+    from llamalora.config import TrainConfig
+    from llamalora.plan import choose_memory, plan_training
+
+    words = " ".join(f"w{i % 997}" for i in range(64_000))  # 2 tokens a word
+    (tmp_path / "long.jsonl").write_text(json.dumps(
+        {"instruction": "Continue the text.", "output": words}) + "\n")
+    plan = plan_training(TrainConfig(data_path=str(tmp_path / "long.jsonl"),
+                                     model=str(_eleven_b(tmp_path)), output_dir=str(tmp_path / "o"),
+                                     max_seq_length=131_072))
+    assert 120_000 < plan.tokens_per_epoch <= 131_072 and plan.truncation.records_over == 0
+    assert plan.memory_gib["8bit"] > 500  # no checkpointing
+    on_80 = choose_memory(plan, "8bit", 80.0)
+    assert (on_80.gradient_checkpointing, on_80.offload_activations) == (True, True)
+    assert on_80.estimate_gib == plan.memory_gib_offloaded["8bit"] <= 0.9 * 80
+    assert plan.memory_gib_checkpointed["8bit"] > 0.9 * 80  # checkpointing alone won't fit
+    assert on_80.why.startswith("Gradient checkpointing on, each layer's input in host memory")
+    assert f"{plan.memory_gib_checkpointed['8bit']} GiB" in on_80.why
+    on_h200 = choose_memory(plan, "8bit", 141.0)
+    assert (on_h200.gradient_checkpointing, on_h200.offload_activations) == (True, False)
+    assert on_h200.estimate_gib == plan.memory_gib_checkpointed["8bit"]
+    # asked not to offload on 80 GiB: as asked, and said that it may not fit
+    kept = choose_memory(plan, "8bit", 80.0, offload_activations=False)
+    assert not kept.offload_activations and "may not fit" in kept.why
+    assert plan.to_dict()["estimated_peak_gib_offloaded"] == plan.memory_gib_offloaded
+
+
+def test_the_estimate_grows_linearly_with_the_tokens():
+    """No term grows with the square of the length (no mask; the loss in chunks): equal steps
+    in tokens add equal memory once the loss chunk is full."""
+    from llamalora.plan import count_params, estimate_peak_gib, mllama_default_config
+
+    counts = count_params(mllama_default_config(), with_vision=False)
+    for ckpt, offload in ((False, False), (True, False), (True, True)):
+        at = [estimate_peak_gib(counts, quant="8bit", tokens=n, gradient_checkpointing=ckpt,
+                                lora_params=0, offload=offload)
+              for n in (32_000, 64_000, 96_000, 128_000)]
+        steps = [b - a for a, b in zip(at, at[1:])]
+        assert max(steps) - min(steps) <= 0.2, (ckpt, offload, at)
+
+
+def test_a_memory_cap_is_the_gpu_the_plan_fits(monkeypatch):
+    """`torch.cuda.set_per_process_memory_fraction` stands in a smaller card: the run plans for
+    the capped size (a 24 GiB cap on an 80 GiB card), not the card's."""
+    from types import SimpleNamespace
+
+    from llamalora.config import TrainConfig
+    from llamalora.recipe import _choose_checkpointing
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    plan = SimpleNamespace(memory_gib={"8bit": 30.0}, memory_gib_checkpointed={"8bit": 15.0},
+                           memory_gib_offloaded={"8bit": 12.0})
+    cuda, config = torch.device("cuda", 0), TrainConfig(data_path="x")
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)
+    assert _choose_checkpointing(config, plan, cuda) == (False, False, "")
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 0.3)
+    on, offload, why = _choose_checkpointing(config, plan, cuda)
+    assert (on, offload) == (True, False) and "this GPU has 24 GiB" in why
