@@ -565,11 +565,14 @@ def _choose_checkpointing(config: TrainConfig, plan: Plan, device) -> tuple[bool
     this GPU needs (`plan.choose_memory`): nothing where it fits without.
 
     Recomputing every layer in backward costs about a third of the step; memory to avoid it is
-    usually there, since LoRA's base is frozen and quantized. On the CPU both stay off unless
-    asked; offload needs checkpointing (the inputs it moves are what checkpointing keeps).
+    usually there, since LoRA's base is frozen and quantized. On the CPU checkpointing stays off
+    unless asked, and offload off (the activations are in host memory already); offload needs
+    checkpointing (the inputs it moves are what checkpointing keeps).
     """
     ckpt, offload = config.gradient_checkpointing, config.offload_activations
-    if device.type != "cuda" or (ckpt is not None and (offload is not None or not ckpt)):
+    if device.type != "cuda":
+        return bool(ckpt), False, ""
+    if ckpt is not None and (offload is not None or not ckpt):
         return bool(ckpt), bool(ckpt and offload), ""
     choice = choose_memory(plan, config.quant, _gpu_gib(device), ckpt, offload)
     return choice.gradient_checkpointing, choice.offload_activations, choice.why

@@ -184,7 +184,7 @@ def test_auto_checkpointing_follows_the_plan(monkeypatch):
     assert _choose_checkpointing(cfg(quant="8bit"), FakePlan, torch.device("cpu")) == (
         False, False, "")
     assert _choose_checkpointing(cfg(gradient_checkpointing=True, offload_activations=True),
-                                 FakePlan, torch.device("cpu")) == (True, True, "")
+                                 FakePlan, torch.device("cpu")) == (True, False, "")
 
 
 # --- the Triton kernels' arithmetic, interpreted on the CPU ------------------------------------

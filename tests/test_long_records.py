@@ -264,3 +264,95 @@ def test_a_memory_cap_is_the_gpu_the_plan_fits(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 0.3)
     on, offload, why = _choose_checkpointing(config, plan, cuda)
     assert (on, offload) == (True, False) and "this GPU has 24 GiB" in why
+
+
+def _lora_model(device: str = "cpu", dtype=torch.float64, **load):
+    """`conftest.tiny_lora_model` with loading options (checkpointing, offload) and a device."""
+    from llamalora.models import attach_lora, load_model_for_training
+
+    torch.manual_seed(0)
+    model, _ = load_model_for_training("tiny", quant="none", device=device, **load)
+    model = attach_lora(model, r=4, alpha=8, dropout=0.0).to(dtype)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model
+
+
+@pytest.mark.slow
+def test_checkpointed_layers_recompute_with_the_records_lengths(monkeypatch):
+    """A checkpointed layer's recompute in backward sees the row's records too (they travel as
+    the layers' keyword arguments, which checkpointing keeps): the loss and gradients of the
+    packed row without checkpointing, eager and static."""
+    from transformers import AttentionInterface
+
+    items = _records([37, 12, 60, 5], seed=3)
+    batches = (with_loss_index(pack(items), [len(t) for t in items]),
+               pack_padded(items, pad_id=128004))
+    plain, checkpointed = _lora_model().train(), _lora_model(gradient_checkpointing=True).train()
+    calls = []
+    seam = attention._text_attention
+    monkeypatch.setitem(AttentionInterface._global_mapping, attention.TEXT,
+                        lambda *a, **k: calls.append(k.get("llamalora_cu_seqlens")) or seam(*a, **k))
+    for batch in batches:
+        calls.clear()
+        want = _loss_and_grads(plain, batch)
+        assert len(calls) == 2  # two self-attention layers, once each
+        calls.clear()
+        got = _loss_and_grads(checkpointed, batch)
+        assert len(calls) == 4 and all(c is not None for c in calls)  # and their recompute
+        torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(got[2], want[2], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offloaded_checkpointing_on_the_gpu_gives_the_same_gradients():
+    """Checkpointing with the layer inputs in pinned host memory (transformers' offload) and
+    without: the same loss and gradients, bf16 through the flash kernel."""
+    items = _records([300, 120, 700], seed=4)
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v
+             for k, v in with_loss_index(pack(items), [len(t) for t in items]).items()}
+    results = [_loss_and_grads(_lora_model("cuda", torch.bfloat16, gradient_checkpointing=True,
+                                           offload_activations=offload).train(), batch)
+               for offload in (False, True)]
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][2], results[0][2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphed_checkpointed_steps_equal_eager_steps():
+    """CUDA graphs over checkpointed layers (`recipe.GRAPHS_WITH_CHECKPOINTING`): three steps in
+    two static shapes give the eager checkpointed steps' losses and LoRA weights (fp32, no
+    dropout: the graphs draw other masks than eager steps)."""
+    from llamalora.step import GraphedStep, TrainStep
+
+    class Alone:
+        def even_out(self, count, run):
+            pass
+
+        def sync_gradients(self, params):
+            pass
+
+    runs = []
+    for cls in (TrainStep, GraphedStep):
+        model = _lora_model("cuda", torch.float32, gradient_checkpointing=True).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        step = cls(model, opt, sched, params, Alone(), max_grad_norm=1.0)
+        losses = []
+        for i, lengths in enumerate([[30, 40], [50, 20], [100, 90]]):
+            batch = {k: v.cuda() for k, v in pack_padded(_records(lengths, seed=i),
+                                                          pad_id=0).items()}
+            n = float((batch["target_ids"] != -100).sum())
+            losses.append(step([batch], n)[0].item() / n)
+        assert not step.failure, step.failure
+        runs.append((losses, {k: v.detach().cpu() for k, v in model.named_parameters()
+                              if v.requires_grad}))
+    (eager, w_eager), (graphed, w_graphed) = runs
+    torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w_graphed, w_eager, rtol=1e-3, atol=1e-5)
