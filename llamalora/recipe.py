@@ -596,9 +596,10 @@ def _gpu_gib(device) -> float:
     return total * fraction(device)
 
 
-# CUDA graphs over checkpointed layers: the capture replays each layer's recompute with the
-# dropout masks of its forward (checkpointing restores the generator's state, which a graph
-# keeps as a seed and an offset). False keeps checkpointed runs eager, as before.
+# CUDA graphs over checkpointed layers: each replay's recompute draws its forward's dropout
+# masks (checkpointing restores the generator's state, which a graph keeps as a seed and an
+# offset; an exact gradient check over 3 replays, H100, BENCHMARKS.md, "Long records").
+# False keeps checkpointed runs eager, as before.
 GRAPHS_WITH_CHECKPOINTING = True
 
 
