@@ -897,7 +897,7 @@ def numerics_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="/tmp/m11b",
                     help="Model folder (make_random_11b.py writes the 11B), or `tiny`.")
@@ -928,7 +928,11 @@ def main() -> None:
                     help="Keep the successful runs of the work dir's last report of this setup.")
     ap.add_argument("--child", nargs=2, type=Path, metavar=("SPEC", "RESULT"),
                     help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = _parser().parse_args()
     if args.child:
         sys.exit(child_main(*args.child))
 

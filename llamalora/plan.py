@@ -334,6 +334,22 @@ def plan_training(config: TrainConfig) -> Plan:
     tokens_per_epoch = sum(train_set.lengths)
     response_share = sum(train_set.targets) / max(1, tokens_per_epoch)
 
+    memory = _memory_estimates(config, counts, lora, train_set, with_vision, response_share)
+    return Plan(config=config, records=data.records, train_records=len(train_set),
+                eval_records=len(eval_set), with_vision=with_vision,
+                tokens_per_epoch=tokens_per_epoch, steps=steps,
+                steps_per_epoch=steps_per_epoch, world_size=world_size,
+                effective_batch=config.batch_size * per_step, truncation=truncation,
+                **memory,
+                params={"base": counts.total, "lora": lora},
+                data_sha256=data.data_fingerprint, model_note="; ".join(
+                    n for n in (tok_note, cfg_note) if n),
+                train=train_set, eval=eval_set, data_note="; ".join(notes))
+
+
+def _memory_estimates(config: TrainConfig, counts: ParamCounts, lora: int, train_set,
+                      with_vision: bool, response_share: float) -> dict[str, dict[str, float]]:
+    """`Plan`'s memory_gib* fields: each path's estimate at each quantization."""
     # The most images a micro-batch can hold: batch size x the most a record has.
     images = config.batch_size * max(train_set.image_counts, default=0) if with_vision else 0
     # The heaviest pass: a micro-batch of the longest records; with CUDA graphs a text step's
@@ -343,30 +359,17 @@ def plan_training(config: TrainConfig) -> Plan:
         train_set.lengths, config.batch_size * config.gradient_accumulation_steps,
         budget=config.batch_size * config.max_seq_length)
 
-    def estimate(quant: str, checkpointing: bool, tokens: int = micro, graphs: bool = False,
-                 offload: bool = False) -> float:
-        return estimate_peak_gib(counts, quant=quant, tokens=tokens,
-                                 gradient_checkpointing=checkpointing, lora_params=lora,
-                                 response_share=response_share,
-                                 bnb_int8_layers=config.kernels == "plain", images=images,
-                                 graphs=graphs, offload=offload)
+    def estimate(checkpointing: bool, tokens: int = micro, graphs: bool = False,
+                 offload: bool = False) -> dict[str, float]:
+        return {q: estimate_peak_gib(counts, quant=q, tokens=tokens,
+                                     gradient_checkpointing=checkpointing, lora_params=lora,
+                                     response_share=response_share,
+                                     bnb_int8_layers=config.kernels == "plain", images=images,
+                                     graphs=graphs, offload=offload) for q in QUANTS}
 
     # Unset checkpointing (auto) is planned without; train() turns it on if that won't fit.
-    memory = {q: estimate(q, bool(config.gradient_checkpointing)) for q in QUANTS}
-    memory_checkpointed = {q: estimate(q, True) for q in QUANTS}
-    memory_offloaded = {q: estimate(q, True, offload=True) for q in QUANTS}
-    memory_fused = {q: estimate(q, False, fused, graphs=True) for q in QUANTS}
-    memory_fused_checkpointed = {q: estimate(q, True, fused, graphs=True) for q in QUANTS}
-    return Plan(config=config, records=data.records, train_records=len(train_set),
-                eval_records=len(eval_set), with_vision=with_vision,
-                tokens_per_epoch=tokens_per_epoch, steps=steps,
-                steps_per_epoch=steps_per_epoch, world_size=world_size,
-                effective_batch=config.batch_size * per_step, truncation=truncation,
-                memory_gib=memory, memory_gib_checkpointed=memory_checkpointed,
-                memory_gib_fused=memory_fused,
-                memory_gib_fused_checkpointed=memory_fused_checkpointed,
-                memory_gib_offloaded=memory_offloaded,
-                params={"base": counts.total, "lora": lora},
-                data_sha256=data.data_fingerprint, model_note="; ".join(
-                    n for n in (tok_note, cfg_note) if n),
-                train=train_set, eval=eval_set, data_note="; ".join(notes))
+    return {"memory_gib": estimate(bool(config.gradient_checkpointing)),
+            "memory_gib_checkpointed": estimate(True),
+            "memory_gib_offloaded": estimate(True, offload=True),
+            "memory_gib_fused": estimate(False, fused, graphs=True),
+            "memory_gib_fused_checkpointed": estimate(True, fused, graphs=True)}
