@@ -18,6 +18,7 @@ for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
     test) python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_step.py tests/test_models.py \
+            tests/test_long_records.py tests/test_image_packing.py \
             2>&1 | tail -4 ;;
     build) [ -f /tmp/m11b/tokenizer.json ] || python3 benchmarks/make_random_11b.py /tmp/m11b ;;
     startup)  # where a second run's time to its first step goes: imports, plan, load, capture

@@ -14,7 +14,11 @@ dropout 0.05 on q,k,v,o, max length 512, 4 records per optimizer step:
   hf-8bit/-4bit/-bf16  plain HF Trainer + PEFT (prepare_model_for_kbit_training on a k-bit
                    base): batch 4 x 1, padded to the batch's longest, no checkpointing, bf16,
                    loss on the response (llamalora's labels)
+  hf-packed-bf16/-8bit  HF Trainer + PEFT for long records: batch 2 x 2, padding-free
+                   (transformers' DataCollatorWithFlattening), gradient checkpointing
   llamalora-8bit/-4bit/-none  `llamalora.recipe.train` with kernels="auto"
+  unsloth-bf16/-8bit/-4bit  Unsloth's own recommended path (benchmarks/unsloth_run.py; its
+                   wheels: benchmarks/gpu_wheels_unsloth.sh); only when named in --recipes
 
 Every recipe gets the same batches: llamalora's seeded, length-grouped order (for the HF Trainer
 recipes through a sequential sampler). Real (non-padding) tokens per step are then the same for all,
@@ -59,16 +63,23 @@ SPEED_RECIPES = {
     "hf-8bit": "HF Trainer + PEFT, 8-bit, bf16, 4x1, padded to the longest",
     "hf-4bit": "HF Trainer + PEFT, NF4, bf16, 4x1, padded to the longest",
     "hf-bf16": "HF Trainer + PEFT, bf16, 4x1, padded to the longest",
+    "hf-packed-bf16": "HF Trainer + PEFT, bf16, 2x2, padding-free, gradient checkpointing",
+    "hf-packed-8bit": "HF Trainer + PEFT, 8-bit, bf16, 2x2, padding-free, gradient checkpointing",
     "llamalora-8bit": "llamalora train, 8-bit",
     "llamalora-4bit": "llamalora train, 4-bit",
     "llamalora-none": "llamalora train, bf16",
+    "unsloth-bf16": "Unsloth, bf16, its recommended path (benchmarks/unsloth_run.py)",
+    "unsloth-8bit": "Unsloth, 8-bit, its recommended path (benchmarks/unsloth_run.py)",
+    "unsloth-4bit": "Unsloth, 4-bit, its recommended path (benchmarks/unsloth_run.py)",
 }
+# Unsloth's recipes need its own wheels (benchmarks/gpu_wheels_unsloth.sh): asked for by name.
+DEFAULT_RECIPES = [r for r in SPEED_RECIPES if not r.startswith("unsloth-")]
 NUMERICS_QUANTS = ("8bit", "4bit", "none")
 LOSS_CURVE_TARGET = 0.02  # issue 5: fast kernels' loss curve within 2% of plain bitsandbytes'
 EVAL_LOSS_TARGET = 0.01  # and the adapter's eval loss on plain transformers + peft within 1%
 # A --resume keeps earlier runs only when these match.
 RESUME_KEYS = ("mode", "model", "device", "data_sha256", "code_sha256", "steps",
-               "max_seq_length", "seed")
+               "max_seq_length", "seed", "memory_cap_gib")
 LORA = {"r": 8, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 LEARNING_RATE = 2e-4
 RECORDS_PER_STEP = 4
@@ -405,14 +416,16 @@ def run_trainer(spec: dict) -> dict:
     from transformers import Trainer, TrainingArguments, set_seed
 
     old = spec["recipe"] == "old"
-    quant = {"old": "8bit", "hf-8bit": "8bit", "hf-4bit": "4bit", "hf-bf16": "none"}[
-        spec["recipe"]]
+    packed = spec["recipe"].startswith("hf-packed-")  # long records: padding-free, checkpointing
+    quant = {"old": "8bit", "hf-8bit": "8bit", "hf-4bit": "4bit", "hf-bf16": "none",
+             "hf-packed-bf16": "none", "hf-packed-8bit": "8bit"}[spec["recipe"]]
     cuda = spec["device"] == "cuda"
     # The old script trained in fp16; the plain counterparts in bf16, as llamalora does. CPUs
     # have no fp16 autocast, so fp32 there.
     dtype = (torch.float16 if old else torch.bfloat16) if cuda else torch.float32
     # Micro-batch x accumulation: the old 2 x 2, or 4 x 1 like llamalora. Same 4 records a step.
-    micro = 2 if old else RECORDS_PER_STEP
+    micro = 2 if old or packed else RECORDS_PER_STEP
+    checkpointing = old or packed
 
     records = load_records(spec, train_on_prompt=old)  # old: labels = the whole text
     batches = step_batches([len(r) for r in records], spec["steps"], spec["seed"])
@@ -422,6 +435,10 @@ def run_trainer(spec: dict) -> dict:
     pad_to = spec["max_seq_length"] if old else None
 
     def collate(features):
+        if packed:  # transformers' own padding-free collator: one row, position ids restart
+            from transformers import DataCollatorWithFlattening
+
+            return DataCollatorWithFlattening(return_tensors="pt")(features)
         length = pad_to or max(len(f["input_ids"]) for f in features)
         ids = torch.full((len(features), length), PAD_ID, dtype=torch.long)
         labels = torch.full((len(features), length), -100, dtype=torch.long)
@@ -440,7 +457,7 @@ def run_trainer(spec: dict) -> dict:
     if quant != "none":
         # The standard PEFT recipe for a k-bit base (the old script called it too): norms and
         # embeddings to fp32, input grads on; checkpointing only where the recipe uses it.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=old)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     model = get_peft_model(model, LoraConfig(
         r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
         target_modules=LORA["targets"], bias="none", task_type="CAUSAL_LM"))
@@ -450,13 +467,15 @@ def run_trainer(spec: dict) -> dict:
     # the collator, which the data loader runs ahead of the step. The sums stay on the device
     # until the step ends, so counting adds no synchronization inside a step.
     model.register_forward_pre_hook(
-        lambda module, args, kwargs: clock.masks.append(kwargs["attention_mask"].sum()),
-        with_kwargs=True)
+        lambda module, args, kwargs: clock.masks.append(
+            kwargs["input_ids"].new_tensor(kwargs["input_ids"].numel()) if packed
+            else kwargs["attention_mask"].sum()), with_kwargs=True)
     args = TrainingArguments(
         output_dir=spec["output_dir"], per_device_train_batch_size=micro,
         gradient_accumulation_steps=RECORDS_PER_STEP // micro, max_steps=spec["steps"],
         learning_rate=LEARNING_RATE, warmup_steps=0.03, lr_scheduler_type="linear",
-        fp16=cuda and old, bf16=cuda and not old, gradient_checkpointing=old,
+        fp16=cuda and old, bf16=cuda and not old, gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         logging_strategy="steps", logging_steps=1, save_strategy="no", eval_strategy="no",
         report_to="none", seed=spec["seed"], train_sampling_strategy="sequential",
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
@@ -466,7 +485,7 @@ def run_trainer(spec: dict) -> dict:
     trainer.train()
     return {"rows": clock.rows, "peak_gpu_mem_gib": _peak_gib(spec),
             "kernels": "bitsandbytes" if quant != "none" else None,
-            "gradient_checkpointing": old, "versions": _versions()}
+            "gradient_checkpointing": checkpointing, "versions": _versions()}
 
 
 def _step_clock(cuda: bool):
@@ -531,9 +550,12 @@ def run_llamalora(spec: dict) -> dict:
         quant=spec["quant"], max_seq_length=spec["max_seq_length"], max_steps=spec["steps"],
         eval_fraction=spec.get("eval_fraction", 0), save_steps=0, seed=spec["seed"],
         kernels=spec.get("kernels", "auto"), compile=spec.get("compile"),
-        cuda_graphs=spec.get("cuda_graphs"))
+        cuda_graphs=spec.get("cuda_graphs"), **spec.get("options", {}))
+    statuses = []  # what the run said it turned on, and why
 
     def progress(event) -> None:
+        if isinstance(event, Status):
+            statuses.append(event.message)
         if isinstance(event, (StepDone, Status, EvalDone)):
             print(type(event).__name__, json.dumps(asdict(event), default=str), file=sys.stderr,
                   flush=True)
@@ -543,8 +565,21 @@ def run_llamalora(spec: dict) -> dict:
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     # .get: which path ran (kernels, batches, checkpointing) is said by keys issue 5 added.
     keys = ("peak_gpu_mem_gib", "kernels", "batches", "gradient_checkpointing", "compiled",
-            "final_eval_loss", "versions")
-    return {"rows": [r for r in rows if "loss" in r], **{k: summary.get(k) for k in keys}}
+            "final_eval_loss", "versions", "offload_activations")
+    return {"rows": [r for r in rows if "loss" in r], **{k: summary.get(k) for k in keys},
+            "statuses": statuses, "estimate_gib": plan_estimate(summary)}
+
+
+def plan_estimate(summary: dict) -> float | None:
+    """The plan's estimate for the path a llamalora run took (llamalora.json's result)."""
+    plan, quant = summary["plan"], summary["quant"]
+    graphs = "CUDA graphs" in (summary.get("batches") or "")
+    key = ("estimated_peak_gib_fused" + ("_checkpointed" if summary["gradient_checkpointing"]
+                                         else "") if graphs
+           else "estimated_peak_gib_offloaded" if summary.get("offload_activations")
+           else "estimated_peak_gib_checkpointed" if summary["gradient_checkpointing"]
+           else "estimated_peak_gib")
+    return plan.get(key, {}).get(quant)
 
 
 # --- numerics: the adapter on a plain transformers + peft stack -------------------------------
@@ -596,7 +631,16 @@ def _versions() -> dict:
     return versions()
 
 
-CHILD_KINDS = {"trainer": run_trainer, "llamalora": run_llamalora, "plain-eval": run_plain_eval}
+def run_unsloth(spec: dict) -> dict:
+    """Unsloth's own recommended path on the same records (benchmarks/unsloth_run.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from unsloth_run import run
+
+    return run(spec)
+
+
+CHILD_KINDS = {"trainer": run_trainer, "llamalora": run_llamalora, "plain-eval": run_plain_eval,
+               "unsloth": run_unsloth}
 
 
 def child_main(spec_path: Path, result_path: Path) -> int:
@@ -604,6 +648,12 @@ def child_main(spec_path: Path, result_path: Path) -> int:
     spec = json.loads(spec_path.read_text())
     t0 = time.perf_counter()
     try:
+        if spec.get("memory_cap_gib"):  # a smaller card, stood in for on this one
+            import torch
+
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(
+                min(1.0, spec["memory_cap_gib"] * 2**30 / total))
         result = CHILD_KINDS[spec["kind"]](spec)
     except Exception as exc:  # noqa: BLE001 (an OOM or a crash of one recipe is a result)
         traceback.print_exc()
@@ -624,6 +674,9 @@ def run_child(spec: dict, work: Path, log_dir: Path, name: str) -> dict:
     env = dict(os.environ)
     if spec["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # llamalora's train picks the GPU whenever it sees one
+    if spec.get("pythonpath"):  # packages for this run alone (Unsloth's datasets 4.x)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [spec["pythonpath"],
+                                                          env.get("PYTHONPATH")]))
     log = log_dir / f"{name}.log"
     with log.open("w") as out:
         rc = subprocess.run([sys.executable, __file__, "--child", str(spec_path), str(result_path)],
@@ -641,11 +694,14 @@ def speed_specs(args, work: Path, data: str) -> dict[str, dict]:
     for recipe in args.recipes:
         spec = {"recipe": recipe, "data": data, "model": args.model, "device": args.device,
                 "steps": args.steps, "seed": args.seed, "max_seq_length": args.max_seq_length,
-                "output_dir": str(work / recipe)}
+                "output_dir": str(work / recipe), "memory_cap_gib": args.memory_cap_gib}
         if recipe.startswith("llamalora-"):
             # The defaults: llamalora picks compile / CUDA graphs itself; the first steps'
             # capture (or compile) time is kept in the per-step rows.
             spec.update(kind="llamalora", quant=recipe.split("-", 1)[1], kernels="auto")
+        elif recipe.startswith("unsloth-"):
+            spec.update(kind="unsloth", quant=recipe.split("-", 1)[1],
+                        pythonpath=args.unsloth_site)
         else:
             spec["kind"] = "trainer"
         specs[recipe] = spec
@@ -841,7 +897,7 @@ def numerics_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="/tmp/m11b",
                     help="Model folder (make_random_11b.py writes the 11B), or `tiny`.")
@@ -850,11 +906,16 @@ def main() -> None:
     ap.add_argument("--data", help="Instruction data file (default: generated, see make_data).")
     ap.add_argument("--records", type=int, default=1000, help="Records of the generated data.")
     ap.add_argument("--recipes", nargs="+", choices=list(SPEED_RECIPES),
-                    default=list(SPEED_RECIPES))
+                    default=DEFAULT_RECIPES, help="Default: all but Unsloth's.")
     ap.add_argument("--steps", type=int, default=16, help="Optimizer steps per recipe.")
     ap.add_argument("--skip", type=int, default=4, help="First steps not counted (warm-up).")
     ap.add_argument("--max-seq-length", type=int, default=512)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--memory-cap-gib", type=float, default=None,
+                    help="Cap each run's GPU memory (torch.cuda.set_per_process_memory_fraction)"
+                         ": a smaller card on this one.")
+    ap.add_argument("--unsloth-site", default="/tmp/usite",
+                    help="Where .whl-unsloth/ is installed (Unsloth's recipes only).")
     ap.add_argument("--numerics", action="store_true",
                     help="Compare kernels=fast with plain, and the adapter on plain peft.")
     ap.add_argument("--numerics-steps", type=int, default=50)
@@ -867,7 +928,11 @@ def main() -> None:
                     help="Keep the successful runs of the work dir's last report of this setup.")
     ap.add_argument("--child", nargs=2, type=Path, metavar=("SPEC", "RESULT"),
                     help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = _parser().parse_args()
     if args.child:
         sys.exit(child_main(*args.child))
 
@@ -894,6 +959,7 @@ def main() -> None:
               "code_sha256": code_sha256(),
               "steps": args.numerics_steps if args.numerics else args.steps, "skip": args.skip,
               "max_seq_length": args.max_seq_length, "seed": args.seed,
+              "memory_cap_gib": args.memory_cap_gib,
               "records_per_step": RECORDS_PER_STEP, "lora": LORA, "versions": _versions()}
     if args.device == "cuda":
         import torch

@@ -214,19 +214,39 @@ def padded_shape(items: list[Tokenized]) -> tuple[int, int]:
     return padded_length(sum(map(len, items))), padded_length(labels)
 
 
+def sequence_slots(records: int) -> int:
+    """Entries of a static row's record lengths: its records and its padding (a record of its
+    own), in a power of two of at least 8, the rest zero-length records. One CUDA graph then
+    serves any row of up to that many records."""
+    return max(8, 1 << records.bit_length())
+
+
+def cu_seqlens(lengths: list[int], slots: int | None = None):
+    """int32 [slots + 1] (default: one per record): where each record of a packed row starts,
+    then the row's end; records past the given ones are zero-length. What
+    `attention.varlen_kwargs` carries."""
+    import torch
+
+    ends = [0]
+    for n in lengths:
+        ends.append(ends[-1] + n)
+    ends += [ends[-1]] * ((slots or len(lengths)) - len(lengths))
+    return torch.tensor(ends, dtype=torch.int32)
+
+
 def pack_padded(items: list[Tokenized], pad_id: int, image_processor=None):
     """`pack`, padded to a static length, with the loss positions listed for a static gather.
 
-    Returns torch tensors: `input_ids`, `position_ids` [1, L]; `segment_ids` [1, L] (the record
-    each token belongs to; the padding is a segment of its own, so it attends only to itself);
-    `target_index` [T] (positions whose next token has a label) and `target_ids` [T] (that
-    label), both padded to `padded_length` of the label count with position 0 and -100.
-    Nothing in it depends on the data's values on the GPU, so a step over it can be captured
-    in a CUDA graph and replayed for any batch of the same padded length.
+    Returns torch tensors: `input_ids`, `position_ids` [1, L]; `cu_seqlens` (`cu_seqlens` over
+    `sequence_slots` entries: the records, then the padding as a record of its own, so it
+    attends only to itself); `target_index` [T] (positions whose next token has a label) and
+    `target_ids` [T] (that label), both padded to `padded_length` of the label count with
+    position 0 and -100. Nothing in it depends on the data's values on the GPU, so a step over
+    it can be captured in a CUDA graph and replayed for any batch of the same shapes.
 
     With `image_processor` and records with images, also `pack_vision`'s image inputs for the
     row's N images, and its cross-attention mask [1, L, N, tiles] with the padding seeing no
-    image: the shapes then depend on (L, T, N) only (`static_shape`).
+    image: the shapes then depend on `static_shape` only.
     """
     import torch
     import torch.nn.functional as F
@@ -238,8 +258,8 @@ def pack_padded(items: list[Tokenized], pad_id: int, image_processor=None):
     row = {"input_ids": F.pad(packed["input_ids"], (0, length - n), value=pad_id),
            "position_ids": torch.cat([packed["position_ids"],
                                       torch.arange(length - n)[None]], dim=1),
-           "segment_ids": F.pad(_record_ids([len(t) for t in items]), (0, length - n),
-                                value=len(items))[None],
+           "cu_seqlens": cu_seqlens([len(t) for t in items] + [length - n],
+                                    sequence_slots(len(items))),
            "target_index": F.pad(index, (0, slots - index.numel()), value=0),
            "target_ids": F.pad(targets, (0, slots - index.numel()), value=IGNORE_INDEX)}
     if "cross_attention_mask" in packed:
@@ -253,16 +273,16 @@ def pack_padded(items: list[Tokenized], pad_id: int, image_processor=None):
 def with_loss_index(batch: dict, lengths: list[int] | None = None) -> dict:
     """Adds to a host batch (`pack`, `pack_vision` or `collate`) what lets `step.loss_sum` run
     without reading anything back from the GPU: the flat positions whose next token has a label
-    and those labels, and for a packed row of several records (`lengths`: their lengths) the
-    record of each token, from which the attention mask is built on the device. Otherwise a
-    boolean-mask gather, and transformers' search for the records in the position ids, each
-    wait for the GPU to catch up: that waiting was 202 ms of an 8-bit image step of the 11B on
-    an H200 (9 syncs a step)."""
+    and those labels, and for a packed row (`lengths`: its records' lengths) their
+    `cu_seqlens` and the longest (`max_seqlen`), which the attention reads instead of a mask.
+    Otherwise a boolean-mask gather, and transformers' search for the records in the position
+    ids, each wait for the GPU to catch up: that waiting was 202 ms of an 8-bit image step of
+    the 11B on an H200 (9 syncs a step)."""
     batch["loss_index"], batch["loss_targets"] = _labelled(batch["labels"])
-    if lengths is not None and len(lengths) > 1:
-        batch["segment_ids"] = _record_ids(lengths)[None]
-    elif lengths is not None:  # one record: its positions are the default ones, and without
-        del batch["position_ids"]  # them transformers masks causally with no search at all
+    if lengths is not None:
+        batch["cu_seqlens"], batch["max_seqlen"] = cu_seqlens(lengths), max(lengths)
+        if len(lengths) == 1:  # its positions are the default ones
+            del batch["position_ids"]
     return batch
 
 
@@ -275,17 +295,11 @@ def _labelled(labels):
     return keep.reshape(-1).nonzero()[:, 0], labels[keep]
 
 
-def _record_ids(lengths: list[int]):
-    """The record each token of a packed row belongs to."""
-    import torch
-
-    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-
-
-def static_shape(items: list[Tokenized]) -> tuple[int, int, int]:
-    """What fixes every shape of `pack_padded(items, ...)`: (padded length, label slots, images);
-    one CUDA graph per such triple."""
-    return (*padded_shape(items), sum(len(t.images) for t in items))
+def static_shape(items: list[Tokenized]) -> tuple[int, int, int, int]:
+    """What fixes every shape of `pack_padded(items, ...)`: (padded length, label slots, images,
+    sequence slots); one CUDA graph per such tuple."""
+    return (*padded_shape(items), sum(len(t.images) for t in items),
+            sequence_slots(len(items)))
 
 
 def _load_images(paths: list[Path]):

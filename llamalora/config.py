@@ -154,6 +154,11 @@ class TrainConfig:
         None, "Recompute activations in backward to save memory (default: only when the plan "
               "says the run would not fit the GPU without it).",
         "--gradient-checkpointing/--no-gradient-checkpointing")
+    offload_activations: bool | None = _opt(
+        None, "With gradient checkpointing, keep each layer's saved input in host memory until "
+              "backward (default: only when the plan says checkpointing alone would not fit the "
+              "GPU; CUDA graphs stay off with it).",
+        "--offload-activations/--no-offload-activations")
     kernels: str = _opt("auto", "Base-layer matmuls: fast (llamalora's kernels on the stored "
                                 "8/4-bit weights), plain (bitsandbytes' own), or auto (fast on "
                                 "CUDA GPUs).", "--kernels")

@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 
+from llamalora.attention import sdpa_or_own
+
 # The cache holds this many positions at least, and grows in such steps: one capture serves a
 # whole conversation of ordinary length, and attending over the unused, masked tail costs little
 # (~0.1 ms a token at 4,096 positions on the 11B).
@@ -101,7 +103,7 @@ def supported(model) -> str | None:
     layers, config = decoder.layers, decoder.config
     if head is None:
         return "no output head"
-    attn = getattr(config, "_attn_implementation", "sdpa")
+    attn = sdpa_or_own(config)
     if attn not in ("sdpa", "eager"):
         return f"attention implementation {attn!r}"  # flash kernels want 2D masks
     if not len(layers):
@@ -136,7 +138,7 @@ class StaticDecoder:
         # The cache keyword: `cache` from transformers 5.24, `past_key_values` before.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._cache_position = "cache_position" in params
-        self._bool_mask = getattr(config, "_attn_implementation", "sdpa") == "sdpa"
+        self._bool_mask = sdpa_or_own(config) == "sdpa"
         self.cache: _StaticKV | None = None
         # Captured steps by input length: 1 is the decoding step, larger ones prefills.
         self._graphs: dict[int, _Captured] = {}

@@ -113,6 +113,7 @@ class TrainResult:
     loss_plot: str | None = None
     fsdp: dict | None = None
     trackers: list[str] = field(default_factory=list)
+    offload_activations: bool = False  # checkpointed layer inputs in host memory
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -440,17 +440,20 @@ def load_base_model(name_or_path: str, *, quant: str = "8bit", with_vision: bool
 
 def load_model_for_training(name_or_path: str, *, quant: str = "8bit", with_vision: bool = False,
                             device: str | None = None, gradient_checkpointing: bool = False,
-                            dtype: str | None = None):
+                            offload_activations: bool = False, dtype: str | None = None):
     """Loads a frozen base model ready for LoRA (see `load_base_model` for the arguments;
     FSDP runs load on the CPU in the GPU's `dtype`, then shard).
 
     Every base weight is frozen; layer norms keep the load dtype (no blanket fp32 upcast, which
     mixes bf16 and fp32 on GPU). The vision tower and projector run under `torch.no_grad()`.
-    `gradient_checkpointing` recomputes activations in backward (non-reentrant).
+    The text self-attention takes packed records' lengths instead of a mask
+    (`attention.use_varlen_text_attention`). `gradient_checkpointing` recomputes each decoder
+    layer in backward (non-reentrant); `offload_activations` also keeps the layers' inputs,
+    which checkpointing saves, in pinned host memory until backward.
     """
     model, info = load_base_model(name_or_path, quant=quant, with_vision=with_vision,
                                   device=device, dtype=dtype)
-    _prepare_for_training(model, gradient_checkpointing)
+    _prepare_for_training(model, gradient_checkpointing, offload_activations)
     return model, info
 
 
@@ -773,23 +776,29 @@ def _count_params(model) -> int:
     return total
 
 
-def _prepare_for_training(model, gradient_checkpointing: bool) -> None:
+def _prepare_for_training(model, gradient_checkpointing: bool, offload: bool = False) -> None:
+    from llamalora.attention import use_varlen_text_attention
+
     for p in model.parameters():
         p.requires_grad_(False)
     for config in (model.config, getattr(model.config, "text_config", None)):
         if config is not None:
             config.use_cache = False  # the KV cache is for generation; it only costs memory here
+    use_varlen_text_attention(model)
     if gradient_checkpointing:
         # Checkpointed blocks need an input that requires grad, or nothing reaches LoRA.
         model.enable_input_require_grads()
         # transformers 5.24 renamed gradient_checkpointing_enable (now a deprecated alias) to
-        # activation_checkpointing_enable; older 5.x releases have only the first.
+        # activation_checkpointing_enable; older 5.x releases have only the first. Both take
+        # `offload`: each checkpointed layer's saved input (its hidden states) goes to pinned
+        # host memory through torch's `save_on_cpu` and comes back for the recompute.
+        kwargs = {"use_reentrant": False}
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable(activation_checkpointing_kwargs=kwargs, offload=offload)
         else:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs,
+                                                offload=offload)
     inner = getattr(model, "model", None)
     for part in _VISION_PARTS:
         module = getattr(inner, part, None)

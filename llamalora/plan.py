@@ -32,6 +32,7 @@ class ParamCounts:
     layers: int
     intermediate: int
     vocab: int
+    kv_hidden: int = 0  # key (and value) width: key heads x head width (grouped-query)
     active_layers: int = 0  # layers that run: text-only batches skip cross-attention layers
     cross_layers: int = 0  # cross-attention layers that run (with the vision tower)
     image_tokens: int = 0  # image states per image the cross-attention reads (tiles x patches)
@@ -84,8 +85,11 @@ def count_params(config, with_vision: bool) -> ParamCounts:
     if mllama and with_vision:
         vision = config.vision_config
         image_tokens = vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
+    heads = text.num_attention_heads
+    kv_hidden = ((getattr(text, "num_key_value_heads", None) or heads)
+                 * (getattr(text, "head_dim", None) or text.hidden_size // heads))
     return ParamCounts(quantizable, other, text.hidden_size, text.num_hidden_layers,
-                       text.intermediate_size, text.vocab_size,
+                       text.intermediate_size, text.vocab_size, kv_hidden=kv_hidden,
                        active_layers=text.num_hidden_layers - skipped, lora_dims=lora_dims,
                        cross_layers=cross if with_vision else 0, image_tokens=image_tokens)
 
@@ -98,46 +102,127 @@ def lora_param_count(counts: ParamCounts, rank: int, targets: list[str]) -> int:
 
 # Bytes a micro-batch keeps per image state, per text hidden width and cross-attention layer:
 # LoRA's dropout copies of the image states for k_proj and v_proj, in bf16 (2 x 2; they were
-# fp32 copies, and 8 fitted the peaks then). 4 puts the estimates 0.1-1.7 GiB over the eager
-# peaks of 8-bit and bf16 runs with 2 and 4 images a micro-batch (H200, 2026-12-02,
-# BENCHMARKS.md: 15.5-26.9 GiB). CUDA-graph runs peak higher (the static rows' padding and the
-# graphs' pool; not broken down): 5.5, fitted to their peaks with every LoRA layer in bf16
-# (15.6-27.8 GiB, the same day), covers them by 0.5-2.3 GiB.
-_IMAGE_STATE_BYTES = {False: 4, True: 5.5}  # by CUDA graphs
+# fp32 copies, and 8 fitted the peaks then), and what the cross-attention layers keep beside
+# them. Fitted to the peaks of 8-bit and bf16 runs with 2 and 4 images a micro-batch (H200,
+# 2026-12-02, BENCHMARKS.md: 15.5-26.9 GiB eager, 15.6-27.8 GiB with CUDA graphs, every LoRA
+# layer in bf16), with `layer_activation_bytes` for the text: 4.5 eager puts the estimates
+# 0.1-1.7 GiB over them; CUDA-graph runs peak higher (the static rows' padding and the graphs'
+# pool; not broken down): 5.5 covers them by 0.1-2.0 GiB. Those peaks were measured with the
+# text self-attention on SDPA and a dense mask (not re-measured since).
+_IMAGE_STATE_BYTES = {False: 4.5, True: 5.5}  # by CUDA graphs
 
 
-def estimate_peak_gib(counts: ParamCounts, *, quant: str, batch_size: int, seq_len: int,
+def layer_activation_bytes(counts: ParamCounts) -> int:
+    """Bytes one token keeps for backward in one decoder layer, without checkpointing, in bf16
+    with LoRA (dropout on) on q, k, v, o and the base frozen: both RMSNorms' fp32 inputs (4 +
+    4 hidden widths), each LoRA projection's dropped input and its mask (3 x 4), flash
+    attention's query, key, value and output (2 + 2 x key width + 2), the MLP's gate, SiLU and
+    up outputs (3 x 2 intermediate widths); a frozen base matmul keeps nothing. Autograd's saved
+    tensors for a scaled-down layer on the CPU add up to this within 5% (the loss and final
+    norm aside)."""
+    kv = counts.kv_hidden or counts.hidden
+    return 24 * counts.hidden + 4 * kv + 6 * counts.intermediate
+
+
+def estimate_peak_gib(counts: ParamCounts, *, quant: str, tokens: int,
                       gradient_checkpointing: bool, lora_params: int,
                       response_share: float = 1.0, bnb_int8_layers: bool = False,
-                      images: int = 0, graphs: bool = False) -> float:
-    """Estimated peak GPU memory in GiB for one training step.
+                      images: int = 0, graphs: bool = False, offload: bool = False) -> float:
+    """Estimated peak GPU memory in GiB for one pass of `tokens` tokens (a micro-batch, or a
+    CUDA graph's fused row).
 
-    Weights at their stored size; LoRA weights, gradients and AdamW state in fp32 (16 bytes each);
-    activations per token and layer (bf16: the layer input alone with checkpointing, ~20 hidden
-    widths plus the MLP's 3 intermediate widths without); logits only for the tokens with loss,
-    in fp32 with their gradient; for `images` in a micro-batch, what cross-attention keeps of
-    their states (`_IMAGE_STATE_BYTES`; one layer's with checkpointing, which recomputes the
-    rest); CUDA context and allocator slack on top. `bnb_int8_layers`: the 8-bit base runs
-    through bitsandbytes' own layers, which keep more for backward.
+    Weights at their stored size; LoRA weights, gradients and AdamW state in fp32 (16 bytes
+    each); per token and layer, `layer_activation_bytes` (no checkpointing) or the layer's
+    bf16 input alone (checkpointing; none on the GPU with `offload`); the final norm's fp32
+    input; the response loss's gradient to its hidden states (bf16) and, at the peak, the larger
+    of one loss chunk's fp32 logits and scratch (`step.LOSS_ROWS` positions) and one layer's
+    backward (its gradients, ~6 intermediate + 8 hidden widths a token; with checkpointing also
+    its recomputed activations, and with `offload` its input brought back); for `images` in a
+    micro-batch, what cross-attention keeps of their states (`_IMAGE_STATE_BYTES`; one layer's
+    with checkpointing, which recomputes the rest); CUDA context and allocator slack on top.
+    No term grows with the square of the length: attention is flash's varlen kernel.
+    `bnb_int8_layers`: the 8-bit base runs through bitsandbytes' own layers, which keep more
+    for backward.
     """
-    tokens = batch_size * seq_len
+    from llamalora.step import LOSS_ROWS
+
+    hidden = counts.hidden
     weights = counts.quantizable * _LINEAR_BYTES[quant] + counts.other * 2
     lora = lora_params * 16
-    per_layer = 2 * (counts.hidden if gradient_checkpointing
-                     else 20 * counts.hidden + 3 * counts.intermediate)
-    # With checkpointing one layer is recomputed at a time: add one layer's full activations.
-    recompute = tokens * 2 * (20 * counts.hidden + 3 * counts.intermediate) \
-        if gradient_checkpointing else 0
-    activations = tokens * per_layer * (counts.active_layers or counts.layers) + recompute
+    full = layer_activation_bytes(counts)
+    kept = 0 if offload and gradient_checkpointing else 2 * hidden if gradient_checkpointing \
+        else full
+    activations = tokens * (kept * (counts.active_layers or counts.layers) + 4 * hidden)
     if quant == "8bit" and bnb_int8_layers:
         # bnb's LLM.int8 (`--kernels plain`) keeps int8 copies and outlier columns of each
         # input for backward; seen on an H100 as ~2.5x the bf16 activation memory of the step.
         activations *= 2.5
-    logits = math.ceil(tokens * response_share) * counts.vocab * (2 + 4 + 4)
+    answer = math.ceil(tokens * response_share)
+    loss_chunk = min(answer, LOSS_ROWS) * counts.vocab * (4 + 4 + 2)
+    backward = tokens * (6 * counts.intermediate + 8 * hidden)
+    if gradient_checkpointing:
+        backward += tokens * (full + (2 * hidden if offload else 0))
     kept_layers = min(1, counts.cross_layers) if gradient_checkpointing else counts.cross_layers
     image_states = (images * counts.image_tokens * counts.hidden * kept_layers
                     * _IMAGE_STATE_BYTES[graphs])
-    return round((weights + lora + activations + logits + image_states) * 1.1 / GIB + 0.6, 1)
+    peak = (weights + lora + activations + answer * 2 * hidden + max(loss_chunk, backward)
+            + image_states)
+    return round(peak * 1.1 / GIB + 0.6, 1)
+
+
+def heaviest(lengths: list[int], records: int, budget: int | None = None) -> int:
+    """The most tokens `records` records of these lengths can put in one pass (the longest
+    ones), at most `budget` (a fused row's token budget) beyond the longest record."""
+    top = sorted(lengths, reverse=True)[:records]
+    total = sum(top)
+    return max(top[0], min(total, budget)) if budget is not None and top else total
+
+
+@dataclass
+class MemoryChoice:
+    """What a run turns on to fit a GPU, by the plan's estimates: checkpointing when the
+    activations would not fit, then the checkpointed layer inputs in host memory."""
+
+    gradient_checkpointing: bool
+    offload_activations: bool
+    estimate_gib: float
+    why: str  # empty when nothing is turned on
+
+
+def choose_memory(plan: "Plan", quant: str, total_gib: float,
+                  gradient_checkpointing: bool | None = None,
+                  offload_activations: bool | None = None) -> MemoryChoice:
+    """The first of no checkpointing, checkpointing, and checkpointing with offload whose
+    estimate fits `total_gib` with a tenth to spare (`fits_gpu`), among those the options allow
+    (None: either); where none fits, the last allowed. Recomputing costs about a third of a
+    step; offload adds a copy of each layer's input to the host and back. `why` says what the
+    choice turned on that the options left open, and on what estimates."""
+    rows = [(False, False, plan.memory_gib[quant]),
+            (True, False, plan.memory_gib_checkpointed[quant]),
+            (True, True, plan.memory_gib_offloaded[quant])]
+    allowed = [r for r in rows if gradient_checkpointing in (None, r[0])
+               and offload_activations in (None, r[1])] or rows[-1:]
+    fitting = [r for r in allowed if fits_gpu(r[2], total_gib)]
+    ckpt, offload, need = (fitting or allowed[-1:])[0]
+    gpu = f"this GPU has {total_gib:.0f} GiB"
+    short = "" if fitting else " (it may not fit either)"
+    why = ""
+    if offload and offload_activations is None and gradient_checkpointing is None:
+        why = (f"Gradient checkpointing on, each layer's input in host memory: the plan "
+               f"estimates {rows[0][2]} GiB without checkpointing and {rows[1][2]} GiB with "
+               f"it, {gpu} (with both: {need} GiB{short})")
+    elif offload and offload_activations is None:
+        why = (f"Checkpointed layer inputs in host memory: the plan estimates {rows[1][2]} GiB "
+               f"with checkpointing alone, {gpu} (with them there: {need} GiB{short})")
+    elif ckpt and gradient_checkpointing is None:
+        why = (f"Gradient checkpointing on: the plan estimates {rows[0][2]} GiB without it, "
+               f"{gpu} (with it: {need} GiB{short})")
+    return MemoryChoice(ckpt, offload, need, why)
+
+
+def fits_gpu(need_gib: float, total_gib: float) -> bool:
+    """Whether an estimate fits a GPU of `total_gib` with a tenth to spare."""
+    return need_gib <= 0.9 * total_gib
 
 
 @dataclass
@@ -160,6 +245,9 @@ class Plan:
     # With CUDA graphs: a text step's micro-batches run as one pass (batch x accumulation records
     # at once); a micro-batch with images as its own pass, with the graph's attention inputs.
     memory_gib_fused: dict[str, float]
+    memory_gib_fused_checkpointed: dict[str, float]  # the same with checkpointing
+    # Checkpointing with each layer's input in host memory until backward.
+    memory_gib_offloaded: dict[str, float]
     params: dict[str, int]
     data_sha256: str  # the data file's SHA-256 (a table's `datasets` fingerprint)
     model_note: str = ""
@@ -178,6 +266,8 @@ class Plan:
                 "truncation": self.truncation.to_dict(), "estimated_peak_gib": self.memory_gib,
                 "estimated_peak_gib_checkpointed": self.memory_gib_checkpointed,
                 "estimated_peak_gib_fused": self.memory_gib_fused,
+                "estimated_peak_gib_fused_checkpointed": self.memory_gib_fused_checkpointed,
+                "estimated_peak_gib_offloaded": self.memory_gib_offloaded,
                 "params": self.params, "data_sha256": self.data_sha256,
                 "model_note": self.model_note}
 
@@ -251,35 +341,45 @@ def plan_training(config: TrainConfig) -> Plan:
     counts = count_params(model_config, with_vision)
     targets = config.target_module_list()
     lora = lora_param_count(counts, config.lora_rank, targets)
-    longest = max(train_set.lengths)
     tokens_per_epoch = sum(train_set.lengths)
     response_share = sum(train_set.targets) / max(1, tokens_per_epoch)
 
-    # The most images a micro-batch can hold: batch size x the most a record has.
-    images = config.batch_size * max(train_set.image_counts, default=0) if with_vision else 0
-
-    def estimate(quant: str, checkpointing: bool, batch_size: int = config.batch_size,
-                 graphs: bool = False) -> float:
-        return estimate_peak_gib(counts, quant=quant, batch_size=batch_size,
-                                 seq_len=longest, gradient_checkpointing=checkpointing,
-                                 lora_params=lora, response_share=response_share,
-                                 bnb_int8_layers=config.kernels == "plain", images=images,
-                                 graphs=graphs)
-
-    # Unset checkpointing (auto) is planned without; train() turns it on if that won't fit.
-    memory = {q: estimate(q, bool(config.gradient_checkpointing)) for q in QUANTS}
-    memory_checkpointed = {q: estimate(q, True) for q in QUANTS}
-    memory_fused = {q: estimate(q, False, graphs=True) if with_vision else
-                    estimate(q, False, config.batch_size * config.gradient_accumulation_steps)
-                    for q in QUANTS}
+    memory = _memory_estimates(config, counts, lora, train_set, with_vision, response_share)
     return Plan(config=config, records=data.records, train_records=len(train_set),
                 eval_records=len(eval_set), with_vision=with_vision,
                 tokens_per_epoch=tokens_per_epoch, steps=steps,
                 steps_per_epoch=steps_per_epoch, world_size=world_size,
                 effective_batch=config.batch_size * per_step, truncation=truncation,
-                memory_gib=memory, memory_gib_checkpointed=memory_checkpointed,
-                memory_gib_fused=memory_fused,
+                **memory,
                 params={"base": counts.total, "lora": lora},
                 data_sha256=data.data_fingerprint, model_note="; ".join(
                     n for n in (tok_note, cfg_note) if n),
                 train=train_set, eval=eval_set, data_note="; ".join(notes))
+
+
+def _memory_estimates(config: TrainConfig, counts: ParamCounts, lora: int, train_set,
+                      with_vision: bool, response_share: float) -> dict[str, dict[str, float]]:
+    """`Plan`'s memory_gib* fields: each path's estimate at each quantization."""
+    # The most images a micro-batch can hold: batch size x the most a record has.
+    images = config.batch_size * max(train_set.image_counts, default=0) if with_vision else 0
+    # The heaviest pass: a micro-batch of the longest records; with CUDA graphs a text step's
+    # records fused into rows of at most batch x max length tokens (`recipe.StepBatches.rows`).
+    micro = heaviest(train_set.lengths, config.batch_size)
+    fused = micro if with_vision else heaviest(
+        train_set.lengths, config.batch_size * config.gradient_accumulation_steps,
+        budget=config.batch_size * config.max_seq_length)
+
+    def estimate(checkpointing: bool, tokens: int = micro, graphs: bool = False,
+                 offload: bool = False) -> dict[str, float]:
+        return {q: estimate_peak_gib(counts, quant=q, tokens=tokens,
+                                     gradient_checkpointing=checkpointing, lora_params=lora,
+                                     response_share=response_share,
+                                     bnb_int8_layers=config.kernels == "plain", images=images,
+                                     graphs=graphs, offload=offload) for q in QUANTS}
+
+    # Unset checkpointing (auto) is planned without; train() turns it on if that won't fit.
+    return {"memory_gib": estimate(bool(config.gradient_checkpointing)),
+            "memory_gib_checkpointed": estimate(True),
+            "memory_gib_offloaded": estimate(True, offload=True),
+            "memory_gib_fused": estimate(False, fused, graphs=True),
+            "memory_gib_fused_checkpointed": estimate(True, fused, graphs=True)}

@@ -30,7 +30,7 @@ from llamalora.config import TrainConfig
 from llamalora.errors import LlamaLoraError, ModelError
 from llamalora.events import (CheckpointSaved, EvalDone, ModelReady, OnEvent, PlanReady, Status,
                               StepDone, TrainFinished, TrainResult)
-from llamalora.plan import Plan, plan_training
+from llamalora.plan import Plan, choose_memory, fits_gpu, plan_training
 from llamalora.rundir import CHECKPOINTS, RunFolder
 from llamalora.step import GraphedStep, TrainStep
 from llamalora.template import PAD
@@ -138,6 +138,7 @@ class ModelSetup:
     tokenizer: object  # the transformers tokenizer saved next to the adapter
     image_processor: object | None
     pad_id: int
+    offload_activations: bool = False  # checkpointed layer inputs in host memory
 
     @property
     def batches(self) -> str:
@@ -170,20 +171,21 @@ def _build_model(config: TrainConfig, plan: Plan, par, device, emit) -> tuple[ob
     from llamalora.models import (attach_lora, load_image_processor, load_model_for_training,
                                   resolve_model)
 
-    checkpointing, why = _choose_checkpointing(config, plan, device)
+    checkpointing, offload, why = _choose_checkpointing(config, plan, device)
     if why:
         emit(Status(why))
     emit(Status(f"Loading {config.model} ({config.quant})"))
     model_path = resolve_model(config.model)
     model, info = load_model_for_training(
         model_path, quant=config.quant, with_vision=plan.with_vision,
-        gradient_checkpointing=checkpointing, **par.load_options())
+        gradient_checkpointing=checkpointing, offload_activations=offload,
+        **par.load_options())
     model = attach_lora(model, r=config.lora_rank, alpha=config.lora_alpha,
                         dropout=config.lora_dropout, target_modules=config.target_modules)
     kernels = fastlinear.enable(model, config.kernels)
     if par.prepare(model) is not None:  # FSDP: each GPU keeps its share of every weight
         emit(Status(f"Sharded over {par.world_size} processes (FSDP2)"))
-    graphs, why = _choose_graphs(config, plan, device, checkpointing, par)
+    graphs, why = _choose_graphs(config, plan, device, checkpointing, par, offload=offload)
     if why:
         emit(Status(why))
     if plan.with_vision:
@@ -206,7 +208,7 @@ def _build_model(config: TrainConfig, plan: Plan, par, device, emit) -> tuple[ob
         gradient_checkpointing=checkpointing, compiled=compiled,
         packing=config.packing, graphs=graphs, tokenizer=tokenizer,
         image_processor=load_image_processor(model_path) if plan.with_vision else None,
-        pad_id=_pad_id(tokenizer))
+        pad_id=_pad_id(tokenizer), offload_activations=offload)
 
 
 def _optimizer(config: TrainConfig, plan: Plan, params: list, par, device):
@@ -391,7 +393,8 @@ def _run_steps(config: TrainConfig, plan: Plan, run: RunFolder, par, step, batch
                 upcoming = batches(index + 1) if index + 1 < plan.steps else None
             except torch.OutOfMemoryError as exc:
                 raise OutOfMemory(_oom_advice(config, plan, done=index, device=device,
-                                              checkpointing=setup.gradient_checkpointing)) from exc
+                                              checkpointing=setup.gradient_checkpointing,
+                                              offload=setup.offload_activations)) from exc
             loss = par.sum(loss)
             if step.failure and not warned:
                 warned = True
@@ -493,7 +496,7 @@ def _result(config: TrainConfig, plan: Plan, setup: ModelSetup, losses: _Losses,
         peak_gpu_mem_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if device.type == "cuda" else None,
         device=str(device), world_size=par.world_size, versions=_versions(),
-        trackers=config.report_to_list())
+        trackers=config.report_to_list(), offload_activations=setup.offload_activations)
 
 
 def _finish(result: TrainResult, run: RunFolder) -> dict:
@@ -557,48 +560,68 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _choose_checkpointing(config: TrainConfig, plan: Plan, device) -> tuple[bool, str]:
-    """--gradient-checkpointing as given, else on only where the plan won't fit without it.
+def _choose_checkpointing(config: TrainConfig, plan: Plan, device) -> tuple[bool, bool, str]:
+    """(--gradient-checkpointing, --offload-activations, why): as given, else what the plan says
+    this GPU needs (`plan.choose_memory`): nothing where it fits without.
 
     Recomputing every layer in backward costs about a third of the step; memory to avoid it is
-    usually there, since LoRA's base is frozen and quantized. On the CPU it stays off.
+    usually there, since LoRA's base is frozen and quantized. On the CPU checkpointing stays off
+    unless asked, and offload off (the activations are in host memory already); offload needs
+    checkpointing (the inputs it moves are what checkpointing keeps).
     """
-    if config.gradient_checkpointing is not None:
-        return config.gradient_checkpointing, ""
+    ckpt, offload = config.gradient_checkpointing, config.offload_activations
     if device.type != "cuda":
-        return False, ""
-    need = plan.memory_gib[config.quant]
-    fits, total = _fits_gpu(need, device)
-    if fits:
-        return False, ""
-    return True, (f"Gradient checkpointing on: the plan estimates {need} GiB without it, this GPU "
-                  f"has {total:.0f} GiB (with it: "
-                  f"{plan.memory_gib_checkpointed[config.quant]} GiB)")
+        return bool(ckpt), False, ""
+    if ckpt is not None and (offload is not None or not ckpt):
+        return bool(ckpt), bool(ckpt and offload), ""
+    choice = choose_memory(plan, config.quant, _gpu_gib(device), ckpt, offload)
+    return choice.gradient_checkpointing, choice.offload_activations, choice.why
 
 
 def _fits_gpu(need_gib: float, device) -> tuple[bool, float]:
     """Whether a plan's estimate fits this GPU with a tenth to spare; and the GPU's GiB."""
+    total = _gpu_gib(device)
+    return fits_gpu(need_gib, total), total
+
+
+def _gpu_gib(device) -> float:
+    """The GiB this process may use on `device`: the card's, times the fraction set with
+    `torch.cuda.set_per_process_memory_fraction` (how a smaller card is stood in for)."""
     import torch
 
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    return need_gib <= 0.9 * total, total
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch 2.6+
+    if fraction is None or not torch.cuda.is_available():  # (tests stand in a card's size)
+        return total
+    return total * fraction(device)
+
+
+# CUDA graphs over checkpointed layers: each replay's recompute draws its forward's dropout
+# masks (checkpointing restores the generator's state, which a graph keeps as a seed and an
+# offset; an exact gradient check over 3 replays, H100, BENCHMARKS.md, "Long records").
+# False keeps checkpointed runs eager, as before.
+GRAPHS_WITH_CHECKPOINTING = True
 
 
 def _choose_graphs(config: TrainConfig, plan: Plan, device, checkpointing: bool,
-                   par) -> tuple[bool, str]:
+                   par, offload: bool = False) -> tuple[bool, str]:
     """--cuda-graphs as given, else on for packed CUDA runs whose step fits.
 
     A graph needs the step's micro-batches as packed rows (text-only micro-batches fused, so
     `--gradient-accumulation-steps` only sets how many records a step takes, not how many passes
-    it makes), and shapes that repeat: not with --no-packing. FSDP and gradient checkpointing
-    stay eager: not measured with graphs; so does an explicit --compile, unless --cuda-graphs is
-    asked for too (the two together were not measured). Records with images get one graph per
-    micro-batch shape, with cross-attention on the dense mask: 1.8-2.7x the eager step, at
-    0.2-1.1 GiB more memory (H200, BENCHMARKS.md), which the plan's graphed estimate counts.
+    it makes), and shapes that repeat: not with --no-packing. FSDP stays eager (not measured
+    with graphs), so does offload (a graph would keep the first step's host buffers) and, unless
+    `GRAPHS_WITH_CHECKPOINTING`, checkpointing; so does an explicit --compile, unless
+    --cuda-graphs is asked for too (the two together were not measured). Records with images get
+    one graph per micro-batch shape, with cross-attention on the dense mask: 1.8-2.7x the eager
+    step, at 0.2-1.1 GiB more memory (H200, BENCHMARKS.md), which the plan's graphed estimate
+    counts. A capture that fails (`GraphedStep.failure`) leaves the steps eager.
     """
     asked = config.cuda_graphs
     unsupported = ("FSDP" if par.shards_weights
+                   else "--offload-activations" if offload
                    else "gradient checkpointing" if checkpointing
+                   and not GRAPHS_WITH_CHECKPOINTING
                    else "--no-packing" if not config.packing else "")
     if device.type != "cuda" or asked is False:
         return False, ("--cuda-graphs ignored: they need a CUDA GPU"
@@ -607,7 +630,8 @@ def _choose_graphs(config: TrainConfig, plan: Plan, device, checkpointing: bool,
         return False, f"--cuda-graphs ignored: not with {unsupported}" if asked else ""
     if asked is None and config.compile:
         return False, "CUDA graphs off: --compile asked for compiled layers instead"
-    need = plan.memory_gib_fused[config.quant]
+    fused = plan.memory_gib_fused_checkpointed if checkpointing else plan.memory_gib_fused
+    need = fused[config.quant]
     fits, total = _fits_gpu(need, device)
     if asked is None and not fits:
         what = (f"a micro-batch of {config.batch_size} records with their images"
@@ -645,7 +669,7 @@ def _choose_compile(config: TrainConfig, plan: Plan, device, checkpointing: bool
 
 
 def _oom_advice(config: TrainConfig, plan: Plan, *, done: int, device,
-                checkpointing: bool) -> str:
+                checkpointing: bool, offload: bool = False) -> str:
     import torch
 
     total = torch.cuda.get_device_properties(device).total_memory / 2**30 \
@@ -654,6 +678,9 @@ def _oom_advice(config: TrainConfig, plan: Plan, *, done: int, device,
     lower = [q for q in ("4bit", "8bit") if est[q] < est[config.quant]]
     options = [] if checkpointing else [
         f"--gradient-checkpointing (estimated {plan.memory_gib_checkpointed[config.quant]} GiB)"]
+    if not offload:
+        options.append(f"--offload-activations (with checkpointing, estimated "
+                       f"{plan.memory_gib_offloaded[config.quant]} GiB)")
     options += [f"--quant {q} (estimated {est[q]} GiB)" for q in lower]
     options += [f"--batch-size {max(1, config.batch_size // 2)} with --gradient-accumulation-steps "
                 f"{config.gradient_accumulation_steps * 2} (same effective batch)",

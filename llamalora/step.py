@@ -9,9 +9,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llamalora.attention import DENSE, cross_attention_runs, graph_kernels
+from llamalora.attention import (DENSE, cross_attention_runs, graph_kernels, sequence_mask,
+                                 uses_varlen_text_attention, varlen_kwargs)
 from llamalora.batching import IGNORE_INDEX
 from llamalora.errors import first_line
+
+# Response positions whose logits one pass of `_LinearCrossEntropy` holds: 2,048 x 128,256
+# words in fp32 is 1 GiB (plus as much for logsumexp's scratch), where a 16k-token answer's
+# logits at once are 8 GiB and their fp32 copy and gradient as much again.
+LOSS_ROWS = 2048
 
 
 def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,14 +25,13 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     Logits are computed only at positions whose next token has a label: on prompt-masked data
     that skips most of the 128k-vocabulary projection, and no [batch, length, vocab] tensor is
-    ever built.
+    ever built (`response_loss`).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if "target_index" in batch:
         return _static_loss_sum(base, batch)
     inputs = {k: v for k, v in batch.items() if k not in _HOST_MADE}
-    if "segment_ids" in batch:
-        inputs["attention_mask"] = _segment_mask(batch["segment_ids"])
+    inputs.update(_attention_inputs(base, batch, inputs))
     with cross_attention_runs(batch.get("cross_attention_runs")):
         hidden = base.model(**inputs, use_cache=False).last_hidden_state
     if "loss_index" in batch:  # made on the host (`batching.with_loss_index`): no sync
@@ -36,43 +41,112 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"][:, 1:]
         keep = labels != IGNORE_INDEX
         hidden, targets = hidden[:, :-1][keep], labels[keep]
-    logits = base.lm_head(hidden)
-    # At least fp32 (bf16 logits lose the loss); float64 models stay float64.
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    loss = F.cross_entropy(logits, targets, reduction="sum")
-    return loss, torch.count_nonzero(targets != IGNORE_INDEX)
+    return response_loss(base.lm_head, hidden, targets)
 
 
 # Mllama's image inputs, which a static row with images carries.
 _IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
 # Keys of a batch that are not model inputs.
-_HOST_MADE = ("labels", "cross_attention_runs", "loss_index", "loss_targets", "segment_ids")
+_HOST_MADE = ("labels", "cross_attention_runs", "loss_index", "loss_targets", "cu_seqlens",
+              "max_seqlen")
 
 
-def _segment_mask(segments: torch.Tensor) -> torch.Tensor:
-    """[rows, 1, L, L] boolean: each token sees the earlier tokens of its own record."""
-    length = segments.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
-    return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
+def _attention_inputs(base, batch: dict, inputs: dict) -> dict:
+    """What the model's text self-attention needs to keep each record of a row to itself: the
+    records' lengths (`attention.varlen_kwargs`), or for a model on SDPA a packed row's mask.
+
+    A row's records come from its `cu_seqlens` (`batching.with_loss_index`, `pack_padded`,
+    whose padded length serves as the longest record, fixed with the shape); a bare `pack` row
+    finds them in its position ids, which waits for the GPU; rows without either (one record,
+    or records padded on the right) are each causal on their own.
+    """
+    ids = batch["input_ids"]
+    rows, length = ids.shape
+    cu, longest = batch.get("cu_seqlens"), batch.get("max_seqlen", length)
+    if not uses_varlen_text_attention(base):  # transformers' own masks, or this one
+        return {} if cu is None or rows > 1 else {"attention_mask": sequence_mask(cu, length)}
+    if cu is None and rows == 1 and "position_ids" in batch:
+        starts = (batch["position_ids"][0] == 0).nonzero()[:, 0]
+        cu = torch.cat([starts, starts.new_full((1,), length)]).to(torch.int32)
+    elif cu is None:
+        cu = torch.arange(rows + 1, device=ids.device, dtype=torch.int32) * length
+    inputs.pop("attention_mask", None)  # right padding: causal rows need no mask
+    return varlen_kwargs(cu, longest)
 
 
 def _static_loss_sum(base, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """`loss_sum` of a `batching.pack_padded` row: every shape is fixed by the padded lengths
-    and nothing reads the data's values back, so the pass can be captured in a CUDA graph.
-
-    The attention mask is built here from the segment ids (each token sees the earlier tokens of
-    its own record), as a 4D mask that transformers passes to attention as it is.
-    """
+    and nothing reads the data's values back, so the pass can be captured in a CUDA graph."""
     images = {k: batch[k] for k in _IMAGE_INPUTS if k in batch}
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    inputs.update(_attention_inputs(base, batch, inputs))
     with cross_attention_runs(DENSE):  # runs depend on the data; the mask's shape does not
-        hidden = base.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                            attention_mask=_segment_mask(batch["segment_ids"]),
-                            use_cache=False, **images).last_hidden_state
-    targets = batch["target_ids"]
-    logits = base.lm_head(hidden[0, batch["target_index"]])
+        hidden = base.model(**inputs, use_cache=False, **images).last_hidden_state
+    return response_loss(base.lm_head, hidden[0, batch["target_index"]], batch["target_ids"])
+
+
+def response_loss(lm_head, hidden: torch.Tensor, targets: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy of `lm_head(hidden)` against `targets`, -100 ignored; the count
+    of the others), in at least fp32 (bf16 logits lose the loss; float64 stays float64).
+
+    A frozen plain `nn.Linear` head (every llamalora run's: LoRA never adapts lm_head) goes
+    through `_LinearCrossEntropy`, `LOSS_ROWS` positions at a time; any other head (trainable,
+    wrapped, sharded by FSDP) computes every position's logits at once, with autograd.
+    """
+    count = torch.count_nonzero(targets != IGNORE_INDEX)
+    weight = getattr(lm_head, "weight", None)
+    if type(lm_head) is torch.nn.Linear and lm_head.bias is None and not weight.requires_grad:
+        return _LinearCrossEntropy.apply(hidden, weight, targets), count
+    logits = lm_head(hidden)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, torch.count_nonzero(targets != IGNORE_INDEX)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"), count
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` (weight frozen), a chunk of positions at a
+    time: forward computes each chunk's gradient to its hidden states at once and keeps only
+    that ([positions, hidden], in the hidden states' dtype), never all the logits, as Liger
+    Kernel's fused linear cross-entropy does. Backward scales it by the loss's gradient (the
+    step's 1 / labelled tokens), where autograd would scale the logits' gradient before the
+    matmul: one more rounding of a bf16 value. Every shape is fixed by the inputs' (a CUDA
+    graph can hold it)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        want_grad = ctx.needs_input_grad[0]
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad = torch.empty_like(hidden) if want_grad else None
+        for start in range(0, hidden.shape[0], LOSS_ROWS):
+            part = slice(start, start + LOSS_ROWS)
+            loss, part_grad = _chunk_loss(hidden[part], weight, targets[part], acc, want_grad)
+            total += loss
+            if want_grad:
+                grad[part] = part_grad
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None
+
+
+def _chunk_loss(hidden, weight, targets, acc, want_grad: bool):
+    """One chunk of `_LinearCrossEntropy`: (its summed loss, d loss / d hidden or None). The
+    gradient of cross-entropy to the logits is softmax minus the target's one-hot."""
+    logits = F.linear(hidden, weight).to(acc)
+    lse = torch.logsumexp(logits, dim=-1)
+    valid = targets != IGNORE_INDEX
+    safe = torch.where(valid, targets, 0)[:, None]
+    weight_of = valid.to(acc)[:, None]
+    loss = ((lse - logits.gather(1, safe)[:, 0]) * weight_of[:, 0]).sum()
+    if not want_grad:
+        return loss, None
+    probs = logits.sub_(lse[:, None]).exp_()  # in place: one [chunk, vocab] buffer
+    probs.scatter_add_(1, safe, -weight_of).mul_(weight_of)
+    return loss, probs.to(hidden.dtype) @ weight
 
 
 def to_device(batch: dict, device, dtype) -> dict:
@@ -87,7 +161,7 @@ def to_device(batch: dict, device, dtype) -> dict:
     out = {}
     for k, v in batch.items():
         if not isinstance(v, torch.Tensor):
-            out[k] = v.to(device)
+            out[k] = v.to(device) if hasattr(v, "to") else v  # runs move; a length stays
             continue
         if v.is_floating_point():
             v = v.to(dtype)
@@ -150,7 +224,7 @@ class TrainStep:
 
 
 class GraphedStep(TrainStep):
-    """`TrainStep` whose forward and backward replay a CUDA graph: one per padded length.
+    """`TrainStep` whose forward and backward replay a CUDA graph: one per padded shape.
 
     At LoRA batch sizes the eager step is bound by the host: a decoder layer launches ~180
     kernels per forward and backward, each costing more host time than GPU time, so the GPU
@@ -169,7 +243,8 @@ class GraphedStep(TrainStep):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.graphs: dict[tuple[int, int, int], _Graph] = {}  # (length, label slots, images)
+        # (length, label slots, images, sequence slots)
+        self.graphs: dict[tuple[int, int, int, int], _Graph] = {}
         self._sum: list = []  # a step's gradients summed over its rows, per parameter
         self._pool = None  # one memory pool for every graph: they never run at the same time
 
@@ -231,7 +306,8 @@ class GraphedStep(TrainStep):
 
     def _graph_for(self, batch: dict) -> _Graph:
         images = batch["pixel_values"].shape[1] if "pixel_values" in batch else 0
-        key = (batch["input_ids"].shape[1], batch["target_ids"].shape[0], images)
+        key = (batch["input_ids"].shape[1], batch["target_ids"].shape[0], images,
+               batch["cu_seqlens"].shape[0] - 1)  # as `batching.static_shape`
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = self._capture(batch)

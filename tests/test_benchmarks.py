@@ -106,7 +106,7 @@ def _run_script(tmp_path, *extra) -> tuple[dict, str]:
 def test_every_speed_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
     report, table = _run_script(tmp_path, "--steps", "2", "--skip", "1")
     recipes = report["recipes"]
-    assert list(recipes) == list(speed.SPEED_RECIPES)
+    assert list(recipes) == speed.DEFAULT_RECIPES  # all but Unsloth's (its own wheels)
     for name, r in recipes.items():
         assert "error" not in r, (name, r["error"])
         assert r["steps_run"] == 2 and r["steps_counted"] == 1
@@ -149,3 +149,82 @@ def test_data_speed_measures_json_against_tables():
     assert [r["command"] for r in rows] == ["validate", "stats", "validate --json"]
     assert all(r["seconds"] > 0 and r["ratio"] > 0 for r in rows)
     assert rows[-1]["baseline"] == "validate (tables)" and rows[-1]["peak_mib"] > 0
+
+
+# --- long records (issue 31): the data, the harnesses' own parts, and a smoke run -------------
+
+def _alpaca(tmp_path) -> Path:
+    rows = [{"instruction": f"질문 {i}: 콘크리트 양생은?", "input": "" if i % 2 else "겨울",
+             "output": "타설한 콘크리트가 강도를 얻도록 온도와 습도를 유지합니다. " * (3 + i)}
+            for i in range(5)]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def test_long_records_are_made_to_their_token_count_from_the_sources(tmp_path):
+    """benchmarks/make_long_data.py: each record is --tokens tokens in the training format (a
+    cut inside a character may leave one or two short), made from the sources, cycled where
+    they run out; the same seed gives the same file."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from make_long_data import INSTRUCTION
+
+    from llamalora.tokenizer import load_tokenizer
+
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.jsonl"
+        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_long_data.py"),
+                            "--tokens", "700", "--records", "3", "--out", str(out),
+                            str(_alpaca(tmp_path))], capture_output=True, text=True, check=True)
+        stats = json.loads(r.stdout)
+        assert stats["records"] == 3 and 697 <= stats["min_tokens"] <= stats["max_tokens"] == 700
+        outs.append(out.read_text(encoding="utf-8"))
+    assert outs[0] == outs[1]
+    rows = [json.loads(line) for line in outs[0].splitlines()]
+    tokenizer = load_tokenizer("bundled").tokenizer
+    assert all(r["instruction"] == INSTRUCTION and "콘크리트" in r["output"] for r in rows)
+    assert all(697 <= speed._training_length(tokenizer, r) <= 700 for r in rows)
+
+
+def test_unsloth_rows_carry_llamalora_tokens_and_prompt_mask():
+    """benchmarks/unsloth_run.py feeds TRL llamalora's own token ids in its step order, the
+    prompt mask as TRL's completion_mask (1 where llamalora's labels train)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import unsloth_run
+
+    from llamalora.batching import Tokenized
+
+    records = [Tokenized(1, [5, 6, 7, 8], [-100, -100, 7, 8]), Tokenized(2, [9, 10], [9, 10])]
+    rows = unsloth_run.sft_rows(records, [[1, 0]])
+    assert rows == [{"input_ids": [9, 10], "completion_mask": [1, 1]},
+                    {"input_ids": [5, 6, 7, 8], "completion_mask": [0, 0, 1, 1]}]
+    assert unsloth_run.OFFLINE["UNSLOTH_DISABLE_STATISTICS"] == "1"
+    assert unsloth_run.OFFLINE["HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.mark.slow
+def test_long_speed_runs_llamalora_and_hf_on_the_tiny_model(tmp_path):
+    """benchmarks/long_speed.py end to end on the CPU: records made to size, each recipe in its
+    process, the table and JSON with the plan's estimate beside llamalora's runs; a second call
+    with --resume keeps them."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "long_speed.py"), "--model", "tiny",
+           "--device", "cpu", "--sizes", "3k=200", "--sources", str(_alpaca(tmp_path)),
+           "--runs", "3k:llamalora-none,llamalora-none+ckpt,hf-packed-bf16", "--steps", "2",
+           "--skip", "1", "--work-dir", str(tmp_path / "work"), "--json-out",
+           str(tmp_path / "long.json"), "--resume"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "long.json").read_text())
+    summary = report["summary"]
+    assert list(summary) == ["3k/llamalora-none", "3k/llamalora-none+ckpt", "3k/hf-packed-bf16"]
+    for name, row in summary.items():
+        assert "error" not in row, (name, row)
+        assert row["median_step_s"] > 0 and row["records_per_s"] > 0
+        assert f"| 3k | {name.split('/')[1]} |" in r.stdout
+    assert summary["3k/llamalora-none"]["estimate_gib"] > 0
+    assert not summary["3k/llamalora-none"]["gradient_checkpointing"]
+    assert summary["3k/llamalora-none+ckpt"]["gradient_checkpointing"]
+    assert summary["3k/hf-packed-bf16"]["gradient_checkpointing"]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0 and again.stderr.count("kept from the previous report") == 3

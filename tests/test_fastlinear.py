@@ -161,7 +161,8 @@ def test_training_on_the_fast_int8_path_learns(tmp_path):
 def test_auto_checkpointing_follows_the_plan(monkeypatch):
     class FakePlan:
         memory_gib = {"8bit": 30.0, "4bit": 20.0, "none": 70.0}
-        memory_gib_checkpointed = {"8bit": 15.0, "4bit": 10.0, "none": 25.0}
+        memory_gib_checkpointed = {"8bit": 15.0, "4bit": 10.0, "none": 40.0}
+        memory_gib_offloaded = {"8bit": 12.0, "4bit": 8.0, "none": 25.0}
 
     class Props:
         total_memory = 40 * 2**30
@@ -169,12 +170,21 @@ def test_auto_checkpointing_follows_the_plan(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props())
     cuda = torch.device("cuda", 0)
     cfg = lambda **kw: TrainConfig(data_path="x", **kw)  # noqa: E731
-    assert _choose_checkpointing(cfg(quant="8bit"), FakePlan, cuda) == (False, "")
-    on, why = _choose_checkpointing(cfg(quant="none"), FakePlan, cuda)
-    assert on and "70.0 GiB" in why and "25.0 GiB" in why
+    assert _choose_checkpointing(cfg(quant="8bit"), FakePlan, cuda) == (False, False, "")
+    # 70 GiB without, 40 with checkpointing (> 0.9 x 40): its layer inputs go to the host too
+    on, offload, why = _choose_checkpointing(cfg(quant="none"), FakePlan, cuda)
+    assert on and offload and all(f"{x} GiB" in why for x in ("70.0", "40.0", "25.0"))
+    assert _choose_checkpointing(cfg(quant="none", offload_activations=False), FakePlan,
+                                 cuda)[:2] == (True, False)  # as asked, though it won't fit
+    on, offload, why = _choose_checkpointing(cfg(quant="none", gradient_checkpointing=True),
+                                             FakePlan, cuda)
+    assert (on, offload) == (True, True) and why.startswith("Checkpointed layer inputs")
     assert _choose_checkpointing(cfg(quant="none", gradient_checkpointing=False), FakePlan,
-                                 cuda) == (False, "")
-    assert _choose_checkpointing(cfg(quant="8bit"), FakePlan, torch.device("cpu")) == (False, "")
+                                 cuda) == (False, False, "")
+    assert _choose_checkpointing(cfg(quant="8bit"), FakePlan, torch.device("cpu")) == (
+        False, False, "")
+    assert _choose_checkpointing(cfg(gradient_checkpointing=True, offload_activations=True),
+                                 FakePlan, torch.device("cpu")) == (True, False, "")
 
 
 # --- the Triton kernels' arithmetic, interpreted on the CPU ------------------------------------

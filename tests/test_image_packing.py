@@ -510,8 +510,8 @@ def test_training_batches_carry_their_runs(processor, records):
 @pytest.mark.parametrize("layout", ["packed", "padded", "one record"])
 def test_host_made_loss_index_and_mask_change_nothing(vision_model, processor, records, layout):
     """`batching.with_loss_index` (what training's batches carry, so the step never waits on the
-    GPU) gives the loss and gradients of the boolean-mask gather and transformers' own search
-    for the records in the position ids."""
+    GPU) gives the loss and gradients of the boolean-mask gather and of the records found in
+    the position ids."""
     from llamalora.batching import with_loss_index
 
     def make(items):
@@ -523,7 +523,7 @@ def test_host_made_loss_index_and_mask_change_nothing(vision_model, processor, r
     items = records[2:3] if layout == "one record" else records
     lengths = None if layout == "padded" else [len(t) for t in items]
     host = with_loss_index(make(items), lengths)
-    assert ("segment_ids" in host) == (layout == "packed")
+    assert ("cu_seqlens" in host) == (layout != "padded")
     assert ("position_ids" in host) == (layout == "packed")  # padded rows have a mask instead
     assert host["loss_index"].numel() == host["loss_targets"].numel() > 0
     _assert_trains_alike(vision_model, host, make(items), loss_tol=1e-12, grad_rtol=1e-10,
@@ -539,8 +539,9 @@ def test_static_rows_with_images_give_the_packed_loss_and_gradients(vision_model
 
     for items in (records, records[1:3], [records[0], records[3]]):
         row = pack_padded(items, pad_id=128004, image_processor=processor)
-        length, slots, images = static_shape(items)
+        length, slots, images, records = static_shape(items)
         assert row["input_ids"].shape == (1, length) and row["target_ids"].shape == (slots,)
+        assert row["cu_seqlens"].shape == (records + 1,)
         n = sum(map(len, items))
         if images:
             assert row["pixel_values"].shape[:2] == (1, images)
@@ -579,7 +580,8 @@ def test_graphed_image_steps_are_one_row_per_micro_batch(processor, records):
         assert n_targets == sum(int((r["target_ids"] != -100).sum()) for r in made)
     examples = batches.shape_examples(0)
     assert {(r["input_ids"].shape[1], r["target_ids"].shape[0],
-             r["pixel_values"].shape[1] if "pixel_values" in r else 0) for r in examples} == used
+             r["pixel_values"].shape[1] if "pixel_values" in r else 0,
+             r["cu_seqlens"].shape[0] - 1) for r in examples} == used
 
 
 @pytest.mark.gpu
@@ -633,7 +635,7 @@ _MEASURED_PEAKS = {("mixed", "8bit", False): 18.82, ("mixed", "8bit", True): 19.
 def test_the_plan_estimates_image_runs_at_or_above_their_measured_peaks(tmp_path):
     """The plan's estimate for the 11B with images (eager: `memory_gib`; CUDA graphs:
     `memory_gib_fused`) covers each measured peak, by at most 2.5 GiB; without its image-state
-    term it fell up to 4.5 GiB short."""
+    term it fell up to 4.5 GiB short. (The peaks predate the varlen text attention.)"""
     import subprocess
     import sys
     from pathlib import Path

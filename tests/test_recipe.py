@@ -94,7 +94,8 @@ def test_cuda_graphs_are_chosen_only_where_they_were_measured(monkeypatch):
         total_memory = 40 * 2**30
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props())
-    plan = SimpleNamespace(with_vision=False, memory_gib_fused={"8bit": 20.0, "none": 50.0})
+    plan = SimpleNamespace(with_vision=False, memory_gib_fused={"8bit": 20.0, "none": 50.0},
+                           memory_gib_fused_checkpointed={"8bit": 12.0, "none": 30.0})
     cuda, cpu, one = torch.device("cuda", 0), torch.device("cpu"), Single()
     cfg = lambda **kw: TrainConfig(data_path="x", **kw)  # noqa: E731
     assert _choose_graphs(cfg(), plan, cuda, False, one) == (True, "")
@@ -106,21 +107,31 @@ def test_cuda_graphs_are_chosen_only_where_they_were_measured(monkeypatch):
     assert _choose_graphs(cfg(quant="none", cuda_graphs=True), plan, cuda, False, one) == (
         True, "")
     assert _choose_graphs(cfg(cuda_graphs=False), plan, cuda, False, one) == (False, "")
-    assert _choose_graphs(cfg(), plan, cuda, True, one) == (False, "")  # checkpointing
+    # checkpointed graphs: the fused row's checkpointed estimate must fit (30 GiB <= 36)
+    assert _choose_graphs(cfg(quant="none"), plan, cuda, True, one) == (True, "")
+    monkeypatch.setattr("llamalora.recipe.GRAPHS_WITH_CHECKPOINTING", False)
+    assert _choose_graphs(cfg(), plan, cuda, True, one) == (False, "")
+    monkeypatch.setattr("llamalora.recipe.GRAPHS_WITH_CHECKPOINTING", True)
+    assert _choose_graphs(cfg(cuda_graphs=True), plan, cuda, True, one, offload=True) == (
+        False, "--cuda-graphs ignored: not with --offload-activations")
     # --no-packing: the batches stay as asked, padded and eager
     assert _choose_graphs(cfg(packing=False), plan, cuda, False, one) == (False, "")
     assert _choose_graphs(cfg(packing=False, cuda_graphs=True), plan, cuda, False, one) == (
         False, "--cuda-graphs ignored: not with --no-packing")
     # records with images: the plan's graphed estimate (a micro-batch a pass) must fit
-    vision = SimpleNamespace(with_vision=True, memory_gib_fused={"8bit": 34.0, "none": 51.0})
+    vision = SimpleNamespace(with_vision=True, memory_gib_fused={"8bit": 34.0, "none": 51.0},
+                             memory_gib_fused_checkpointed={"8bit": 20.0, "none": 37.0})
     assert _choose_graphs(cfg(), vision, cuda, False, one) == (True, "")  # 34 GiB <= 36
     on, why = _choose_graphs(cfg(quant="none"), vision, cuda, False, one)  # 51 GiB > 36
     assert not on and why == ("CUDA graphs off: a micro-batch of 2 records with their images "
                               "needs an estimated 51.0 GiB with them, this GPU has 40 GiB")
     assert _choose_graphs(cfg(quant="none", cuda_graphs=True), vision, cuda, False, one) == (
         True, "")
+    assert _choose_graphs(cfg(quant="none"), vision, cuda, True, one)[0] is False  # 37 > 36
+    monkeypatch.setattr("llamalora.recipe.GRAPHS_WITH_CHECKPOINTING", False)
     assert _choose_graphs(cfg(cuda_graphs=True), vision, cuda, True, one) == (
         False, "--cuda-graphs ignored: not with gradient checkpointing")
+    monkeypatch.setattr("llamalora.recipe.GRAPHS_WITH_CHECKPOINTING", True)
     fsdp = Sharded(0, 0, 2, settings=None)
     assert _choose_graphs(cfg(cuda_graphs=True), plan, cuda, False, fsdp) == (
         False, "--cuda-graphs ignored: not with FSDP")

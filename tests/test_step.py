@@ -27,8 +27,9 @@ def test_pack_padded_layout():
     batch = pack_padded([a, b], pad_id=7)
     assert batch["input_ids"].shape == (1, 128)
     assert batch["input_ids"][0, 9:].eq(7).all()
-    assert batch["segment_ids"][0, :9].tolist() == [0] * 5 + [1] * 4
-    assert batch["segment_ids"][0, 9:].eq(2).all()  # the padding is a record of its own
+    # the records, the padding as a record of its own, zero-length records to 8 slots
+    assert batch["cu_seqlens"].tolist() == [0, 5, 9, 128, 128, 128, 128, 128, 128]
+    assert batch["cu_seqlens"].dtype == torch.int32
     assert batch["position_ids"][0, :11].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1]
     # positions p whose next token has a label, and that label; within a record only
     want = [(p, a.labels[p + 1]) for p in range(4) if a.labels[p + 1] != -100] + \
