@@ -10,6 +10,7 @@ from llamalora import __version__
 from llamalora.cli import chat as chat_cmd
 from llamalora.cli import eval as eval_cmd
 from llamalora.cli import export_adapter as export_cmd
+from llamalora.cli import serve as serve_cmd
 from llamalora.cli import stats as stats_cmd
 from llamalora.cli import train as train_cmd
 from llamalora.cli import validate as validate_cmd
@@ -32,6 +33,7 @@ app.command(epilog=train_cmd.EXAMPLES)(train_cmd.train)
 app.command("export-adapter", epilog=export_cmd.EXAMPLES)(export_cmd.export_adapter)
 app.command(epilog=chat_cmd.EXAMPLES)(chat_cmd.chat)
 app.command("eval", epilog=eval_cmd.EXAMPLES)(eval_cmd.eval_command)
+app.command(epilog=serve_cmd.EXAMPLES)(serve_cmd.serve)
 
 
 def _version(value: bool) -> None:
