@@ -83,6 +83,14 @@ class _StaticKV:
         self.values[i][rows, :, self.position] = value.transpose(1, 2)
         return self.keys[i][:, :, :self.visible], self.values[i][:, :, :self.visible]
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Drops the rows not in `index` (finished sequences of a batch)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.rows = len(index)
+        self.row_index = torch.arange(self.rows, device=index.device)
+        self.position = self.position[:self.rows]
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         # Part of the Cache interface; the layer calls of 5.24 never make it, and the GPU
         # (5.17) runs were made with it in place, so it stays.
@@ -284,9 +292,12 @@ class StaticDecoder:
 
     def _steps(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
                choose: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[list[int]]:
-        """Each step's new token of every row (a row's tokens after its stop id are filler).
+        """Each step's new token of every row (a finished row repeats its stop id).
 
-        Ends when every row has reached a stop id or `max_new_tokens`."""
+        Ends when every row has reached a stop id or `max_new_tokens`. Without graphs, finished
+        rows leave the batch (the cache keeps only the others' rows): on a CPU a row costs its
+        share of every matmul, and answers end at very different lengths; a captured graph
+        keeps its rows, where a spare row costs next to nothing."""
         rows = max(len(prompts), self.cache.rows if self.graphs and self.cache else 0)
         prompts = prompts + [[0]] * (rows - len(prompts))  # rows a captured graph has spare
         longest = max(map(len, prompts))
@@ -296,13 +307,21 @@ class StaticDecoder:
         logits = self._prefill(prompts)
         position = torch.tensor([len(p) for p in prompts], device=self.device)
         live = [True] * len(prompts) + [False] * (rows - len(prompts))
+        at = list(range(rows))  # the row of the batch each row of the cache holds
+        last = [0] * rows
         for i in range(max_new_tokens):
             tokens = choose(logits)
-            values = tokens.tolist()  # the one host sync of a step: stream it, check the stops
-            yield values
-            live = [on and v not in stop_ids for on, v in zip(live, values)]
+            for row, value in zip(at, tokens.tolist()):  # the one host sync of a step
+                last[row] = value
+            yield list(last)
+            live = [on and v not in stop_ids for on, v in zip(live, last)]
             if not any(live) or i == max_new_tokens - 1:
                 return
+            keep = [j for j, row in enumerate(at) if live[row]]
+            if not self.graphs and len(keep) < len(at):
+                index = torch.tensor(keep, device=self.device)
+                self.cache.keep_rows(index)
+                tokens, position, at = tokens[index], position[index], [at[j] for j in keep]
             logits = self._decode(tokens, position + i)
 
     @torch.inference_mode()

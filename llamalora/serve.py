@@ -77,6 +77,7 @@ class Engine:
     image_root: Path | None = None
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="llamalora-generate"))
+    _active: str | None = None  # the adapter set last (open_engine leaves the first one on)
 
     @property
     def models(self) -> list[str]:
@@ -90,7 +91,9 @@ class Engine:
             with model.disable_adapter():
                 return self.session.complete(ids, images, options, on_text=on_text,
                                              should_stop=should_stop)
-        model.set_adapter(self.adapters[name])
+        if self._active != name:  # peft walks every module to switch: only when it changes
+            model.set_adapter(self.adapters[name])
+            self._active = name
         return self.session.complete(ids, images, options, on_text=on_text,
                                      should_stop=should_stop)
 
@@ -141,7 +144,7 @@ def open_engine(runs: list[str], *, model: str | None = None, quant: str | None 
         adapters[name] = name
     session.model.set_adapter("default")
     root = Path(image_root).resolve() if image_root else None
-    return Engine(session, adapters, root)
+    return Engine(session, adapters, root, _active=first_name)
 
 
 # --- requests --------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def test_a_batch_gives_each_prompt_its_own_greedy_answer(model):
     assert len(expected[1]) == k + 1 and max(map(len, expected)) == 16
     decoder = StaticDecoder(model)
     assert decoder.generate_batch(PROMPTS, max_new_tokens=16, stop_ids=[stop]) == expected
-    assert decoder.cache.rows == 4
+    assert decoder.cache.rows == sum(len(e) == 16 for e in expected) < 4  # stopped rows left
     # The same decoder then serves one prompt again (its cache back to one row).
     assert _ours(decoder, PROMPTS[2], 16) == single[2]
 
