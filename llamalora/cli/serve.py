@@ -67,7 +67,8 @@ def serve(
     from llamalora.serve import Limits, check_host, create_app, open_engine
 
     check_host(host, api_key)
-    try:
+    try:  # before the model loads: a missing extra fails in a second, not after a minute
+        import fastapi  # noqa: F401
         import uvicorn
     except ImportError as exc:
         raise MissingExtraError("serve needs FastAPI and uvicorn: pip install "
