@@ -130,8 +130,9 @@ def open_engine(runs: list[str], *, model: str | None = None, quant: str | None 
     infos = [(name, find_adapter(path)) for name, path in named]
     bases = {model or info.base_model for _, info in infos}
     if len(bases) > 1:
-        raise UsageError(f"the runs were trained on different base models ({', '.join(sorted(bases))}"
-                         "); serve runs of one base together, or pass --model")
+        raise UsageError("the runs were trained on different base models ("
+                         f"{', '.join(sorted(bases))}); serve runs of one base together, or "
+                         "pass --model")
     base = bases.pop()
     config, _ = load_model_config(resolve_model(base)) if base else (None, "")
     vision = getattr(config, "model_type", None) == "mllama" and hasattr(config, "vision_config")
@@ -439,9 +440,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits | N
     try:
         from fastapi import Depends, FastAPI
         from fastapi import Request as HttpRequest
-        from fastapi.exceptions import RequestValidationError
-        from fastapi.responses import JSONResponse, StreamingResponse
-        from starlette.exceptions import HTTPException
+        from fastapi.responses import StreamingResponse
     except ImportError as exc:
         raise MissingExtraError("serve needs FastAPI and uvicorn: pip install "
                                 "'llamalora[serve]'") from exc
@@ -449,27 +448,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits | N
     queue = _Queue(limits.max_queue)
     created = int(time.time())
     app = FastAPI(title="llamalora", docs_url=None, redoc_url=None, openapi_url=None)
-
-    def respond(exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError):
-        return respond(exc)
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(request, exc):  # unknown paths and methods
-        return respond(ApiError(exc.status_code, str(exc.detail), code=None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc):
-        return respond(_bad(f"invalid request: {exc.errors()[:1]}"))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request, exc):
-        log.error("unexpected %s: %s", type(exc).__name__, exc)
-        return respond(ApiError(500, f"internal error ({type(exc).__name__})",
-                                type="server_error"))
+    _errors_as_openai(app)
 
     async def authorized(request: HttpRequest) -> None:
         if api_key is None:
@@ -493,28 +472,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits | N
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(request: HttpRequest):
         r = parse_request(await _read_json(request, limits), engine, limits)
-        try:
-            ids = _prompt(engine, r, limits)
-            queue.take()
-        except BaseException:
-            if r.tmp is not None:
-                r.tmp.cleanup()
-            raise
-        loop = asyncio.get_running_loop()
-        job = _Job(engine, r, ids, loop, r.stream)
-
-        def done(f) -> None:  # on the event loop, once the device thread is through with it
-            queue.pending -= 1
-            if r.tmp is not None:
-                r.tmp.cleanup()
-            if job.events is not None:
-                job.events.put_nowait(("done", f))
-
-        future = engine.executor.submit(job)
-        future.add_done_callback(lambda f: loop.call_soon_threadsafe(done, f))
-
-        reply_id, stamp = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": reply_id, "created": stamp, "model": r.model}
+        job, future = _submit(engine, r, limits, queue)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": r.model}
         if r.stream:
             return StreamingResponse(_stream(job, head), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -528,6 +488,59 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits | N
                 "usage": _usage(reply)}
 
     return app
+
+
+def _errors_as_openai(app) -> None:
+    """Every refusal and failure as OpenAI's error body, never a traceback."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    def respond(exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return respond(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, exc):  # unknown paths and methods
+        return respond(ApiError(exc.status_code, str(exc.detail), code=None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc):
+        return respond(_bad(f"invalid request: {exc.errors()[:1]}"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc):
+        log.error("unexpected %s: %s", type(exc).__name__, exc)
+        return respond(ApiError(500, f"internal error ({type(exc).__name__})",
+                                type="server_error"))
+
+
+def _submit(engine: Engine, r: Request, limits: Limits, queue: _Queue):
+    """Queues the answer on the device thread: (its job, its future). The queue's count and
+    the request's temporary images are released when the device thread is through with it."""
+    try:
+        ids = _prompt(engine, r, limits)
+        queue.take()
+    except BaseException:
+        if r.tmp is not None:
+            r.tmp.cleanup()
+        raise
+    loop = asyncio.get_running_loop()
+    job = _Job(engine, r, ids, loop, r.stream)
+
+    def done(f) -> None:  # on the event loop
+        queue.pending -= 1
+        if r.tmp is not None:
+            r.tmp.cleanup()
+        if job.events is not None:
+            job.events.put_nowait(("done", f))
+
+    future = engine.executor.submit(job)
+    future.add_done_callback(lambda f: loop.call_soon_threadsafe(done, f))
+    return job, future
 
 
 def _prompt(engine: Engine, r: Request, limits: Limits) -> list[int]:

@@ -118,16 +118,18 @@ def _report(result, show: int) -> None:
         table.add_row(label, *cells)
     out.print(table)
     out.print("chrF: character 6-grams; ROUGE-L: words of any script; exact match: whole "
-              "answers; loss: the model's tokens (see eval.json \"tokenization\")", markup=False, soft_wrap=True)
+              "answers; loss: the model's tokens (see eval.json \"tokenization\")",
+              markup=False, soft_wrap=True)
     if len(names) == 2 and show:
         rows = result.records
-        gain = sorted(rows, key=lambda r: r["scores"]["base"]["chrf"] - r["scores"]["tuned"]["chrf"])
+        gain = sorted(rows, key=_diff, reverse=True)
         _show("Tuned beats base most (chrF)", [r for r in gain if _diff(r) > 0][:show])
         _show("Base beats tuned most (chrF)", [r for r in reversed(gain) if _diff(r) < 0][:show])
     t = result.timings
     out.print(f"\nWrote {result.out}/eval.json and predictions.jsonl ({t['wall_s']:.1f} s, of "
               f"which loading {t['load_s']:.1f} s; {t['generated_tokens']} tokens generated at "
-              f"{t['tokens_per_s']} tokens/s; decoding: {s['decoding']})", markup=False, soft_wrap=True)
+              f"{t['tokens_per_s']} tokens/s; decoding: {s['decoding']})", markup=False,
+              soft_wrap=True)
 
 
 def _change(values: list, key: str) -> str:
