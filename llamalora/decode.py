@@ -194,7 +194,10 @@ class StaticDecoder:
         cache = self.cache
         n = ids.shape[1]
         cache.position = position
-        cache.visible = n if n > 1 else cache.length
+        # A captured step attends over the whole cache (its shapes fixed), an eager one only up
+        # to the furthest row's position: on a CPU the unused tail is real work.
+        cache.visible = n if n > 1 else (
+            cache.length if self.graphs else int(position.max()) + 1)
         hidden = self.decoder.embed_tokens(ids)
         embeddings = self.decoder.rotary_emb(hidden, position_ids=position)
         mask = None
