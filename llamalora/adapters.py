@@ -82,8 +82,10 @@ def is_vision_model(model) -> bool:
     return any(".language_model.layers." in n for n, _ in model.named_parameters())
 
 
-def apply_adapter(model, folder: Path):
-    """Wraps `model` with the adapter in `folder` (LoRA weights loaded, inference mode).
+def apply_adapter(model, folder: Path, name: str = "default"):
+    """Wraps `model` with the adapter in `folder` (LoRA weights loaded, inference mode); a
+    model that is a PeftModel already gets it as one more adapter, `name`, beside its others
+    (peft's `set_adapter` switches between them).
 
     Raises:
         ModelError: The adapter does not fit this model.
@@ -91,16 +93,20 @@ def apply_adapter(model, folder: Path):
     from llamalora.models import preload_bitsandbytes
 
     preload_bitsandbytes()
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     config = LoraConfig.from_pretrained(str(folder))
     config.inference_mode = True
-    peft_model = get_peft_model(model, config)
+    if isinstance(model, PeftModel):
+        peft_model = model
+        peft_model.add_adapter(name, config)
+    else:
+        peft_model = get_peft_model(model, config, adapter_name=name)
     state = load_file(str(folder / ADAPTER_WEIGHTS))
     state = rename_keys(state, to_vision=is_vision_model(peft_model))
-    result = set_peft_model_state_dict(peft_model, state)
-    expected = {n for n, _ in peft_model.named_parameters() if "lora_" in n}
+    result = set_peft_model_state_dict(peft_model, state, adapter_name=name)
+    expected = {n for n, _ in peft_model.named_parameters() if "lora_" in n and f".{name}." in n}
     missing = [k for k in result.missing_keys if k in expected]
     if result.unexpected_keys or missing:
         bad = (result.unexpected_keys or missing)[:2]

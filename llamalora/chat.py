@@ -27,9 +27,13 @@ class Reply:
     """One answer and how fast it came."""
 
     text: str
-    new_tokens: int
+    new_tokens: int  # generated, the stop token not counted
     first_token_s: float
     decode_tokens_per_s: float
+    prompt_tokens: int = 0
+    # "stop" (a stop token ended it), "length" (max_new_tokens did), or "interrupted" (the
+    # caller's `should_stop` did).
+    finish_reason: str = "stop"
 
 
 @dataclass
@@ -143,7 +147,7 @@ class ChatSession:
         return path + (", LoRA merged into the weights" if self.lora_merged else "")
 
     def _decode(self, decoder, ids: list[int], options: GenerationOptions,
-                streamer: _Streamer) -> list[int]:
+                streamer: _Streamer, should_stop: Callable[[], bool] | None) -> list[int]:
         import torch
 
         streamer.put(ids)
@@ -152,10 +156,13 @@ class ChatSession:
                                       stop_ids=self.stop_ids, choose=_chooser(options)):
             new.append(token)
             streamer.put(torch.tensor([token]))
+            if should_stop is not None and should_stop():
+                break
         streamer.end()
         return new
 
-    def _generate(self, batch: dict, options: GenerationOptions, streamer: _Streamer):
+    def _generate(self, batch: dict, options: GenerationOptions, streamer: _Streamer,
+                  should_stop: Callable[[], bool] | None = None):
         """transformers' `generate`: conversations with images (cross-attention) take it."""
         import torch
 
@@ -166,6 +173,10 @@ class ChatSession:
             kwargs.update(temperature=options.temperature, top_p=options.top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if should_stop is not None:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopWhen(should_stop)])
         with torch.inference_mode():
             return self.model.generate(**batch, **kwargs)
 
@@ -175,36 +186,52 @@ class ChatSession:
 
     def prompt_ids(self, user: str, image: Path | None = None) -> list[int]:
         content = (IMAGE + user) if image is not None else user
-        segments = render_segments(self.system, self.history + [("user", content)],
-                                   add_generation_prompt=True,
-                                   template=template_of(self.tokenizer))
-        return [t for ids, _ in encode_segments(self.tokenizer, [segments])[0] for t in ids]
+        return prompt_ids(self.tokenizer, self.system, self.history + [("user", content)])
+
+    def check_image(self, image: str | Path) -> Path:
+        """`image` as a path the model can read.
+
+        Raises:
+            UsageError: The model has no vision tower, or the file is missing or unreadable.
+        """
+        path = Path(image)
+        if self.image_processor is None:
+            raise UsageError("this model has no vision tower; images need the 11B Vision "
+                             "model (or --model tiny)")
+        if not path.is_file():
+            raise UsageError(f"image not found: {path}")
+        try:
+            read_image(path)
+        except Exception as exc:  # PIL raises many types for bad files
+            raise UsageError(f"image cannot be read: {path} ({image_error(exc)})") from exc
+        return path
 
     def ask(self, user: str, *, image: str | Path | None = None,
             options: GenerationOptions | None = None,
             on_text: Callable[[str], None] | None = None) -> Reply:
         """Generates the assistant's answer to `user` (streamed through `on_text`)."""
+        options = options or GenerationOptions()
+        image_path = self.check_image(image) if image is not None else None
+        ids = self.prompt_ids(user, image_path)
+        reply = self.complete(ids, self.images + ([image_path] if image_path else []), options,
+                              on_text=on_text)
+        self.history += [("user", (IMAGE + user) if image_path else user),
+                         ("assistant", reply.text)]
+        if image_path is not None:
+            self.images.append(image_path)
+        return reply
+
+    def complete(self, ids: list[int], images: list[Path], options: GenerationOptions, *,
+                 on_text: Callable[[str], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Reply:
+        """The answer after prompt `ids` (images: the conversation's, in order), streamed
+        through `on_text`; `should_stop()`, asked after each token, ends it early."""
         import torch
 
         from llamalora.step import to_device
 
-        options = options or GenerationOptions()
-        image_path = Path(image) if image is not None else None
-        if image_path is not None:
-            if self.image_processor is None:
-                raise UsageError("this model has no vision tower; images need the 11B Vision "
-                                 "model (or --model tiny)")
-            if not image_path.is_file():
-                raise UsageError(f"image not found: {image_path}")
-            try:
-                read_image(image_path)
-            except Exception as exc:  # PIL raises many types for bad files
-                raise UsageError(f"image cannot be read: {image_path} ({image_error(exc)})"
-                                 ) from exc
-        ids = self.prompt_ids(user, image_path)
         batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids),
                                                                                  dtype=torch.long)}
-        images = self.images + ([image_path] if image_path else [])
         if images:
             from llamalora.batching import add_vision_inputs
 
@@ -214,19 +241,42 @@ class ChatSession:
         streamer = _Streamer(self.tokenizer, on_text, self.stop_ids)
         decoder = self.static_decoder if not images else None
         if decoder is not None:
-            new = self._decode(decoder, ids, options, streamer)
+            new = self._decode(decoder, ids, options, streamer, should_stop)
         else:
-            new = self._generate(batch, options, streamer)[0, len(ids):].tolist()
+            new = self._generate(batch, options, streamer, should_stop)[0, len(ids):].tolist()
         end = time.perf_counter()
+        stopped = bool(new) and new[-1] in self.stop_ids
         new = [t for t in new if t not in self.stop_ids]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         first = (streamer.first_at or end) - streamer.start
         decode_s = end - (streamer.first_at or end)
-        self.history += [("user", (IMAGE + user) if image_path else user), ("assistant", text)]
-        if image_path is not None:
-            self.images.append(image_path)
+        finish = "stop" if stopped else (
+            "length" if len(new) >= options.max_new_tokens else "interrupted")
         return Reply(text, len(new), first,
-                     (len(new) - 1) / decode_s if decode_s > 0 and len(new) > 1 else 0.0)
+                     (len(new) - 1) / decode_s if decode_s > 0 and len(new) > 1 else 0.0,
+                     prompt_tokens=len(ids), finish_reason=finish)
+
+
+class _StopWhen:
+    """A transformers stopping criterion that asks the caller (`should_stop()`) each token."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool,
+                          device=input_ids.device)
+
+
+def prompt_ids(tokenizer, system: str | None, turns: list[tuple[str, str]]) -> list[int]:
+    """The token ids a model is prompted with for a conversation ending with a user turn:
+    `render_segments` with the generation prompt, each segment tokenized as training tokenized
+    it, so the prompt is what training saw before each answer."""
+    segments = render_segments(system, turns, add_generation_prompt=True,
+                               template=template_of(tokenizer))
+    return [t for ids, _ in encode_segments(tokenizer, [segments])[0] for t in ids]
 
 
 def merge_for_decoding(model) -> bool:
@@ -272,7 +322,8 @@ def _chooser(options: GenerationOptions):
 
 def open_chat(adapter: str | Path | None, *, model: str | None = None, quant: str | None = None,
               no_adapter: bool = False, with_vision: bool = False,
-              system: str | None = None, kernels: str = "auto") -> ChatSession:
+              system: str | None = None, kernels: str = "auto",
+              merge: bool = True) -> ChatSession:
     """Loads the base model (from the adapter's config unless `model`) and the adapter.
 
     Args:
@@ -284,6 +335,8 @@ def open_chat(adapter: str | Path | None, *, model: str | None = None, quant: st
         with_vision: Load the vision tower (needed for images).
         system: The system message.
         kernels: Base-layer matmuls, as train's `--kernels` (auto: llamalora's on CUDA GPUs).
+        merge: Fold the adapter into an unquantized base where that is faster
+            (`merge_for_decoding`); False keeps it apart, so that it can be switched off.
 
     Raises:
         UsageError, ModelError, ConfigError.
@@ -301,7 +354,7 @@ def open_chat(adapter: str | Path | None, *, model: str | None = None, quant: st
     loaded, load_info = load_model_for_inference(base_path, quant=quant, with_vision=with_vision)
     if info is not None and not no_adapter:
         loaded = apply_adapter(loaded, info.folder)
-    merged = info is not None and not no_adapter and merge_for_decoding(loaded)
+    merged = merge and info is not None and not no_adapter and merge_for_decoding(loaded)
     from llamalora import fastlinear
 
     kernel_path = fastlinear.enable(loaded, kernels)

@@ -131,3 +131,12 @@ class TrainFinished:
 
 Event = Status | PlanReady | ModelReady | StepDone | EvalDone | CheckpointSaved | TrainFinished
 OnEvent = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class EvalProgress:
+    """`evaluate` has answered `done` of `total` (records x models); `model` is answering."""
+
+    done: int
+    total: int
+    model: str

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from llamalora.batching import Tokenized, TruncationSummary, split_eval
 from llamalora.config import QUANT_CHOICES as QUANTS, TrainConfig
@@ -256,6 +257,9 @@ class Plan:
     train: Records | list[Tokenized] = field(default_factory=list, repr=False)
     eval: Records | list[Tokenized] = field(default_factory=list, repr=False)
     data_note: str = ""  # e.g. that the tokenized data came from the cache
+    # Where the held-out records are, for `llamalora eval`: the data file (resolved), its image
+    # root, and the records' lines (a table's rows); the data is not copied.
+    held_out: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"records": self.records, "train_records": self.train_records,
@@ -269,7 +273,7 @@ class Plan:
                 "estimated_peak_gib_fused_checkpointed": self.memory_gib_fused_checkpointed,
                 "estimated_peak_gib_offloaded": self.memory_gib_offloaded,
                 "params": self.params, "data_sha256": self.data_sha256,
-                "model_note": self.model_note}
+                "model_note": self.model_note, "held_out": self.held_out}
 
 
 def load_model_config(model: str):
@@ -354,7 +358,8 @@ def plan_training(config: TrainConfig) -> Plan:
                 params={"base": counts.total, "lora": lora},
                 data_sha256=data.data_fingerprint, model_note="; ".join(
                     n for n in (tok_note, cfg_note) if n),
-                train=train_set, eval=eval_set, data_note="; ".join(notes))
+                train=train_set, eval=eval_set, data_note="; ".join(notes),
+                held_out=_held_out(config, data.column("line")[kept[eval_idx]].tolist()))
 
 
 def _memory_estimates(config: TrainConfig, counts: ParamCounts, lora: int, train_set,
@@ -383,3 +388,17 @@ def _memory_estimates(config: TrainConfig, counts: ParamCounts, lora: int, train
             "memory_gib_offloaded": estimate(True, offload=True),
             "memory_gib_fused": estimate(False, fused, graphs=True),
             "memory_gib_fused_checkpointed": estimate(True, fused, graphs=True)}
+
+
+def _held_out(config: TrainConfig, lines: list[int]) -> dict:
+    """The held-out records by line, and the files to find them in from any folder."""
+    if not lines:
+        return {}
+
+    def resolved(path: str) -> str:
+        local = Path(path).expanduser()
+        return str(local.resolve()) if local.exists() else path  # a Hub id stays as given
+
+    return {"data_path": resolved(config.data_path),
+            "image_root": resolved(config.image_root) if config.image_root else None,
+            "lines": lines}

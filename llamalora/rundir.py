@@ -30,7 +30,7 @@ LOCK = ".llamalora.lock"
 RUN_FILES = {RUN_MARKER, CHECKPOINTS, "adapter_model.safetensors", "adapter_config.json",
              "metrics.jsonl", "loss.png", "README.md", "tensorboard", "wandb", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "chat_template.jinja", "preprocessor_config.json",
-             "processor_config.json", ".final.tmp"}
+             "processor_config.json", ".final.tmp", "eval"}
 
 
 def fsync_dir(path: Path) -> None:

@@ -228,3 +228,22 @@ def test_long_speed_runs_llamalora_and_hf_on_the_tiny_model(tmp_path):
     assert summary["3k/hf-packed-bf16"]["gradient_checkpointing"]
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 0 and again.stderr.count("kept from the previous report") == 3
+
+
+@pytest.mark.slow
+def test_eval_serve_speed_runs_on_the_tiny_model(tmp_path):
+    """benchmarks/eval_serve_speed.py as the GPU scripts run it, on the tiny model."""
+    script = [sys.executable, str(ROOT / "benchmarks" / "eval_serve_speed.py")]
+    run, out = tmp_path / "run", tmp_path / "out"
+    subprocess.run([*script, "make-run", str(run), "--model", "tiny", "--records", "6"],
+                   check=True)
+    assert json.loads((run / "llamalora.json").read_text())["plan"]["held_out"]["lines"] == \
+        list(range(1, 7))
+    for what in ("eval", "serve"):
+        subprocess.run([*script, what, str(run), "--max-new-tokens", "4", "--batch-size", "3",
+                        "--repeat", "1", "--quant", "none", "--out", str(out)], check=True)
+    rows = json.loads((out / "eval.json").read_text())["result"]
+    assert [r["records"] for r in rows] == [6, 6]
+    assert rows[0]["generated_tokens"] == rows[1]["generated_tokens"] == 6 * 2 * 4
+    serve = json.loads((out / "serve.json").read_text())["result"]
+    assert serve["http"]["tokens"] == serve["chat"]["tokens"] == 4

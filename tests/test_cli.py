@@ -25,7 +25,8 @@ def test_root_help_and_version():
     assert r.exit_code == 0 and r.stdout.startswith("llamalora ")
 
 
-@pytest.mark.parametrize("command", ["validate", "stats", "train", "export-adapter", "chat"])
+@pytest.mark.parametrize("command", ["validate", "stats", "train", "export-adapter", "chat",
+                                     "eval", "serve"])
 def test_every_command_has_help(command):
     r = run(command, "--help")
     assert r.exit_code == 0, r.output
@@ -208,6 +209,19 @@ def test_data_commands_import_no_torch(good_file):
             f"r2 = CliRunner().invoke(app, ['validate', {str(good_file)!r}]);"
             "assert r.exit_code == 0 and r2.exit_code == 0, r.output;"
             "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules];"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_eval_and_serve_help_import_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from llamalora.cli.main import app; from typer.testing import CliRunner;"
+            "rs = [CliRunner().invoke(app, [c, '--help']) for c in ('eval', 'serve')];"
+            "assert all(r.exit_code == 0 for r in rs), [r.output for r in rs];"
+            "bad = [m for m in ('torch', 'transformers', 'peft', 'fastapi', 'uvicorn',"
+            " 'sacrebleu', 'rouge_score') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

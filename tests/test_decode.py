@@ -81,6 +81,75 @@ def test_stops_at_a_stop_id(model):
     assert got == [first]
 
 
+PROMPTS = [[128000, 9906, 1917], list(range(500, 540)), [128000, 11], list(range(900, 917))]
+
+
+def test_a_batch_gives_each_prompt_its_own_greedy_answer(model):
+    """Prompts of four lengths in one batch: each row's tokens are the one-prompt decoder's and
+    generate's, also for a row that stops early (its stop id) while the others go on."""
+    single = [_ours(StaticDecoder(model), ids, 16) for ids in PROMPTS]
+    assert single == [_plain(model, ids, 16) for ids in PROMPTS]
+    # Row 1 stops at a token it first gives after a few others; rows without it run to the end.
+    k = next(k for k, t in enumerate(single[1]) if k >= 2 and single[1].index(t) == k
+             and any(t not in other for other in single))
+    stop = single[1][k]
+    expected = []
+    for tokens in single:
+        cut = tokens.index(stop) + 1 if stop in tokens else len(tokens)
+        expected.append(tokens[:cut])
+    assert len(expected[1]) == k + 1 and max(map(len, expected)) == 16
+    decoder = StaticDecoder(model)
+    assert decoder.generate_batch(PROMPTS, max_new_tokens=16, stop_ids=[stop]) == expected
+    assert decoder.cache.rows == sum(len(e) == 16 for e in expected) < 4  # stopped rows left
+    # The same decoder then serves one prompt again (its cache back to one row).
+    assert _ours(decoder, PROMPTS[2], 16) == single[2]
+
+
+def test_a_padded_batch_gives_the_same_answers(model, monkeypatch):
+    """As the graphed path runs it: prompts padded to a length bucket, spare rows filled."""
+    monkeypatch.setattr(decode, "MIN_PREFILL_BUCKET", 16)
+    decoder = StaticDecoder(model)
+    decoder.pad_prompts = True
+    decoder.reserve(6, 64)
+    decoder.graphs = True  # the row padding of a captured batch (no capture: see _steps)
+    monkeypatch.setattr(decoder, "_prefill", lambda prompts: StaticDecoder._prefill(
+        _Eager(decoder), prompts))
+    monkeypatch.setattr(decoder, "_decode", lambda tokens, position: StaticDecoder._decode(
+        _Eager(decoder), tokens, position))
+    got = decoder.generate_batch(PROMPTS, max_new_tokens=12, stop_ids=STOPS, rows=6)
+    assert decoder.cache.rows == 6
+    assert got == [_plain(model, ids, 12) for ids in PROMPTS]
+
+
+class _Eager:
+    """The decoder seen with graphs off, for the padding test's prefill and decoding steps."""
+
+    def __init__(self, decoder):
+        self._decoder = decoder
+
+    def __getattr__(self, name):
+        return False if name == "graphs" else getattr(self._decoder, name)
+
+
+def test_adapter_state_follows_peft_switching(model):
+    """What a captured graph is keyed by: peft's disable_adapter() and set_adapter() change it."""
+    from peft import LoraConfig
+
+    on = decode.adapter_state(model)
+    assert on == (False, ("default",))
+    with model.disable_adapter():
+        assert decode.adapter_state(model) == (True, ("default",))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
+    model.set_adapter("other")
+    try:
+        assert decode.adapter_state(model) == (False, ("other",))
+    finally:
+        model.set_adapter("default")
+        model.delete_adapter("other")
+    assert decode.adapter_state(model) == on
+    assert decode.adapter_state(model.get_base_model()) == on  # peft's layers, either way
+
+
 @pytest.mark.needs_bnb
 def test_8bit_greedy_tokens_equal_generate():
     pytest.importorskip("bitsandbytes")
@@ -129,7 +198,31 @@ def test_cuda_graph_replay_gives_the_eager_tokens(quant):
         assert tokens == _ours(eager, ids, 24)
         if quant == "none":
             assert tokens == _plain(model, ids, 24)
-    assert set(graphed._graphs) == {1, 64}  # one decoding step, one prompt bucket
+    state = decode.adapter_state(model)
+    # one decoding step, one prompt bucket, for one row and this adapter state
+    assert set(graphed._graphs) == {(1, 1, state), (1, 64, state)}
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_of_a_batch_keep_base_and_tuned_apart():
+    """A batch through captured graphs, with the adapter on, then off, then on again: each
+    state replays its own graphs, and the rows equal the eager (padded) decoder's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = tiny_lora_model().to("cuda").eval()
+    graphed, eager = StaticDecoder(model), StaticDecoder(model, graphs=False)
+    eager.pad_prompts = True
+    graphed.reserve(4, 128)
+    run = dict(max_new_tokens=16, stop_ids=STOPS)
+    tuned = graphed.generate_batch(PROMPTS[:3], rows=4, **run)
+    assert tuned == eager.generate_batch(PROMPTS[:3], **run)
+    with model.disable_adapter():
+        base = graphed.generate_batch(PROMPTS, rows=4, **run)
+        assert base == eager.generate_batch(PROMPTS, **run)
+    assert base[:3] != tuned
+    assert graphed.generate_batch(PROMPTS[:3], rows=4, **run) == tuned
+    states = {key[2] for key in graphed._graphs}
+    assert states == {(False, ("default",)), (True, ("default",))}
 
 
 def test_chat_merges_lora_only_into_an_unquantized_base_on_a_gpu(monkeypatch):

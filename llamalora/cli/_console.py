@@ -77,6 +77,19 @@ def spinner(text: str) -> Iterator[Callable[[str], None]]:
         yield lambda new: status.update(new)
 
 
+def progress_bar(label: str):
+    """A Rich progress bar on stderr (done/total, elapsed, time left), off when stderr is no
+    terminal or LLAMALORA_QUIET is set. Use as a context manager; `add_task` and `update` as
+    Rich's."""
+    from rich.progress import (BarColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.description}"), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=err,
+                    disable=not err.is_terminal or bool(os.environ.get("LLAMALORA_QUIET")))
+
 
 def quiet_libraries() -> None:
     """Keeps transformers/bitsandbytes chatter (load bars, deprecation notes) off stderr, so what

@@ -26,3 +26,12 @@ TokenizerOpt = Annotated[str, typer.Option(
 SkipInvalidOpt = Annotated[bool, typer.Option(
     "--skip-invalid", help="Leave invalid records out (and say how many) instead of refusing "
                            "the file.")]
+BaseModelOpt = Annotated[str | None, typer.Option(
+    "--model", help="Base model (default: the one the adapter was trained on).",
+    show_default=False)]
+InferenceQuantOpt = Annotated[str | None, typer.Option(
+    "--quant", help="8bit, 4bit or none (default: what the run trained with).",
+    show_default=False)]
+KernelsOpt = Annotated[str, typer.Option(
+    "--kernels", help="Base-layer matmuls: fast, plain (bitsandbytes') or auto (fast on CUDA "
+                      "GPUs).")]

@@ -10,6 +10,7 @@ import typer
 
 from llamalora.cli._console import err, info, out, quiet_libraries, spinner
 from llamalora.cli._errors import handle_errors
+from llamalora.cli._options import BaseModelOpt, InferenceQuantOpt, KernelsOpt
 from llamalora.config import KERNEL_CHOICES, QUANT_CHOICES, check_choice
 from llamalora.data import resolve_image
 from llamalora.errors import UsageError
@@ -35,9 +36,7 @@ def chat(
     adapter: Annotated[Path | None, typer.Option(
         "--adapter", help="Run folder, checkpoint, or exported adapter.",
         show_default=False)] = None,
-    model: Annotated[str | None, typer.Option(
-        "--model", help="Base model (default: the one the adapter was trained on).",
-        show_default=False)] = None,
+    model: BaseModelOpt = None,
     prompt: Annotated[str | None, typer.Option(
         "--prompt", help="Answer this one prompt and exit ('-' reads it from stdin).",
         show_default=False)] = None,
@@ -55,14 +54,10 @@ def chat(
     top_p: Annotated[float, typer.Option(
         "--top-p", min=0.0, max=1.0, help="Nucleus sampling: keep the smallest set of tokens "
                                           "with this much probability.")] = 0.9,
-    quant: Annotated[str | None, typer.Option(
-        "--quant", help="8bit, 4bit or none (default: what the run trained with).",
-        show_default=False)] = None,
+    quant: InferenceQuantOpt = None,
     no_adapter: Annotated[bool, typer.Option(
         "--no-adapter", help="Answer with the base model alone, for comparison.")] = False,
-    kernels: Annotated[str, typer.Option(
-        "--kernels", help="Base-layer matmuls: fast, plain (bitsandbytes') or auto (fast on "
-                          "CUDA GPUs).")] = "auto",
+    kernels: KernelsOpt = "auto",
     verbose: Annotated[bool, typer.Option(
         "--verbose", help="Show time to first token and decode speed after each answer.")] = False,
     image_root: Annotated[Path | None, typer.Option(

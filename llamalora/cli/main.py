@@ -8,7 +8,9 @@ import typer
 
 from llamalora import __version__
 from llamalora.cli import chat as chat_cmd
+from llamalora.cli import eval as eval_cmd
 from llamalora.cli import export_adapter as export_cmd
+from llamalora.cli import serve as serve_cmd
 from llamalora.cli import stats as stats_cmd
 from llamalora.cli import train as train_cmd
 from llamalora.cli import validate as validate_cmd
@@ -16,7 +18,8 @@ from llamalora.cli._errors import report_error, set_debug
 
 app = typer.Typer(
     name="llamalora",
-    help="Check data, train LoRA adapters on an 8-bit Llama 3.2 (11B Vision) base, and chat.",
+    help="Check data, train LoRA adapters on an 8-bit Llama 3.2 (11B Vision) base, evaluate "
+         "them, chat and serve.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -29,6 +32,8 @@ app.command(epilog=stats_cmd.EXAMPLES)(stats_cmd.stats)
 app.command(epilog=train_cmd.EXAMPLES)(train_cmd.train)
 app.command("export-adapter", epilog=export_cmd.EXAMPLES)(export_cmd.export_adapter)
 app.command(epilog=chat_cmd.EXAMPLES)(chat_cmd.chat)
+app.command("eval", epilog=eval_cmd.EXAMPLES)(eval_cmd.eval_command)
+app.command(epilog=serve_cmd.EXAMPLES)(serve_cmd.serve)
 
 
 def _version(value: bool) -> None:
