@@ -182,6 +182,10 @@ def _build_model(config: TrainConfig, plan: Plan, par, device, emit) -> tuple[ob
         **par.load_options())
     model = attach_lora(model, r=config.lora_rank, alpha=config.lora_alpha,
                         dropout=config.lora_dropout, target_modules=config.target_modules)
+    # from_pretrained returns a model in eval mode, and the first step's CUDA graphs are
+    # captured before the loop: a graph keeps the mode it was captured in, so a capture in eval
+    # mode would replay every step without LoRA's dropout and without checkpointing.
+    model.train()
     kernels = fastlinear.enable(model, config.kernels)
     if par.prepare(model) is not None:  # FSDP: each GPU keeps its share of every weight
         emit(Status(f"Sharded over {par.world_size} processes (FSDP2)"))

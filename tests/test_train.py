@@ -205,3 +205,24 @@ def test_two_process_gloo_run_equals_one_process(tmp_path):
     a, b = _adapter(tmp_path / "two"), _adapter(tmp_path / "one")
     # Equal up to summation order (all-reduce vs accumulation), which Adam's first steps amplify.
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+@pytest.mark.slow
+def test_the_first_graphs_are_captured_in_training_mode(tmp_path, monkeypatch):
+    """A CUDA graph keeps the mode it was captured in (dropout, checkpointing), and the first
+    step's graphs are captured before the loop: every module must be training by then. On the
+    CPU, the graphed path runs with a step that records the mode its captures would see."""
+    from llamalora import recipe
+    from llamalora.step import TrainStep
+
+    seen = []
+
+    class RecordingStep(TrainStep):
+        def warm(self, batches):
+            seen.append(all(m.training for m in self.model.modules()))
+            return len(batches)
+
+    monkeypatch.setattr(recipe, "_choose_graphs", lambda *a, **k: (True, ""))
+    monkeypatch.setattr(recipe, "GraphedStep", RecordingStep)
+    train(_config(tmp_path, max_steps=2, lora_dropout=0.1))
+    assert seen and all(seen)
