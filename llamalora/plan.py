@@ -172,11 +172,20 @@ def estimate_peak_gib(counts: ParamCounts, *, quant: str, tokens: int,
 
 
 def heaviest(lengths: list[int], records: int, budget: int | None = None) -> int:
-    """The most tokens `records` records of these lengths can put in one pass (the longest
-    ones), at most `budget` (a fused row's token budget) beyond the longest record."""
-    top = sorted(lengths, reverse=True)[:records]
-    total = sum(top)
-    return max(top[0], min(total, budget)) if budget is not None and top else total
+    """The most tokens `records` records of these lengths can put in one pass: the longest
+    ones; with `budget` (a fused row's token budget, `recipe.StepBatches.rows`), the records a
+    row can hold, filled longest first as long as each fits (a row holds whole records, so two
+    records of 3,200 tokens fill 6,400 of a budget of 8,192, not 8,192)."""
+    ordered = sorted(lengths, reverse=True)
+    if budget is None or not ordered:
+        return sum(ordered[:records])
+    total, taken = ordered[0], 1
+    for n in ordered[1:]:
+        if taken == records or total == budget:
+            break
+        if total + n <= budget:
+            total, taken = total + n, taken + 1
+    return total
 
 
 @dataclass

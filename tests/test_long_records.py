@@ -356,3 +356,14 @@ def test_graphed_checkpointed_steps_equal_eager_steps():
     (eager, w_eager), (graphed, w_graphed) = runs
     torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w_graphed, w_eager, rtol=1e-3, atol=1e-5)
+
+
+def test_a_fused_row_is_planned_at_the_whole_records_it_can_hold():
+    """`plan.heaviest` with a row budget: whole records, longest first while each fits (what
+    `recipe.StepBatches.rows` can put in one row); at most the step's records."""
+    from llamalora.plan import heaviest
+
+    assert heaviest([3200] * 40, 4, budget=8192) == 6400  # a third record does not fit
+    assert heaviest([5000, 3000, 190, 100], 4, budget=8192) == 8190
+    assert heaviest([100] * 10, 4, budget=8192) == 400  # the step's 4 records
+    assert heaviest([3200] * 4, 2) == 6400  # a micro-batch: its longest records
