@@ -15,6 +15,17 @@ from rich.console import Console
 out = Console(highlight=False, soft_wrap=False)
 err = Console(stderr=True, highlight=False)
 
+# --debug (or LLAMALORA_DEBUG): tracebacks instead of one-line errors, and library chatter left on.
+_state = {"debug": bool(os.environ.get("LLAMALORA_DEBUG"))}
+
+
+def set_debug(on: bool) -> None:
+    _state["debug"] = on or bool(os.environ.get("LLAMALORA_DEBUG"))
+
+
+def debug_enabled() -> bool:
+    return _state["debug"]
+
 
 def print_json(data) -> None:
     """One JSON object to stdout, streamed: objects are indented, and each element of a list of
@@ -96,8 +107,6 @@ def quiet_libraries() -> None:
     remains there is ours. `--debug` leaves them on."""
     import logging
     import warnings
-
-    from llamalora.cli._errors import debug_enabled
 
     if debug_enabled():
         return
