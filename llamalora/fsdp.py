@@ -228,12 +228,6 @@ def shard(model, device, fsdp: FsdpSettings, rank: int) -> dict:
     return {**fsdp.to_dict(), "units": len(units)}
 
 
-def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
 # --- the loop ------------------------------------------------------------------------------
 
 def run_fillers(count: int, run: Callable[[dict], object], device) -> None:

@@ -93,10 +93,6 @@ def commit_checkpoint(tmp_dir: Path, final_dir: Path, state: dict, keep: int) ->
         shutil.rmtree(old, ignore_errors=True)
 
 
-def is_finished_run(path: Path) -> bool:
-    return (path / RUN_MARKER).is_file() and (path / "adapter_model.safetensors").is_file()
-
-
 def _refuse_existing(output_dir: Path, *, overwrite: bool, resume: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputExistsError(f"{output_dir} is a file; pass a folder to --output-dir")
