@@ -73,14 +73,9 @@ def require_gguf():
     return gguf
 
 
-def gguf_tolerance(gguf_type: str, dtype: str, scale: float, noise: float) -> float:
-    """The largest logit difference a GGUF may show against the merged model: its format's
-    share of the largest logit (`scale`), or twice the model's measured rounding `noise` when
-    that is more (GGUF_NOISE_FACTOR)."""
-    return max(_share(gguf_type, dtype) * scale, GGUF_NOISE_FACTOR * noise)
-
-
-def _share(gguf_type: str, dtype: str) -> float:
+def gguf_share(gguf_type: str, dtype: str) -> float:
+    """The share of the largest logit a GGUF's logits may differ by; `verify_gguf` allows
+    GGUF_NOISE_FACTOR times the model's rounding noise where that is more."""
     return GGUF_Q8_TOLERANCE if gguf_type == "q8_0" else max(TOLERANCE[dtype], TOLERANCE["fp16"])
 
 
@@ -547,4 +542,4 @@ def verify_gguf(target: Target, shape: LlamaShape, folder: Path, expected, probe
                 trust_remote_code=False)
 
     return verify(f"the GGUF ({gguf_type})", reload, expected, probe,
-                  share=_share(gguf_type, dtype), floor=GGUF_NOISE_FACTOR * noise)
+                  share=gguf_share(gguf_type, dtype), floor=GGUF_NOISE_FACTOR * noise)
