@@ -312,11 +312,12 @@ def test_missing_packages_one_message(monkeypatch, fake_trackio):
 
 
 def test_check_trackers_none_and_unknown(fake_wandb):
-    check_trackers([])
-    check_trackers(["none"])
-    check_trackers(["wandb", "wandb"])
+    assert check_trackers([]) == check_trackers(["none"]) == []
+    assert check_trackers(["wandb", "wandb"]) == ["wandb"]
     with pytest.raises(ConfigError, match="mlflow"):
         check_trackers(["mlflow"])
+    with pytest.raises(ConfigError, match="none can't be combined"):
+        check_trackers(["none", "wandb"])  # the rule --report-to's text is checked by
     assert TRACKERS == ("tensorboard", "wandb", "trackio")
 
 
