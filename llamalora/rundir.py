@@ -41,14 +41,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Writes JSON to a temporary sibling, fsyncs it and renames it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def write_atomic(path: Path, text: str) -> None:
+    """Writes `text` to a temporary sibling, fsyncs it and renames it over `path`: a reader (or
+    what a crash leaves) sees the old file or the new one, never half of one. The sibling is
+    named for this process, so ranks that write the same file don't share one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def apply_umask(path: Path) -> None:

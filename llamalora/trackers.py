@@ -20,6 +20,7 @@ from pathlib import Path
 from llamalora.config import REPORT_TO_CHOICES, report_to_names
 from llamalora.errors import MissingExtraError, first_line
 from llamalora.events import EvalDone, StepDone
+from llamalora.rundir import write_atomic
 
 TRACKERS = REPORT_TO_CHOICES[1:]
 """The tracker names `--report-to` accepts (besides `none`)."""
@@ -149,9 +150,7 @@ def _rewind(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, AttributeError):
             pass  # a line cut short by a kill mid-write: it was never a whole record
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)  # a crash here leaves the old file, not half of it
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class Trackers:

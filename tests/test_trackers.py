@@ -87,7 +87,7 @@ def test_resume_rewinds_metrics(tmp_path):
     rows = lines(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert rows[-1]["loss"] == 0.7
-    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_logging_steps_must_be_positive(tmp_path):
