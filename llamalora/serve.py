@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llamalora.errors import LlamaLoraError, MissingExtraError, UsageError
+from llamalora.errors import DataError, LlamaLoraError, MissingExtraError, UsageError
 from llamalora.template import IMAGE
 
 log = logging.getLogger("llamalora.serve")
@@ -546,7 +546,6 @@ def _submit(engine: Engine, r: Request, limits: Limits, queue: RequestQueue):
 def _prompt(engine: Engine, r: Request, limits: Limits) -> list[int]:
     """The prompt's ids (the training template), refused when it leaves no room."""
     from llamalora.chat import prompt_ids
-    from llamalora.errors import DataError
 
     try:
         ids = prompt_ids(engine.session.tokenizer, r.system, r.turns)

@@ -25,7 +25,9 @@ from pathlib import Path
 from llamalora.errors import MissingExtraError, ModelError, UsageError
 from llamalora.events import Status
 from llamalora.export.target import Target
-from llamalora.export.verify import DTYPES, TOLERANCE, Check, Probe, logit_diff, verify
+from llamalora.export.verify import (DTYPES, PROBE_QUESTION, TOLERANCE, Check, Probe, logit_diff,
+                                     verify)
+from llamalora.template import ChatTemplate, render_segments
 
 GGUF_TYPES = ("f16", "q8_0")
 GGUF_HINT = "pip install 'gguf>=0.19'"  # a core dependency: missing only if removed
@@ -505,9 +507,6 @@ def _check_template(value, tokens: list[str], data: dict, probe: Probe) -> None:
     """The GGUF's chat template, with its own special tokens, renders the probe question to the
     ids training gave it (tokenized by the folder's tokenizer, special tokens parsed)."""
     from tokenizers import Tokenizer
-
-    from llamalora.export.verify import PROBE_QUESTION
-    from llamalora.template import ChatTemplate, render_segments
 
     ids = {key: value(f"tokenizer.ggml.{key}_token_id", required=False) for key in ("bos", "eos")}
     special = [(f"{key}_token", tokens[i]) for key, i in ids.items() if i is not None]

@@ -35,6 +35,7 @@ from llamalora.export.result import ExportResult
 from llamalora.export.source import ExportSource
 from llamalora.export.target import Target, Targets, check_room, format_size
 from llamalora.export.verify import DTYPES, TOLERANCE, Check, logit_diff, verify
+from llamalora.tokenizer import load_tokenizer
 
 SHARD_BYTES = 5 * 2**30  # safetensors shards of at most 5 GiB, as transformers writes them
 # Llama 3's vocabulary, which Mllama's text model has: <|begin_of_text|>, and the ids a reply
@@ -220,8 +221,6 @@ def write_tokenizer(folder: Path, base_model: str, vocab_size: int, max_length: 
     transformers 5's save_pretrained would write `tokenizer_class: TokenizersBackend`, which
     transformers 4 (what many vLLM releases run on) cannot load; this format loads on both.
     """
-    from llamalora.tokenizer import load_tokenizer
-
     data = json.loads(load_tokenizer(base_model).tokenizer.to_str())
     added = [t for t in data.get("added_tokens", []) if t["id"] < vocab_size]
     data["added_tokens"] = added
