@@ -28,9 +28,9 @@ STATE = "state.json"
 LOCK = ".llamalora.lock"
 # Everything a run writes at the top of its folder; --overwrite removes only these.
 RUN_FILES = {RUN_MARKER, CHECKPOINTS, "adapter_model.safetensors", "adapter_config.json",
-             "metrics.jsonl", "loss.png", "README.md", "tensorboard", "wandb", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "chat_template.jinja", "preprocessor_config.json",
-             "processor_config.json", ".final.tmp", "eval"}
+             "metrics.jsonl", "loss.png", "README.md", "tensorboard", "wandb", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+             "preprocessor_config.json", "processor_config.json", ".final.tmp", "eval"}
 
 
 def fsync_dir(path: Path) -> None:
@@ -329,7 +329,7 @@ class RunFolder:
         write_json_atomic(self.path / RUN_MARKER, summary())
 
     def close(self) -> None:
-        """Releases the lock; a folder this run created and left empty (it failed before
+        """Frees the lock; a folder this run created and left empty (it failed before
         writing anything) is removed, so a retry does not find a stray folder."""
         self.lock.release()
         if self.created and self.path.is_dir() and not any(self.path.iterdir()):

@@ -30,9 +30,9 @@ def _tag_compile_cache() -> None:
     """Adds a hash of llamalora's custom ops to torch's compile-cache key.
 
     torch keys a cached compiled layer on its traced forward graph, which names the ops but not
-    the Python that computes their backward: after fastlinear changed an op's backward, a cache
-    written by the older version handed back the older backward ("int8_linear_grad() is missing
-    value for argument", seen). With the ops' source in the key, each version gets its own entries.
+    the Python that computes their backward: a cache written by another version of fastlinear
+    would hand back that version's backward (and fail on its arguments). With the ops' source in
+    the key, each version gets its own entries.
     """
     from llamalora import fastlinear
 

@@ -338,5 +338,6 @@ def _build(source, folder: Path, key: str, tokenizer, *, num_proc: int, max_seq_
             "response_tokens_lost": int(table.column("response_lost").to_numpy().sum()),
             "records_dropped": int((~kept).sum()),
             "dropped_lines": lines[np.flatnonzero(~kept)[:100]].tolist()}}
-    write_atomic(folder / f"tokenized-{key}.json", json.dumps(summary))  # the marker other ranks wait for
+    # the marker the other ranks wait for
+    write_atomic(folder / f"tokenized-{key}.json", json.dumps(summary))
     return summary

@@ -30,8 +30,8 @@ def debug_enabled() -> bool:
 def print_json(data) -> None:
     """One JSON object to stdout, streamed: objects are indented, and each element of a list of
     objects (validate's problems) is one line from the C encoder. `json.dump(indent=2)` runs
-    the pure-Python encoder (twice the time on a 100,000-warning report, see BENCHMARKS.md);
-    Rich's print_json re-parses and highlights the text (~25x the memory). A list given as an
+    the pure-Python encoder (twice the time, BENCHMARKS.md, "`--json` output"); Rich's
+    print_json re-parses and highlights the text (~25x the memory). A list given as an
     iterator (`ValidationReport.to_dict(lazy=True)`) is written 1,000 items at a time, never
     held whole."""
     _write_json(data, sys.stdout.write, "")

@@ -33,17 +33,15 @@ GGUF_TYPES = ("f16", "q8_0")
 GGUF_HINT = "pip install 'gguf>=0.19'"  # a core dependency: missing only if removed
 # Max |logit difference| of the GGUF, relative to the largest |logit|. f16 holds bf16 and fp16
 # weights exactly (fp32 ones round to 11 bits, hence at least fp16's tolerance). Q8_0 rounds each
-# weight to a step of 1/127 of its block's largest: on the probe prompt that moved the tiny
-# model's logits by 1.9% (bf16) and 3.3% (fp32) of the largest one, for an adapter with random B;
-# 15% leaves room for a deeper model (benchmarks/gpu_export_check.sh q8 measures the 11B's) while
-# a wrong tensor layout moves the logits by about as much as they are.
+# weight to a step of 1/127 of its block's largest, which moves a tiny model's probe logits by a
+# few percent of the largest; 15% leaves room for a deeper model (benchmarks/gpu_export_check.sh
+# q8 measures the 11B's), while a wrong tensor layout moves the logits by about as much as they are.
 GGUF_Q8_TOLERANCE = 0.15
 # f16 holds no bf16 value below 6e-5 exactly (those become subnormals, off by up to 3e-8), so an
 # f16 GGUF is not bit for bit the bf16 folder; in a deep bf16 model such a change can move the
-# logits by as much as any change of summation order does. That noise is measured on the spot:
-# the merged model's logits with attention through SDPA's math kernel against its default one
-# (BENCHMARKS.md, "export-adapter --merge --text-only --gguf on the full-size 11B": the random
-# 11B's f16 GGUF was above the 2% bf16 tolerance, within twice that noise).
+# logits by as much as any change of summation order does, past bf16's 2%. That noise is measured
+# on the spot: the merged model's logits with attention through SDPA's math kernel against its
+# default one (BENCHMARKS.md, "export-adapter --merge --text-only --gguf on the full-size 11B").
 GGUF_NOISE_FACTOR = 2.0
 METADATA_BYTES = 8 * 2**20  # the vocabulary and merges: ~5 MiB for Llama 3's 128k tokens
 

@@ -49,7 +49,8 @@ EOT = "<|eot_id|>"
 # 2023" and "Today Date: 26 Jul 2024" (a fixed date, where the Vision template asks the clock),
 # then the turns. vLLM and transformers render it; llama.cpp runs it with --jinja; Ollama maps it
 # to its own "llama3-instruct" template.
-CHAT_TEMPLATE_FILE = Path(__file__).resolve().parent.parent / "assets" / "llama3_1_chat_template.jinja"
+CHAT_TEMPLATE_FILE = (Path(__file__).resolve().parent.parent / "assets"
+                      / "llama3_1_chat_template.jinja")
 
 
 def llama31_chat_template() -> str:
