@@ -44,13 +44,18 @@ def fsync_dir(path: Path) -> None:
 def write_atomic(path: Path, text: str) -> None:
     """Writes `text` to a temporary sibling, fsyncs it and renames it over `path`: a reader (or
     what a crash leaves) sees the old file or the new one, never half of one. The sibling is
-    named for this process, so ranks that write the same file don't share one."""
+    named for this process, so ranks that write the same file don't share one; a write that
+    fails removes it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
