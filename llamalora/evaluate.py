@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 import unicodedata
 from dataclasses import asdict, dataclass, field, fields
@@ -35,6 +34,7 @@ from llamalora.adapters import AdapterInfo, find_adapter
 from llamalora.data import Example, load_examples, open_source
 from llamalora.errors import ConfigError, OutputExistsError, UsageError
 from llamalora.events import EvalProgress, OnEvent, Status
+from llamalora.rundir import write_atomic
 
 EVAL_DIR = "eval"  # RUN/eval unless --out
 EVAL_FILES = ("eval.json", "predictions.jsonl")
@@ -449,6 +449,4 @@ def _write(out_dir: Path, result: EvalResult, overwrite: bool) -> None:
                                           for r in result.records),
              "eval.json": json.dumps(result.to_dict(), ensure_ascii=False, indent=2) + "\n"}
     for name, text in files.items():
-        tmp = out_dir / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out_dir / name)
+        write_atomic(out_dir / name, text)

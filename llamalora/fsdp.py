@@ -161,7 +161,9 @@ def wait_turn(fsdp: FsdpSettings, rank: int) -> None:
             dist.barrier()
 
 
-def _pass_turn(fsdp: FsdpSettings, rank: int) -> None:
+def pass_turn(fsdp: FsdpSettings, rank: int) -> None:
+    """With sequential loading, lets the ranks after this one load (the barriers `wait_turn`
+    waits on)."""
     if fsdp.sequential_loading:
         import torch.distributed as dist
 
@@ -224,14 +226,8 @@ def shard(model, device, fsdp: FsdpSettings, rank: int) -> dict:
         divide = getattr(unit, "set_gradient_divide_factor", None) or \
             unit.set_reduce_scatter_divide_factor  # the older name
         divide(1.0)
-    _pass_turn(fsdp, rank)
+    pass_turn(fsdp, rank)
     return {**fsdp.to_dict(), "units": len(units)}
-
-
-def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 # --- the loop ------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from llamalora import fsdp
 from llamalora.errors import ConfigError
 
 
@@ -129,8 +130,6 @@ class DataParallel(Single):
             self.joined = False
 
     def for_run(self, config, plan) -> Single:
-        from llamalora import fsdp
-
         found = fsdp.settings(config, plan, self.world_size)
         return self if found is None else Sharded(self.rank, self.local_rank, self.world_size,
                                                   found)
@@ -180,14 +179,10 @@ class Sharded(DataParallel):
         return self
 
     def load_options(self) -> dict:
-        from llamalora import fsdp
-
         fsdp.wait_turn(self.settings, self.rank)  # with sequential loading, one rank at a time
         return fsdp.load_options(self.device)
 
     def prepare(self, model) -> dict:
-        from llamalora import fsdp
-
         self.sharding = fsdp.shard(model, self.device, self.settings, self.rank)
         return self.sharding
 
@@ -195,8 +190,6 @@ class Sharded(DataParallel):
         pass  # reduce-scattered (summed) in backward
 
     def even_out(self, count: int, run: Callable[[dict], object]) -> None:
-        from llamalora import fsdp
-
         fsdp.run_fillers(count, run, self.device)
 
     def full_state(self, model, optimizer) -> tuple[dict | None, dict | None]:
@@ -228,8 +221,6 @@ class Sharded(DataParallel):
                        options=StateDictOptions(full_state_dict=True, strict=False))
 
     def report(self, model) -> dict:
-        from llamalora import fsdp
-
         return fsdp.report(model, self.device, self.sharding)
 
 

@@ -28,9 +28,9 @@ STATE = "state.json"
 LOCK = ".llamalora.lock"
 # Everything a run writes at the top of its folder; --overwrite removes only these.
 RUN_FILES = {RUN_MARKER, CHECKPOINTS, "adapter_model.safetensors", "adapter_config.json",
-             "metrics.jsonl", "loss.png", "README.md", "tensorboard", "wandb", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "chat_template.jinja", "preprocessor_config.json",
-             "processor_config.json", ".final.tmp", "eval"}
+             "metrics.jsonl", "loss.png", "README.md", "tensorboard", "wandb", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+             "preprocessor_config.json", "processor_config.json", ".final.tmp", "eval"}
 
 
 def fsync_dir(path: Path) -> None:
@@ -41,14 +41,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Writes `text` to a temporary sibling, fsyncs it and renames it over `path`: a reader (or
+    what a crash leaves) sees the old file or the new one, never half of one. The sibling is
+    named for this process, so ranks that write the same file don't share one; a write that
+    fails removes it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Writes JSON to a temporary sibling, fsyncs it and renames it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def apply_umask(path: Path) -> None:
@@ -91,10 +102,6 @@ def commit_checkpoint(tmp_dir: Path, final_dir: Path, state: dict, keep: int) ->
     fsync_dir(final_dir.parent)
     for old in checkpoint_dirs(final_dir.parent.parent)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def is_finished_run(path: Path) -> bool:
-    return (path / RUN_MARKER).is_file() and (path / "adapter_model.safetensors").is_file()
 
 
 def _refuse_existing(output_dir: Path, *, overwrite: bool, resume: bool) -> None:
@@ -327,7 +334,7 @@ class RunFolder:
         write_json_atomic(self.path / RUN_MARKER, summary())
 
     def close(self) -> None:
-        """Releases the lock; a folder this run created and left empty (it failed before
+        """Frees the lock; a folder this run created and left empty (it failed before
         writing anything) is removed, so a retry does not find a stray folder."""
         self.lock.release()
         if self.created and self.path.is_dir() and not any(self.path.iterdir()):

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llamalora.errors import LlamaLoraError, MissingExtraError, UsageError
+from llamalora.errors import DataError, LlamaLoraError, MissingExtraError, UsageError
 from llamalora.template import IMAGE
 
 log = logging.getLogger("llamalora.serve")
@@ -98,7 +98,7 @@ class Engine:
                                      should_stop=should_stop)
 
 
-def _names(runs: list[str]) -> list[tuple[str, str]]:
+def adapter_names(runs: list[str]) -> list[tuple[str, str]]:
     """(name, path) for each RUN argument: NAME=PATH, or the folder's own name."""
     out = []
     for run in runs:
@@ -126,7 +126,7 @@ def open_engine(runs: list[str], *, model: str | None = None, quant: str | None 
     from llamalora.models import resolve_model
     from llamalora.plan import load_model_config
 
-    named = _names(runs)
+    named = adapter_names(runs)
     infos = [(name, find_adapter(path)) for name, path in named]
     bases = {model or info.base_model for _, info in infos}
     if len(bases) > 1:
@@ -351,7 +351,7 @@ class StopText:
 
 # --- the app ---------------------------------------------------------------------------------
 
-class _Queue:
+class RequestQueue:
     """Requests on the device thread's queue (the one generating included), counted on the
     event loop's thread."""
 
@@ -445,7 +445,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits | N
         raise MissingExtraError("serve needs FastAPI and uvicorn: pip install "
                                 "'llamalora[serve]'") from exc
     limits = limits or Limits()
-    queue = _Queue(limits.max_queue)
+    queue = RequestQueue(limits.max_queue)
     created = int(time.time())
     app = FastAPI(title="llamalora", docs_url=None, redoc_url=None, openapi_url=None)
     _errors_as_openai(app)
@@ -518,7 +518,7 @@ def _errors_as_openai(app) -> None:
                                 type="server_error"))
 
 
-def _submit(engine: Engine, r: Request, limits: Limits, queue: _Queue):
+def _submit(engine: Engine, r: Request, limits: Limits, queue: RequestQueue):
     """Queues the answer on the device thread: (its job, its future). The queue's count and
     the request's temporary images are released when the device thread is through with it."""
     try:
@@ -546,7 +546,6 @@ def _submit(engine: Engine, r: Request, limits: Limits, queue: _Queue):
 def _prompt(engine: Engine, r: Request, limits: Limits) -> list[int]:
     """The prompt's ids (the training template), refused when it leaves no room."""
     from llamalora.chat import prompt_ids
-    from llamalora.errors import DataError
 
     try:
         ids = prompt_ids(engine.session.tokenizer, r.system, r.turns)

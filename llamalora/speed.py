@@ -26,13 +26,13 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return []
 
 
-def _tag_compile_cache() -> None:
+def tag_compile_cache() -> None:
     """Adds a hash of llamalora's custom ops to torch's compile-cache key.
 
     torch keys a cached compiled layer on its traced forward graph, which names the ops but not
-    the Python that computes their backward: after fastlinear changed an op's backward, a cache
-    written by the older version handed back the older backward ("int8_linear_grad() is missing
-    value for argument", seen). With the ops' source in the key, each version gets its own entries.
+    the Python that computes their backward: a cache written by another version of fastlinear
+    would hand back that version's backward (and fail on its arguments). With the ops' source in
+    the key, each version gets its own entries.
     """
     from llamalora import fastlinear
 
@@ -49,7 +49,7 @@ def compile_layers(model: torch.nn.Module) -> int:
     """Compiles each decoder layer in place; returns how many."""
     import torch._dynamo
 
-    _tag_compile_cache()
+    tag_compile_cache()
     layers = decoder_layers(model)
     # Layer 0 would otherwise get an input without requires_grad (the frozen embedding's output)
     # and every later layer one with it: two compiles of the same graph instead of one.

@@ -13,12 +13,22 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from llamalora.data import Example, ValidationReport, require_valid, scan_examples
+from llamalora.errors import MissingExtraError
 from llamalora.template import render_examples, template_of
 from llamalora.tokenizer import encode_segments
 
 _CHUNK = 2000  # records tokenized per batch: big enough for the Rust thread pool, small in memory
+
+
+class Bin(NamedTuple):
+    """One bar of `StatsReport.histogram`: records whose total tokens are in [low, high]."""
+
+    low: int
+    high: int
+    count: int
 
 
 @dataclass
@@ -97,17 +107,16 @@ class StatsReport:
     skipped_invalid: int = 0
     extra: dict = field(default_factory=dict)
 
-    def histogram(self, bins: int = 16) -> list[tuple[int, int, int]]:
-        """(low, high, count): at most `bins` equal bins of total tokens from the shortest record
-        to the longest (a range running on to max_seq_length would leave most bins empty on
-        short data)."""
+    def histogram(self, bins: int = 16) -> list[Bin]:
+        """At most `bins` equal bins of total tokens from the shortest record to the longest (a
+        range running on to max_seq_length would leave most bins empty on short data)."""
         totals = [r.total for r in self.lengths]
         low, span = min(totals), max(totals) - min(totals) + 1
         width = -(-span // bins)
         counts = [0] * -(-span // width)
         for t in totals:
             counts[(t - low) // width] += 1
-        return [(low + i * width, low + (i + 1) * width - 1, c) for i, c in enumerate(counts)]
+        return [Bin(low + i * width, low + (i + 1) * width - 1, c) for i, c in enumerate(counts)]
 
     def to_dict(self) -> dict:
         totals = [r.total for r in self.lengths]
@@ -197,8 +206,6 @@ def plot_histogram(report: StatsReport, out: str | Path) -> Path:
     Raises:
         MissingExtraError: matplotlib is not installed.
     """
-    from llamalora.errors import MissingExtraError
-
     try:
         import matplotlib
 

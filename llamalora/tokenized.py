@@ -25,6 +25,7 @@ from llamalora.batching import Tokenized, TruncationSummary, tokenize_records
 from llamalora.data import (Example, Tally, left_out_note, open_source, require_valid,
                             scan_examples)
 from llamalora.errors import DataError, LlamaLoraError
+from llamalora.rundir import write_atomic
 from llamalora.template import render_segments, template_of
 from llamalora.tokenizer import tokenizer_digest
 
@@ -240,7 +241,7 @@ def _examples(source, folder: Path, *, skip_invalid: bool, image_root: Path | No
     summary = {"records": report.records_ok, "with_vision": with_vision > 0,
                "skipped": report.records - report.records_ok,
                "left_out": report.invalid.to_dict()}
-    _write_json(report_path, summary)
+    write_atomic(report_path, json.dumps(summary))
     return summary
 
 
@@ -337,11 +338,6 @@ def _build(source, folder: Path, key: str, tokenizer, *, num_proc: int, max_seq_
             "response_tokens_lost": int(table.column("response_lost").to_numpy().sum()),
             "records_dropped": int((~kept).sum()),
             "dropped_lines": lines[np.flatnonzero(~kept)[:100]].tolist()}}
-    _write_json(folder / f"tokenized-{key}.json", summary)  # the marker other ranks wait for
+    # the marker the other ranks wait for
+    write_atomic(folder / f"tokenized-{key}.json", json.dumps(summary))
     return summary
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)

@@ -17,10 +17,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from llamalora.errors import ConfigError, MissingExtraError, first_line
+from llamalora.config import REPORT_TO_CHOICES, report_to_names
+from llamalora.errors import MissingExtraError, first_line
 from llamalora.events import EvalDone, StepDone
+from llamalora.rundir import write_atomic
 
-TRACKERS = ("tensorboard", "wandb", "trackio")
+TRACKERS = REPORT_TO_CHOICES[1:]
 """The tracker names `--report-to` accepts (besides `none`)."""
 
 TENSORBOARD_DIR = "tensorboard"
@@ -31,31 +33,26 @@ METRICS_FILE = "metrics.jsonl"
 _EVENT_FILES = "events.out.tfevents.*"
 
 
-def _requested(names: list[str]) -> list[str]:
-    """The tracker names to open, in order, without `none` or repeats."""
-    unknown = [n for n in names if n not in TRACKERS and n != "none"]
-    if unknown:
-        raise ConfigError(f"--report-to: unknown tracker {', '.join(unknown)}; "
-                          f"choose from none, {', '.join(TRACKERS)}")
-    return list(dict.fromkeys(n for n in names if n != "none"))
-
-
-def check_trackers(names: list[str]) -> None:
+def check_trackers(names: list[str]) -> list[str]:
     """Checks that every named tracker's package imports.
 
     Call it before any weights load (the recipe and `--dry-run` do), so a missing extra fails
     in seconds, not after the model is on the GPU.
 
     Args:
-        names: tracker names from `--report-to`; `none` is ignored.
+        names: tracker names from `--report-to` (`[]` or `["none"]`: none).
+
+    Returns:
+        The trackers to open, in order, without repeats.
 
     Raises:
-        ConfigError: a name is not one of `TRACKERS`.
+        ConfigError: the names break `config.report_to_names`' rule (an unknown one, say).
         MissingExtraError: one or more packages do not import; one message names them all and
             the pip command that installs them.
     """
+    wanted = report_to_names(",".join(names) or "none")
     missing, broken = [], []
-    for name in _requested(names):
+    for name in wanted:
         try:
             importlib.import_module(name)
         except ModuleNotFoundError:
@@ -68,6 +65,7 @@ def check_trackers(names: list[str]) -> None:
         why = f" ({'; '.join(broken)})" if broken else ""
         raise MissingExtraError(f"--report-to {listed} needs {listed} installed{why}: "
                                 f"pip install 'llamalora[{','.join(missing)}]'")
+    return wanted
 
 
 def _scalars(event: StepDone | EvalDone) -> dict[str, float]:
@@ -152,9 +150,7 @@ def _rewind(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, AttributeError):
             pass  # a line cut short by a kill mid-write: it was never a whole record
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)  # a crash here leaves the old file, not half of it
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class Trackers:
@@ -243,7 +239,7 @@ def open_trackers(names: list[str], output_dir: Path, *, run_name: str, config: 
     resumed one keeps what was logged up to `resume_step` and drops what came after.
 
     Args:
-        names: tracker names from `--report-to` (`TRACKERS`; `none` is ignored).
+        names: tracker names from `--report-to` (`[]` or `["none"]`: none).
         output_dir: the run's output folder. `metrics.jsonl` goes here, TensorBoard's event
             files under `output_dir / "tensorboard"`, W&B's files under `output_dir / "wandb"`.
         run_name: the run's name in W&B and trackio.
@@ -262,8 +258,7 @@ def open_trackers(names: list[str], output_dir: Path, *, run_name: str, config: 
     """
     if logging_steps < 1:
         raise ValueError(f"logging_steps must be >= 1, got {logging_steps}")
-    wanted = _requested(names)
-    check_trackers(wanted)
+    wanted = check_trackers(names)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     trackers = Trackers(wanted, output_dir / METRICS_FILE, logging_steps, warn)

@@ -2,10 +2,10 @@
 
 transformers reads each tensor through safetensors' memory map and copies it to the GPU from
 pageable memory; with on-the-fly 8-bit or 4-bit quantization it does so one tensor at a time in
-its main thread, so that full-precision tensors don't pile up ahead of the quantizer. On an H200
-host that moved the 11B's 21.3 GB from the page cache in 3.25 s (6.6 GB/s), where 8 threads
-reading (pread) into pinned buffers and copying asynchronously moved it in 1.03 s (20.8 GB/s;
-one lease, 2026-12-02, `benchmarks/read_speed.py`, BENCHMARKS.md). safetensors has no call that reads into a buffer of ours or says where a tensor's
+its main thread, so that full-precision tensors don't pile up ahead of the quantizer. Threads
+reading (pread) into pinned buffers and copying asynchronously move the same bytes about three
+times as fast (BENCHMARKS.md, "A second run's start"; `benchmarks/read_speed.py` measures both
+paths). safetensors has no call that reads into a buffer of ours or says where a tensor's
 bytes lie, hence the small header reader here.
 
 `fast_reads()` gives transformers' loader that second path: its tensors, in the order it asks
@@ -25,7 +25,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-READERS = min(8, os.cpu_count() or 1)  # H200 hosts: 8 as fast as 16, 4 at 11-13 GB/s
+READERS = min(8, os.cpu_count() or 1)  # 8 read as fast as 16, 4 well short of that
 LOOKAHEAD = 16  # tensors read ahead of the loader
 CHUNK = 64 << 20  # bytes per pinned staging buffer (two per reader)
 

@@ -275,13 +275,29 @@ def test_disk_check_sums_what_goes_to_one_disk(tmp_path, monkeypatch):
         check_room([(a, 20 * 2**20)], "the export")  # small sizes in MiB, never "0.0 GiB"
 
 
-def test_gguf_tolerance_allows_the_models_own_rounding_noise():
-    """An f16 GGUF may differ by 2% of the largest logit (bf16), or by twice the noise the
-    export measured (attention on SDPA's math kernel) where that is more: the random 11B's f16
-    GGUF differed by 0.305 with noise 0.371 and largest logit 6.97 (H200). Q8_0 keeps 15%."""
-    from llamalora.export.gguf_file import gguf_tolerance
+def test_a_gguf_may_differ_by_its_formats_share_or_twice_the_models_own_noise():
+    """An f16 GGUF may differ by 2% of the largest logit (bf16), or by twice the rounding noise
+    the export measured (attention on SDPA's math kernel) where that is more: a deep model's f16
+    GGUF can differ by more than 2% and less than twice its noise. Q8_0 keeps 15%."""
+    from llamalora.export.gguf_file import GGUF_NOISE_FACTOR, gguf_share
+    from llamalora.export.verify import Probe, verify
 
-    assert gguf_tolerance("f16", "bf16", 6.97, 0.01) == pytest.approx(0.02 * 6.97)
-    assert gguf_tolerance("f16", "bf16", 6.97, 0.371) == pytest.approx(0.742)
-    assert gguf_tolerance("f16", "fp32", 10.0, 0.0) == pytest.approx(5e-3 * 10)
-    assert gguf_tolerance("q8_0", "bf16", 10.0, 0.1) == pytest.approx(1.5)
+    assert gguf_share("f16", "bf16") == pytest.approx(0.02)
+    assert gguf_share("f16", "fp32") == pytest.approx(5e-3)
+    assert gguf_share("q8_0", "bf16") == pytest.approx(0.15)
+    expected = torch.zeros(1, 3, 8)
+    expected[..., 0] = 6.97
+    probe = Probe([1, 2, 3], "cpu")
+
+    def off_by(delta):  # what reloading a GGUF whose logits are `delta` away gives
+        return lambda: (lambda input_ids: SimpleNamespace(logits=expected + delta))
+
+    share = gguf_share("f16", "bf16")
+    check = verify("the GGUF", off_by(0.305), expected, probe, share=share,
+                   floor=GGUF_NOISE_FACTOR * 0.371)
+    assert check.tolerance == pytest.approx(0.742) and check.max_logit_diff == pytest.approx(0.305)
+    assert verify("the GGUF", off_by(0.1), expected, probe, share=share,
+                  floor=GGUF_NOISE_FACTOR * 0.01).tolerance == pytest.approx(0.02 * 6.97)
+    with pytest.raises(ModelError, match=r"the GGUF gives different logits \(max diff 0\.305"):
+        verify("the GGUF", off_by(0.305), expected, probe, share=share,
+               floor=GGUF_NOISE_FACTOR * 0.01)

@@ -362,16 +362,16 @@ def test_compiled_layers_match_eager_and_compile_once_for_every_length():
 
 
 def test_compile_cache_key_carries_the_ops_source(monkeypatch):
-    """A compile cache written by another version of the custom ops must not be reused (an
-    older backward came back from it once): compile_layers adds the ops' source hash to torch's
-    cache key, after any tag of the user's, once."""
+    """A compile cache written by another version of the custom ops must not be reused (it
+    would hand back that version's backward): compile_layers adds the ops' source hash to
+    torch's cache key, after any tag of the user's, once."""
     import hashlib
     from pathlib import Path
 
     from llamalora import speed
 
     monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "users-own")
-    speed._tag_compile_cache()
-    speed._tag_compile_cache()
+    speed.tag_compile_cache()
+    speed.tag_compile_cache()
     digest = hashlib.sha256(Path(fastlinear.__file__).read_bytes()).hexdigest()[:16]
     assert torch.compiler.config.cache_key_tag == f"users-own+llamalora-ops-{digest}"

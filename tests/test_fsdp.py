@@ -129,11 +129,11 @@ def test_sequential_loading_takes_turns(monkeypatch):
         calls.clear()
         fsdp.wait_turn(turns, rank)
         assert len(calls) == rank
-        fsdp._pass_turn(turns, rank)
+        fsdp.pass_turn(turns, rank)
         assert len(calls) == 3
     calls.clear()
     fsdp.wait_turn(fsdp.FsdpSettings(world_size=3), 2)
-    fsdp._pass_turn(fsdp.FsdpSettings(world_size=3), 2)
+    fsdp.pass_turn(fsdp.FsdpSettings(world_size=3), 2)
     assert not calls
 
 

@@ -11,8 +11,23 @@ import pytest
 
 from llamalora.adapters import find_adapter
 from llamalora.rundir import (FolderLock, commit_checkpoint, last_checkpoint,
-                                  prepare_output_dir)
+                              prepare_output_dir, write_atomic)
 from llamalora.errors import OutputExistsError, UsageError
+
+
+def test_write_atomic_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "state.json"
+    path.write_text("old", encoding="utf-8")
+    write_atomic(path, "new 새")
+    assert path.read_text(encoding="utf-8") == "new 새" and list(tmp_path.iterdir()) == [path]
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_atomic(path, "newer")
+    assert path.read_text(encoding="utf-8") == "new 새" and list(tmp_path.iterdir()) == [path]
 
 
 def test_second_lock_refused_while_owner_lives(tmp_path):

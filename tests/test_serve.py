@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from llamalora.serve import (ApiError, Engine, Limits, StopText, _names, _Queue, check_host,
-                             parse_request)
+from llamalora.serve import (ApiError, Engine, Limits, RequestQueue, StopText, adapter_names,
+                             check_host, parse_request)
 
 KEY = "test-key-0123"
 PROMPTS = ["What is rebar?", "거푸집이란?", "Define slump.", "What is grout?"]
@@ -126,7 +126,7 @@ def test_stop_strings_cut_the_stream_and_hold_back_what_may_begin_one():
 
 
 def test_a_full_queue_answers_503_with_retry_after():
-    queue = _Queue(limit=1)
+    queue = RequestQueue(limit=1)
     queue.take()
     queue.take()  # one generating, one waiting
     with pytest.raises(ApiError) as caught:
@@ -135,10 +135,11 @@ def test_a_full_queue_answers_503_with_retry_after():
 
 
 def test_names_and_hosts():
-    assert _names(["runs/demo", "legal=out/x/"]) == [("demo", "runs/demo"), ("legal", "out/x/")]
+    assert adapter_names(["runs/demo", "legal=out/x/"]) == [("demo", "runs/demo"),
+                                                            ("legal", "out/x/")]
     for bad in (["a", "x/a"], ["base=runs/x"], ["=runs/x"]):
         with pytest.raises(Exception, match="NAME=PATH"):
-            _names(bad)
+            adapter_names(bad)
     check_host("127.0.0.1", None)
     check_host("0.0.0.0", "k")
     with pytest.raises(Exception, match="--api-key"):

@@ -142,8 +142,8 @@ def test_histogram_spans_the_datas_range(tmp_path, tok):
     report = compute_stats(write_jsonl(tmp_path / "d.jsonl", recs), tok, max_seq_length=4096)
     bins = report.histogram()
     totals = sorted(r.total for r in report.lengths)
-    assert bins[0][0] == totals[0] and bins[-1][0] <= totals[-1] <= bins[-1][1]
-    assert sum(c for *_, c in bins) == 4 and bins[0][2] >= 1 and bins[-1][2] == 1
-    assert bins[-1][1] - totals[-1] < bins[0][1] - bins[0][0] + 1  # no bin past the data
+    assert bins[0].low == totals[0] and bins[-1].low <= totals[-1] <= bins[-1].high
+    assert sum(b.count for b in bins) == 4 and bins[0].count >= 1 and bins[-1].count == 1
+    assert bins[-1].high - totals[-1] < bins[0].high - bins[0].low + 1  # no bin past the data
     one = compute_stats(write_jsonl(tmp_path / "e.jsonl", recs[:1]), tok).histogram()
     assert one == [(totals[0], totals[0], 1)]

@@ -87,7 +87,7 @@ def test_resume_rewinds_metrics(tmp_path):
     rows = lines(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert rows[-1]["loss"] == 0.7
-    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_logging_steps_must_be_positive(tmp_path):
@@ -312,11 +312,12 @@ def test_missing_packages_one_message(monkeypatch, fake_trackio):
 
 
 def test_check_trackers_none_and_unknown(fake_wandb):
-    check_trackers([])
-    check_trackers(["none"])
-    check_trackers(["wandb", "wandb"])
+    assert check_trackers([]) == check_trackers(["none"]) == []
+    assert check_trackers(["wandb", "wandb"]) == ["wandb"]
     with pytest.raises(ConfigError, match="mlflow"):
         check_trackers(["mlflow"])
+    with pytest.raises(ConfigError, match="none can't be combined"):
+        check_trackers(["none", "wandb"])  # the rule --report-to's text is checked by
     assert TRACKERS == ("tensorboard", "wandb", "trackio")
 
 

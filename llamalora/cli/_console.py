@@ -15,12 +15,23 @@ from rich.console import Console
 out = Console(highlight=False, soft_wrap=False)
 err = Console(stderr=True, highlight=False)
 
+# --debug (or LLAMALORA_DEBUG): tracebacks instead of one-line errors, and library chatter left on.
+_state = {"debug": bool(os.environ.get("LLAMALORA_DEBUG"))}
+
+
+def set_debug(on: bool) -> None:
+    _state["debug"] = on or bool(os.environ.get("LLAMALORA_DEBUG"))
+
+
+def debug_enabled() -> bool:
+    return _state["debug"]
+
 
 def print_json(data) -> None:
     """One JSON object to stdout, streamed: objects are indented, and each element of a list of
     objects (validate's problems) is one line from the C encoder. `json.dump(indent=2)` runs
-    the pure-Python encoder (twice the time on a 100,000-warning report, see BENCHMARKS.md);
-    Rich's print_json re-parses and highlights the text (~25x the memory). A list given as an
+    the pure-Python encoder (twice the time, BENCHMARKS.md, "`--json` output"); Rich's
+    print_json re-parses and highlights the text (~25x the memory). A list given as an
     iterator (`ValidationReport.to_dict(lazy=True)`) is written 1,000 items at a time, never
     held whole."""
     _write_json(data, sys.stdout.write, "")
@@ -96,8 +107,6 @@ def quiet_libraries() -> None:
     remains there is ours. `--debug` leaves them on."""
     import logging
     import warnings
-
-    from llamalora.cli._errors import debug_enabled
 
     if debug_enabled():
         return

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import typer
 
-from llamalora.cli._console import err
+from llamalora.cli._console import debug_enabled, err
 from llamalora.errors import LlamaLoraError
-
-_state = {"debug": bool(os.environ.get("LLAMALORA_DEBUG"))}
-
-
-def set_debug(on: bool) -> None:
-    _state["debug"] = on or bool(os.environ.get("LLAMALORA_DEBUG"))
-
 
 def report_error(exc: BaseException) -> int:
     """Prints one line for `exc` and returns the exit code to use."""
@@ -40,12 +32,8 @@ def handle_errors(command):
         except (typer.Exit, typer.Abort):
             raise
         except (LlamaLoraError, KeyboardInterrupt, Exception) as exc:
-            if _state["debug"]:
+            if debug_enabled():
                 raise
             raise typer.Exit(report_error(exc)) from None
 
     return wrapper
-
-
-def debug_enabled() -> bool:
-    return _state["debug"]

@@ -12,6 +12,7 @@ from llamalora.cli._errors import handle_errors
 from llamalora.cli._options import (BaseModelOpt, ImageRootOpt, InferenceQuantOpt, JsonOpt,
                                      KernelsOpt, SplitOpt)
 from llamalora.config import KERNEL_CHOICES, QUANT_CHOICES, check_choice
+from llamalora.events import EvalProgress, Status
 
 EXAMPLES = """Examples:
 
@@ -70,7 +71,6 @@ def eval_command(
     check_choice("decoding", decoding, ("auto", "generate"))
     quiet_libraries()
     from llamalora.evaluate import EvalOptions, evaluate
-    from llamalora.events import EvalProgress, Status
 
     options = EvalOptions(max_new_tokens, batch_size, not no_base, decoding)
     with progress_bar("eval") as bar:

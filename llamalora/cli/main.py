@@ -14,7 +14,8 @@ from llamalora.cli import serve as serve_cmd
 from llamalora.cli import stats as stats_cmd
 from llamalora.cli import train as train_cmd
 from llamalora.cli import validate as validate_cmd
-from llamalora.cli._errors import report_error, set_debug
+from llamalora.cli._console import set_debug
+from llamalora.cli._errors import report_error
 
 app = typer.Typer(
     name="llamalora",

@@ -78,9 +78,9 @@ def _render(report, d: dict, show_truncated: int) -> None:
 
     limit = d["max_seq_length"]
     bins = report.histogram()
-    peak = max(c for _, _, c in bins) or 1
-    top = bins[-1][1]
-    where = ("| marks" if bins[0][0] <= limit <= top else
+    peak = max(b.count for b in bins) or 1
+    top = bins[-1].high
+    where = ("| marks" if bins[0].low <= limit <= top else
              "every record is within" if limit > top else "every record is over")
     out.print(f"\nTotal tokens per record ({where} --max-seq-length {limit}):")
     for low, high, count in bins:

@@ -31,7 +31,7 @@ from llamalora.data.tables import TABLE_FILES
 __all__ = [
     "DUPLICATE_TRACK_LIMIT", "ERROR_CODES", "LAYOUTS", "MAX_IMAGE_PIXELS", "MAX_RECORD_BYTES",
     "TABLE_FILES", "WARNING_CODES", "CheckOptions", "Example", "Problem", "Source", "Tally",
-    "ValidationReport", "check_record", "image_error", "left_out_note", "load_examples", "open_source",
-    "read_image", "require_valid", "resolve_image", "scan_examples", "unreadable_report",
-    "validate_file",
+    "ValidationReport", "check_record", "image_error", "left_out_note", "load_examples",
+    "open_source", "read_image", "require_valid", "resolve_image", "scan_examples",
+    "unreadable_report", "validate_file",
 ]

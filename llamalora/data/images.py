@@ -136,8 +136,9 @@ class ImageRoot:
         for folder, first in candidates:
             hit = _under(folder, parts, first)
             if hit is not None:
+                path, dropped = hit
                 self._last = folder
-                return folder, hit[0], parts[:hit[1]]
+                return folder, path, parts[:dropped]
         return None
 
     def check(self, names: list[str], line: int, problems: list[Problem],

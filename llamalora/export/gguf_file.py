@@ -25,23 +25,23 @@ from pathlib import Path
 from llamalora.errors import MissingExtraError, ModelError, UsageError
 from llamalora.events import Status
 from llamalora.export.target import Target
-from llamalora.export.verify import DTYPES, TOLERANCE, Check, Probe, logit_diff, verify
+from llamalora.export.verify import (DTYPES, PROBE_QUESTION, TOLERANCE, Check, Probe, logit_diff,
+                                     verify)
+from llamalora.template import ChatTemplate, render_segments
 
 GGUF_TYPES = ("f16", "q8_0")
 GGUF_HINT = "pip install 'gguf>=0.19'"  # a core dependency: missing only if removed
 # Max |logit difference| of the GGUF, relative to the largest |logit|. f16 holds bf16 and fp16
 # weights exactly (fp32 ones round to 11 bits, hence at least fp16's tolerance). Q8_0 rounds each
-# weight to a step of 1/127 of its block's largest: on the probe prompt that moved the tiny
-# model's logits by 1.9% (bf16) and 3.3% (fp32) of the largest one, for an adapter with random B;
-# 15% leaves room for a deeper model (benchmarks/gpu_export_check.sh q8 measures the 11B's) while
-# a wrong tensor layout moves the logits by about as much as they are.
+# weight to a step of 1/127 of its block's largest, which moves a tiny model's probe logits by a
+# few percent of the largest; 15% leaves room for a deeper model (benchmarks/gpu_export_check.sh
+# q8 measures the 11B's), while a wrong tensor layout moves the logits by about as much as they are.
 GGUF_Q8_TOLERANCE = 0.15
 # f16 holds no bf16 value below 6e-5 exactly (those become subnormals, off by up to 3e-8), so an
 # f16 GGUF is not bit for bit the bf16 folder; in a deep bf16 model such a change can move the
-# logits by as much as any change of summation order does. That noise is measured on the spot:
-# the merged model's logits with attention through SDPA's math kernel against its default one
-# (BENCHMARKS.md, "export-adapter --merge --text-only --gguf on the full-size 11B": the random
-# 11B's f16 GGUF was above the 2% bf16 tolerance, within twice that noise).
+# logits by as much as any change of summation order does, past bf16's 2%. That noise is measured
+# on the spot: the merged model's logits with attention through SDPA's math kernel against its
+# default one (BENCHMARKS.md, "export-adapter --merge --text-only --gguf on the full-size 11B").
 GGUF_NOISE_FACTOR = 2.0
 METADATA_BYTES = 8 * 2**20  # the vocabulary and merges: ~5 MiB for Llama 3's 128k tokens
 
@@ -73,14 +73,9 @@ def require_gguf():
     return gguf
 
 
-def gguf_tolerance(gguf_type: str, dtype: str, scale: float, noise: float) -> float:
-    """The largest logit difference a GGUF may show against the merged model: its format's
-    share of the largest logit (`scale`), or twice the model's measured rounding `noise` when
-    that is more (GGUF_NOISE_FACTOR)."""
-    return max(_share(gguf_type, dtype) * scale, GGUF_NOISE_FACTOR * noise)
-
-
-def _share(gguf_type: str, dtype: str) -> float:
+def gguf_share(gguf_type: str, dtype: str) -> float:
+    """The share of the largest logit a GGUF's logits may differ by; `verify_gguf` allows
+    GGUF_NOISE_FACTOR times the model's rounding noise where that is more."""
     return GGUF_Q8_TOLERANCE if gguf_type == "q8_0" else max(TOLERANCE[dtype], TOLERANCE["fp16"])
 
 
@@ -511,9 +506,6 @@ def _check_template(value, tokens: list[str], data: dict, probe: Probe) -> None:
     ids training gave it (tokenized by the folder's tokenizer, special tokens parsed)."""
     from tokenizers import Tokenizer
 
-    from llamalora.export.verify import PROBE_QUESTION
-    from llamalora.template import ChatTemplate, render_segments
-
     ids = {key: value(f"tokenizer.ggml.{key}_token_id", required=False) for key in ("bos", "eos")}
     special = [(f"{key}_token", tokens[i]) for key, i in ids.items() if i is not None]
     template = ChatTemplate(value("tokenizer.chat_template"), tuple(special), "the GGUF")
@@ -547,4 +539,4 @@ def verify_gguf(target: Target, shape: LlamaShape, folder: Path, expected, probe
                 trust_remote_code=False)
 
     return verify(f"the GGUF ({gguf_type})", reload, expected, probe,
-                  share=_share(gguf_type, dtype), floor=GGUF_NOISE_FACTOR * noise)
+                  share=gguf_share(gguf_type, dtype), floor=GGUF_NOISE_FACTOR * noise)

@@ -35,6 +35,7 @@ from llamalora.export.result import ExportResult
 from llamalora.export.source import ExportSource
 from llamalora.export.target import Target, Targets, check_room, format_size
 from llamalora.export.verify import DTYPES, TOLERANCE, Check, logit_diff, verify
+from llamalora.tokenizer import load_tokenizer
 
 SHARD_BYTES = 5 * 2**30  # safetensors shards of at most 5 GiB, as transformers writes them
 # Llama 3's vocabulary, which Mllama's text model has: <|begin_of_text|>, and the ids a reply
@@ -48,7 +49,8 @@ EOT = "<|eot_id|>"
 # 2023" and "Today Date: 26 Jul 2024" (a fixed date, where the Vision template asks the clock),
 # then the turns. vLLM and transformers render it; llama.cpp runs it with --jinja; Ollama maps it
 # to its own "llama3-instruct" template.
-CHAT_TEMPLATE_FILE = Path(__file__).resolve().parent.parent / "assets" / "llama3_1_chat_template.jinja"
+CHAT_TEMPLATE_FILE = (Path(__file__).resolve().parent.parent / "assets"
+                      / "llama3_1_chat_template.jinja")
 
 
 def llama31_chat_template() -> str:
@@ -220,8 +222,6 @@ def write_tokenizer(folder: Path, base_model: str, vocab_size: int, max_length: 
     transformers 5's save_pretrained would write `tokenizer_class: TokenizersBackend`, which
     transformers 4 (what many vLLM releases run on) cannot load; this format loads on both.
     """
-    from llamalora.tokenizer import load_tokenizer
-
     data = json.loads(load_tokenizer(base_model).tokenizer.to_str())
     added = [t for t in data.get("added_tokens", []) if t["id"] < vocab_size]
     data["added_tokens"] = added

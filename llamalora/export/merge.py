@@ -17,6 +17,7 @@ from llamalora.export.source import ExportSource
 from llamalora.export.target import Target, Targets, check_room, format_size
 from llamalora.export.verify import (DTYPES, TOLERANCE, Drift, Probe, drift, logit_diff,
                                      probe_for, probe_logits, verify)
+from llamalora.template import template_of
 
 
 @dataclass
@@ -93,8 +94,6 @@ def _save_tokenizer(source: ExportSource, folder: Target) -> None:
     """The base's tokenizer, with the chat template the run trained with (a base without one
     trained with llamalora's default), and its image processor if it has one."""
     from transformers import AutoTokenizer
-
-    from llamalora.template import template_of
 
     tokenizer = AutoTokenizer.from_pretrained(source.base_path, trust_remote_code=False)
     if not getattr(tokenizer, "chat_template", None):
