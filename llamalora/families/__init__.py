@@ -1,5 +1,6 @@
 """Model families, one module each: what differs between Llama 3.2 Vision (`mllama`), Llama
-(`llama`), and any other causal LM transformers knows (`base.CAUSAL_LM`).
+(`llama`), Qwen2-VL and Qwen2.5-VL (`qwen2_vl`), and any other causal LM transformers knows
+(`base.CAUSAL_LM`).
 
 `family_of(config)` is the one question the rest of the package asks about a checkpoint; adding
 a family is its module and its line in `FAMILIES` (see docs/models.md).
@@ -10,8 +11,9 @@ from __future__ import annotations
 from llamalora.families.base import CAUSAL_LM, Family
 from llamalora.families.llama import LLAMA
 from llamalora.families.mllama import MLLAMA
+from llamalora.families.qwen2_vl import QWEN2_VL
 
-FAMILIES: tuple[Family, ...] = (MLLAMA, LLAMA)
+FAMILIES: tuple[Family, ...] = (MLLAMA, QWEN2_VL, LLAMA)
 _BY_MODEL_TYPE = {model_type: f for f in FAMILIES for model_type in f.model_types}
 
 

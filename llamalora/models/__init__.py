@@ -2,11 +2,11 @@
 they load.
 
     home      the cache folder (`$LLAMALORA_HOME`) and its atomic, built-once subfolders
-    names     the short names (`tiny`, `smollm2`) -> their cached folders
-    tiny, smollm2   what builds each of those folders
+    names     the short names (`tiny`, `tiny-qwen2-vl`, `smollm2`) -> their cached folders
+    tiny, tiny_qwen2_vl, smollm2   what builds each of those folders
     loading   a checkpoint -> a frozen, quantized model ready for LoRA, generation or export
     lora      LoRA on the language model's projections
 
-What differs between model families (Mllama, Llama, ...) is asked of `llamalora.families`;
+What differs between model families (Mllama, Llama, Qwen2-VL) is asked of `llamalora.families`;
 quantization is `llamalora.quant`.
 """

@@ -12,11 +12,13 @@ from pathlib import Path
 
 from llamalora.models.smollm2 import GGUF_MARKER, SMOLLM2, SMOLLM2_MODEL, smollm2_model_dir
 from llamalora.models.tiny import TINY_MODEL, tiny_model_dir
+from llamalora.models.tiny_qwen2_vl import TINY_QWEN2_VL_MODEL, tiny_qwen2_vl_model_dir
 
 # Each short name's folder, built on first use in `llamalora_home()`.
 SHORT_NAMES: dict[str, Callable[[], Path]] = {
     TINY_MODEL: tiny_model_dir,
     SMOLLM2_MODEL: smollm2_model_dir,
+    TINY_QWEN2_VL_MODEL: tiny_qwen2_vl_model_dir,
 }
 
 
