@@ -165,7 +165,8 @@ class ChatSession:
 
     def _generate(self, batch: dict, options: GenerationOptions, streamer: _Streamer,
                   should_stop: Callable[[], bool] | None = None):
-        """transformers' `generate`: conversations with images (cross-attention) take it."""
+        """transformers' `generate`: conversations with images take it (the model's own image
+        path), and models the static decoder can't run."""
         import torch
 
         sample = options.temperature > 0

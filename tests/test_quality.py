@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from llamalora.config import TrainConfig
-from llamalora.models import smollm2
+from llamalora.models.smollm2 import SMOLLM2, smollm2_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "glossary_en.jsonl"
@@ -33,8 +33,8 @@ MIN_SIMILARITY_GAIN = 0.1
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    cached = _USER_HOME / smollm2.SMOLLM2.dirname
-    wheel = _USER_HOME / "downloads" / smollm2.SMOLLM2.wheel
+    cached = _USER_HOME / SMOLLM2.dirname
+    wheel = _USER_HOME / "downloads" / SMOLLM2.wheel
     if (cached / "llamalora_model.json").is_file():
         return cached
     if not wheel.is_file():
@@ -42,7 +42,7 @@ def smollm2(tmp_path_factory):
     home = tmp_path_factory.mktemp("smollm2")
     (home / "downloads").mkdir()
     shutil.copy(wheel, home / "downloads" / wheel.name)
-    return smollm2.smollm2_model_dir(home)
+    return smollm2_model_dir(home)
 
 
 def _eval_loss(model, records) -> float:

@@ -26,6 +26,7 @@ from llamalora.packing import (FORWARD_CONTEXT, Tokenized, collate, load_images,
                                pack_padded, with_loss_index)
 
 VISION_PARTS = ("vision_model", "multi_modal_projector")
+IMAGE_TOKEN_ID = 128256  # <|image|>, where a batch is made without the model's config
 
 
 class MllamaBatches(TextBatches):
@@ -37,7 +38,7 @@ class MllamaBatches(TextBatches):
     def __init__(self, model=None, image_processor=None):
         super().__init__(model, image_processor)
         config = _config_of(model)
-        self.image_token_id = getattr(config, "image_token_index", 128256)
+        self.image_token_id = getattr(config, "image_token_index", IMAGE_TOKEN_ID)
 
     def packed(self, items: list[Tokenized]) -> dict:
         if self.image_processor is None:
