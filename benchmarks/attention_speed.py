@@ -104,13 +104,13 @@ def main() -> None:
 
     import types
 
-    from llamalora.attention import _vision_attention
+    from llamalora.families.mllama_attention import _vision_attention
 
     def ours():  # llamalora's: one varlen flash call, the mask's hidden keys never read
         return _vision_attention(types.SimpleNamespace(training=False), q, k, v, mask,
                                  scaling=dim ** -0.5)[0].transpose(1, 2)
 
-    from llamalora import attention
+    from llamalora.families import mllama_attention as attention
 
     def on(kernel):  # llamalora's split through a given varlen kernel
         def run():

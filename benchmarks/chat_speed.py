@@ -159,7 +159,7 @@ def main() -> None:
 
     from llamalora.adapters import apply_adapter, find_adapter
     from llamalora.chat import ChatSession, GenerationOptions, merge_for_decoding
-    from llamalora.models import load_model_for_inference
+    from llamalora.models.loading import load_model_for_inference
     from llamalora.tokenizer import load_model_tokenizer
 
     info = find_adapter(args.run)
@@ -177,7 +177,7 @@ def main() -> None:
             model = apply_adapter(model, info.folder)
             merged = merge_for_decoding(model)  # as chat does (bf16 base only)
         load_s = time.perf_counter() - t0
-        from llamalora import fastlinear
+        from llamalora.quant import fastlinear
 
         kernels = fastlinear.enable(model, args.kernels)
         session = ChatSession(model=model, tokenizer=tokenizer, image_processor=None,

@@ -45,7 +45,8 @@ def make_run(out: Path, model: str, records: int, rank: int = 8, seed: int = 0) 
     from transformers import AutoConfig, AutoModelForCausalLM, MllamaForCausalLM
 
     from llamalora.data import open_source
-    from llamalora.models import lora_target_pattern, resolve_model
+    from llamalora.models.lora import lora_target_pattern
+    from llamalora.models.names import resolve_model
 
     path = resolve_model(model)
     config = AutoConfig.from_pretrained(path)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llamalora import _triton_int8
+from llamalora.quant import triton_int8
 
 
 @triton.jit
@@ -146,8 +146,8 @@ def main() -> None:
             case = {"layer": name, "out": n, "in": k, "count": count, "rows": m,
                     "dequant_cublas": {
                         "forward": gpu_ms(lambda: torch.nn.functional.linear(
-                            x, _triton_int8.dequant(cb, scale, torch.bfloat16))),
-                        "backward": gpu_ms(lambda: g @ _triton_int8.dequant(
+                            x, triton_int8.dequant(cb, scale, torch.bfloat16))),
+                        "backward": gpu_ms(lambda: g @ triton_int8.dequant(
                             cb, scale, torch.bfloat16))},
                     "bf16_weight": {"forward": gpu_ms(lambda: torch.nn.functional.linear(x, w)),
                                     "backward": gpu_ms(lambda: g @ w)},

@@ -32,7 +32,7 @@ def main() -> None:
     import torch
     import triton
 
-    from llamalora import fastlinear
+    from llamalora.quant import fastlinear
 
     dev = torch.device("cuda")
     torch.manual_seed(0)

@@ -29,7 +29,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer, MllamaForConditionalGeneration
 
-    from llamalora.plan import mllama_default_config
+    from llamalora.families.mllama import default_config as mllama_default_config
     from llamalora.tokenizer import bundled_tokenizer_dir
 
     t0 = time.perf_counter()

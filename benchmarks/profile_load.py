@@ -45,9 +45,10 @@ def main() -> None:
     try:
         import bitsandbytes  # noqa: F401
         import peft  # noqa: F401
+
     except ImportError:
         pass
-    from llamalora.models import load_model_for_training
+    from llamalora.models.loading import load_model_for_training
 
     results = [{"imports_s": round(time.perf_counter() - start, 2)}]
     print(f"=== imports (torch, transformers, bitsandbytes, peft): {results[0]['imports_s']} s")

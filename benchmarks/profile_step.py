@@ -35,9 +35,11 @@ def main() -> None:
 
     import torch
 
-    from llamalora import fastlinear
-    from llamalora.batching import Tokenized, pack
-    from llamalora.models import attach_lora, load_model_for_training
+    from llamalora.batching import Tokenized
+    from llamalora.models.loading import load_model_for_training
+    from llamalora.models.lora import attach_lora
+    from llamalora.packing import pack
+    from llamalora.quant import fastlinear
     from llamalora.step import loss_sum, to_device
 
     t0 = time.perf_counter()

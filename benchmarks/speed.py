@@ -344,7 +344,7 @@ def load_records(spec: dict, *, train_on_prompt: bool):
     """The data tokenized exactly as llamalora tokenizes it (template, truncation, labels)."""
     from llamalora.batching import tokenize_examples
     from llamalora.data import load_examples
-    from llamalora.models import resolve_model
+    from llamalora.models.names import resolve_model
     from llamalora.tokenizer import load_model_tokenizer
 
     examples, _ = load_examples(spec["data"])
@@ -389,7 +389,7 @@ def load_plain_model(spec: dict, quant: str, dtype, *, old: bool = False):
     """`AutoModelForCausalLM` (text-only Mllama) on the chosen device, nothing of llamalora's."""
     from transformers import AutoModelForCausalLM
 
-    from llamalora.models import resolve_model
+    from llamalora.models.names import resolve_model
 
     device = "cuda:0" if spec["device"] == "cuda" else "cpu"
     kwargs = {"dtype": dtype, "device_map": {"": device}}

@@ -30,9 +30,9 @@ say("python up")
 STAGES = [
     ("llamalora.plan", "plan_training"), ("llamalora.plan", "load_model_tokenizer"),
     ("llamalora.plan", "tokenize_data"), ("llamalora.plan", "load_model_config"),
-    ("llamalora.plan", "count_params"), ("llamalora.models", "check_quant_packages"),
-    ("llamalora.recipe", "_build_model"), ("llamalora.models", "load_base_model"),
-    ("llamalora.models", "attach_lora"), ("llamalora.fastlinear", "enable"),
+    ("llamalora.plan", "count_params"), ("llamalora.quant", "check_packages"),
+    ("llamalora.recipe", "_build_model"), ("llamalora.models.loading", "load_base_model"),
+    ("llamalora.models.lora", "attach_lora"), ("llamalora.quant.fastlinear", "enable"),
     ("llamalora.recipe", "_tokenizer_folder"), ("llamalora.recipe", "_optimizer"),
     ("llamalora.recipe", "_capture_graphs"), ("llamalora.recipe", "_run_steps"),
 ]

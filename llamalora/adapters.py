@@ -1,9 +1,9 @@
 """Reading run folders and putting their LoRA adapters onto a base model.
 
-A text-only run trains `MllamaForCausalLM`, whose layers are named `model.layers.*`; the full
-vision model names the same layers `model.language_model.layers.*`. `apply_adapter` renames the
-adapter's keys to whichever class it is put on, and refuses to go on if any LoRA weight stays
-unloaded (plain peft would only warn and leave the adapter at zero).
+Where a family's text-only and vision classes name the same decoder layers differently (Mllama:
+`model.layers.*` and `model.language_model.layers.*`), `apply_adapter` renames the adapter's
+keys to whichever class it is put on (`Family.adapter_keys`), and it refuses to go on if any LoRA
+weight stays unloaded (plain peft would only warn and leave the adapter at zero).
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamalora.rundir import CHECKPOINTS, RUN_MARKER, STATE, last_checkpoint
 from llamalora.errors import ModelError, UsageError
+from llamalora.families import family_of_model
+from llamalora.quant import preload
+from llamalora.rundir import CHECKPOINTS, RUN_MARKER, STATE, last_checkpoint
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 # Written last into every folder export-adapter makes: what it wrote, and the base as llamalora
 # loads it (adapter_config.json names the base as the Hub knows it, which may not be here).
 EXPORT_MARKER = "llamalora_export.json"
-TEXT_PREFIX = "base_model.model.model.layers."
-VISION_PREFIX = "base_model.model.model.language_model.layers."
 
 
 @dataclass
@@ -72,16 +72,6 @@ def find_adapter(path: str | Path) -> AdapterInfo:
     return AdapterInfo(folder, run_dir, base, quant, run)
 
 
-def rename_keys(state: dict, to_vision: bool) -> dict:
-    """Renames adapter keys between the text-only and the vision model's layer names."""
-    src, dst = (TEXT_PREFIX, VISION_PREFIX) if to_vision else (VISION_PREFIX, TEXT_PREFIX)
-    return {(dst + k[len(src):] if k.startswith(src) else k): v for k, v in state.items()}
-
-
-def is_vision_model(model) -> bool:
-    return any(".language_model.layers." in n for n, _ in model.named_parameters())
-
-
 def apply_adapter(model, folder: Path, name: str = "default"):
     """Wraps `model` with the adapter in `folder` (LoRA weights loaded, inference mode); a
     model that is a PeftModel already gets it as one more adapter, `name`, beside its others
@@ -90,9 +80,7 @@ def apply_adapter(model, folder: Path, name: str = "default"):
     Raises:
         ModelError: The adapter does not fit this model.
     """
-    from llamalora.models import preload_bitsandbytes
-
-    preload_bitsandbytes()
+    preload()  # before peft, which imports bitsandbytes
     from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -103,8 +91,9 @@ def apply_adapter(model, folder: Path, name: str = "default"):
         peft_model.add_adapter(name, config)
     else:
         peft_model = get_peft_model(model, config, adapter_name=name)
-    state = load_file(str(folder / ADAPTER_WEIGHTS))
-    state = rename_keys(state, to_vision=is_vision_model(peft_model))
+    family = family_of_model(model)
+    state = family.adapter_keys(load_file(str(folder / ADAPTER_WEIGHTS)),
+                                to_vision=family.loaded_with_vision(peft_model))
     result = set_peft_model_state_dict(peft_model, state, adapter_name=name)
     expected = {n for n, _ in peft_model.named_parameters() if "lora_" in n and f".{name}." in n}
     missing = [k for k in result.missing_keys if k in expected]

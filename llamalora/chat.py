@@ -17,9 +17,10 @@ from pathlib import Path
 from llamalora.adapters import AdapterInfo, apply_adapter, find_adapter
 from llamalora.data import image_error, read_image
 from llamalora.errors import ConfigError, UsageError
-from llamalora.template import IMAGE, PAD, render_segments, template_of
+from llamalora.families import family_of_model, image_families
+from llamalora.quant import default_quant, enable_kernels, graph_safe, has_quantized_layers
+from llamalora.template import IMAGE, pad_token_id, render_segments, template_of
 from llamalora.tokenizer import encode_segments
-
 
 
 @dataclass
@@ -114,9 +115,13 @@ class ChatSession:
         return [i for i in ids if i is not None]
 
     @functools.cached_property
+    def batches(self):
+        """The model family's prompt batches (`families.base.TextBatches`), images included."""
+        return family_of_model(self.model).batches(self.model, self.image_processor)
+
+    @functools.cached_property
     def pad_id(self) -> int | None:
-        pad = self.tokenizer.token_to_id(PAD)
-        return pad if pad is not None else next(iter(self.stop_ids), None)
+        return pad_token_id(self.tokenizer)
 
     @functools.cached_property
     def static_decoder(self):
@@ -127,13 +132,10 @@ class ChatSession:
             return None
         import torch
 
-        from llamalora.models import is_bnb_layer
-
         # bitsandbytes' own int8 layer syncs with the host (outlier columns), which a CUDA graph
         # cannot hold; llamalora's kernels (`--kernels auto|fast`) can.
-        graphs = not any(is_bnb_layer(m) and not getattr(m, "_llamalora_kernel", False)
-                         for m in self.model.modules())
-        return decode.StaticDecoder(self.model, graphs=graphs and torch.cuda.is_available())
+        graphs = graph_safe(self.model) and torch.cuda.is_available()
+        return decode.StaticDecoder(self.model, graphs=graphs)
 
     @property
     def decoding(self) -> str:
@@ -163,7 +165,8 @@ class ChatSession:
 
     def _generate(self, batch: dict, options: GenerationOptions, streamer: _Streamer,
                   should_stop: Callable[[], bool] | None = None):
-        """transformers' `generate`: conversations with images (cross-attention) take it."""
+        """transformers' `generate`: conversations with images take it (the model's own image
+        path), and models the static decoder can't run."""
         import torch
 
         sample = options.temperature > 0
@@ -196,7 +199,7 @@ class ChatSession:
         """
         path = Path(image)
         if self.image_processor is None:
-            raise UsageError("this model has no vision tower; images need the 11B Vision "
+            raise UsageError(f"this model has no vision tower; images need a {image_families()} "
                              "model (or --model tiny)")
         if not path.is_file():
             raise UsageError(f"image not found: {path}")
@@ -226,16 +229,10 @@ class ChatSession:
                  should_stop: Callable[[], bool] | None = None) -> Reply:
         """The answer after prompt `ids` (images: the conversation's, in order), streamed
         through `on_text`; `should_stop()`, asked after each token, ends it early."""
-        import torch
-
         from llamalora.step import to_device
 
-        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids),
-                                                                                 dtype=torch.long)}
-        if images:
-            from llamalora.batching import add_vision_inputs
-
-            add_vision_inputs(batch, [images], self.image_processor)
+        batch = self.batches.prompt([ids], self.pad_id or 0, images)
+        prompt_length = batch["input_ids"].shape[1]  # a family may put images' tokens in it
         dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
         batch = to_device(batch, self.device, dtype)
         streamer = _Streamer(self.tokenizer, on_text, self.stop_ids)
@@ -243,7 +240,7 @@ class ChatSession:
         if decoder is not None:
             new = self._decode(decoder, ids, options, streamer, should_stop)
         else:
-            new = self._generate(batch, options, streamer, should_stop)[0, len(ids):].tolist()
+            new = self._generate(batch, options, streamer, should_stop)[0, prompt_length:].tolist()
         end = time.perf_counter()
         stopped = bool(new) and new[-1] in self.stop_ids
         new = [t for t in new if t not in self.stop_ids]
@@ -284,16 +281,14 @@ def merge_for_decoding(model) -> bool:
     `export-adapter --merge` does); says whether it did.
 
     At batch 1 the LoRA layers' ~900 small kernels a token were 1.7 ms of the bf16 11B's
-    11.8 ms (H200, BENCHMARKS.md). A quantized base keeps them: folding into int8 or NF4
+    11.8 ms (BENCHMARKS.md). A quantized base keeps them: folding into int8 or NF4
     weights would round the adapter away. The CPU keeps them too: nothing to gain there.
     """
     import torch
 
-    from llamalora.models import is_bnb_layer
-
     if not torch.cuda.is_available() or not hasattr(model, "merge_adapter"):
         return False
-    if any(is_bnb_layer(m) for m in model.modules()):
+    if has_quantized_layers(model):
         return False
     model.merge_adapter()
     return True
@@ -332,7 +327,7 @@ def open_chat(adapter: str | Path | None, *, model: str | None = None, quant: st
         model: Base model override (hub id, folder, or `tiny`).
         quant: 8bit / 4bit / none; default: the run's.
         no_adapter: Answer with the base model alone.
-        with_vision: Load the vision tower (needed for images).
+        with_vision: Load the vision tower where the model has one (needed for images).
         system: The system message.
         kernels: Base-layer matmuls, as train's `--kernels` (auto: llamalora's on CUDA GPUs).
         merge: Fold the adapter into an unquantized base where that is faster
@@ -341,29 +336,26 @@ def open_chat(adapter: str | Path | None, *, model: str | None = None, quant: st
     Raises:
         UsageError, ModelError, ConfigError.
     """
-    from llamalora.models import load_model_for_inference
-    from llamalora.models import resolve_model
+    from llamalora.models.loading import (load_image_processor, load_model_for_inference,
+                                          model_family)
+    from llamalora.models.names import resolve_model
     from llamalora.tokenizer import load_model_tokenizer
 
     info = find_adapter(adapter) if adapter is not None else None
     base = model or (info.base_model if info else None)
     if not base:
         raise UsageError("no base model: pass --adapter DIR from a run, or --model")
-    quant = quant or (info.quant if info else None) or "8bit"
+    quant = quant or (info.quant if info else None) or default_quant()
     base_path = resolve_model(base)
+    family = model_family(base_path)
+    with_vision = with_vision and family.takes_images
     loaded, load_info = load_model_for_inference(base_path, quant=quant, with_vision=with_vision)
     if info is not None and not no_adapter:
         loaded = apply_adapter(loaded, info.folder)
     merged = merge and info is not None and not no_adapter and merge_for_decoding(loaded)
-    from llamalora import fastlinear
-
-    kernel_path = fastlinear.enable(loaded, kernels)
+    kernel_path = enable_kernels(loaded, kernels)
     tokenizer, _ = load_model_tokenizer(base_path)
-    image_processor = None
-    if with_vision:
-        from llamalora.models import load_image_processor
-
-        image_processor = load_image_processor(base_path)
+    image_processor = load_image_processor(base_path) if with_vision else None
     return ChatSession(model=loaded, tokenizer=tokenizer, image_processor=image_processor,
                        device=load_info["device"], base_model=base,
                        adapter=None if no_adapter else info, quant=quant, system=system,

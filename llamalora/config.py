@@ -22,7 +22,8 @@ from typing import Any
 
 
 from llamalora.errors import ConfigError
-from llamalora.tokenizer import DEFAULT_MODEL
+
+DEFAULT_MODEL = "meta-llama/Llama-3.2-11B-Vision-Instruct"
 
 QUANT_CHOICES = ("8bit", "4bit", "none")
 KERNEL_CHOICES = ("auto", "fast", "plain")

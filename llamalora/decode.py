@@ -3,18 +3,21 @@ serve) or a batch of them (eval: several prompts per replay, each row at its own
 
 transformers' `generate` spends most of a decoding step on the host at batch 1: each of the 32
 layers runs a few dozen small kernels (LoRA adds five per projection), each launched from Python,
-so the 11B's step took ~45 ms in bf16 where reading the weights takes ~4 ms (issue 13). Here the
+so the 11B's step took ~45 ms in bf16 where reading the weights takes ~4 ms. Here the
 model's own decoder layers run unchanged (its attention, norms, rotary embedding, PEFT's LoRA
 layers, llamalora's int8 kernels), but over a KV cache of fixed size that this module owns, so a
 decoding step has the same shapes every time and is captured once as a CUDA graph and replayed.
 
 Why not transformers' StaticCache with `torch.compile`: compiling the 11B takes a minute, the
 int8 matmuls are custom ops it cannot see into, and the cache and mask API changed between the
-transformers releases we support (5.17's `past_key_values=`, 5.24's `cache=`); the layer call
+transformers versions we support (5.17's `past_key_values=`, 5.24's `cache=`); the layer call
 below is the one interface both share.
 
-Text only: a conversation with an image needs Mllama's cross-attention layers and their cached
-image states, and goes through `generate` (`ChatSession` decides).
+Text only: a conversation with an image needs the model's own image path (Mllama's
+cross-attention layers and their cached image states, say), and goes through `generate`
+(`ChatSession` decides). Layers a family's text forward skips (Mllama's
+cross-attention layers) are skipped here too; a family can keep its text turns off this path
+(`Family.static_decoder`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import NamedTuple
 import torch
 
 from llamalora.attention import sdpa_or_own
+from llamalora.families import family_of_model
 
 # The cache holds this many positions at least, and grows in such steps: one capture serves a
 # whole conversation of ordinary length, and attending over the unused, masked tail costs little
@@ -94,22 +98,25 @@ class _StaticKV:
         self.position = self.position[:self.rows]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        # Part of the Cache interface; the layer calls of 5.24 never make it, and the GPU
-        # (5.17) runs were made with it in place, so it stays.
+        # Part of the Cache interface, which transformers 5.17's layer calls read.
         return self.length
 
 
 
 def _unwrap(model):
-    """(text decoder, output head) of a Llama, Mllama text or Mllama model, PEFT-wrapped or not."""
+    """(text decoder, output head) of a causal LM, or of a model with a vision side whose
+    decoder is its `language_model`, PEFT-wrapped or not."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = inner.model
-    decoder = getattr(decoder, "language_model", decoder)  # MllamaForConditionalGeneration
+    decoder = getattr(decoder, "language_model", decoder)
     return decoder, inner.get_output_embeddings()
 
 
 def supported(model) -> str | None:
     """None when `StaticDecoder` can run this model; otherwise why not (said to the user)."""
+    family = family_of_model(model)
+    if not family.static_decoder:
+        return f"not for {family.name} models"
     try:
         decoder, head = _unwrap(model)
     except AttributeError as exc:
@@ -158,8 +165,8 @@ class StaticDecoder:
         self.model = model
         self.decoder, self.head = _unwrap(model)
         config = self.decoder.config
-        skip = set(getattr(self.decoder, "cross_attention_layers", None) or [])
-        # Mllama skips its cross-attention layers when there is no image; so do we.
+        # The layers the model's own text forward skips (Mllama's cross-attention layers).
+        skip = set(family_of_model(model).skipped_layers(config))
         self.layer_indices = [i for i in range(len(self.decoder.layers)) if i not in skip]
         self.layers = [self.decoder.layers[i] for i in self.layer_indices]
         heads = config.num_attention_heads

@@ -297,8 +297,8 @@ def _prepare(info: AdapterInfo, records: list[EvalRecord], model: str | None) ->
     from llamalora.batching import IGNORE_INDEX, tokenize_records
     from llamalora.chat import prompt_ids
     from llamalora.config import TrainConfig
-    from llamalora.models import resolve_model
-    from llamalora.template import PAD, render_examples, template_of
+    from llamalora.models.names import resolve_model
+    from llamalora.template import pad_token_id, render_examples, template_of
     from llamalora.tokenizer import load_model_tokenizer
 
     base = model or info.base_model
@@ -313,7 +313,7 @@ def _prepare(info: AdapterInfo, records: list[EvalRecord], model: str | None) ->
         tokenizer, [r.example for r in records], max_seq_length=config["max_seq_length"],
         train_on_prompt=config["train_on_prompt"], truncation=config["truncation"])]
     counts = [sum(x != IGNORE_INDEX for x in t.labels[1:]) if t else 0 for t in tokenized]
-    pad = tokenizer.token_to_id(PAD)
+    pad = pad_token_id(tokenizer)
     return _Prepared(prompts, tokenized, counts, config["max_seq_length"],
                      pad if pad is not None else 0)
 
@@ -367,12 +367,9 @@ def _loss(session, tokenized, record: EvalRecord, pad_id: int) -> float | None:
         return None
     import torch
 
-    from llamalora.batching import add_vision_inputs, collate
     from llamalora.step import loss_sum, to_device
 
-    batch = collate([tokenized], pad_id)
-    if record.images:
-        add_vision_inputs(batch, [record.images], session.image_processor)
+    batch = session.batches.padded([tokenized], pad_id)
     dtype = next(p.dtype for p in session.model.parameters() if p.is_floating_point())
     with torch.inference_mode():
         total, count = loss_sum(session.model, to_device(batch, session.device, dtype))
@@ -386,15 +383,9 @@ def _generate(session, prompts: list[list[int]], images: list[Path], options: Ev
 
     from llamalora.step import to_device
 
-    longest = max(map(len, prompts))
     pad = session.pad_id if session.pad_id is not None else 0
-    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if images:
-        from llamalora.batching import add_vision_inputs
-
-        add_vision_inputs(batch, [images], session.image_processor)
+    batch = session.batches.prompt(prompts, pad, images)
+    longest = batch["input_ids"].shape[1]  # with a family's image tokens, where it has them
     dtype = next(p.dtype for p in session.model.parameters() if p.is_floating_point())
     with torch.inference_mode():
         out = session.model.generate(

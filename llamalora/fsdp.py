@@ -45,6 +45,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from llamalora.errors import ConfigError, ModelError
+from llamalora.quant import backend_name
 
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
@@ -130,8 +131,9 @@ def settings(config, plan, world_size: int) -> FsdpSettings | None:
     if found is None:
         return None
     if config.quant != "none":
-        raise ConfigError(f"--quant {config.quant} can't be sharded with FSDP (bitsandbytes' "
-                          "quantized weights don't split across GPUs): pass --quant none to "
+        raise ConfigError(f"--quant {config.quant} can't be sharded with FSDP "
+                          f"({backend_name(config.quant)}' quantized weights don't split across "
+                          "GPUs): pass --quant none to "
                           "shard the bf16 weights, or launch with torchrun (data-parallel, one "
                           f"{config.quant} copy per GPU)")
     if plan.with_vision:
@@ -146,7 +148,7 @@ def settings(config, plan, world_size: int) -> FsdpSettings | None:
 def load_options(device) -> dict:
     """`load_model_for_training` keywords: into CPU memory, in the dtype `device` computes in
     (bf16 on recent GPUs; fp32 on the CPU, as a plain CPU run)."""
-    from llamalora.models import compute_dtype  # the rule a one-GPU run loads by
+    from llamalora.models.loading import compute_dtype  # the rule a one-GPU run loads by
 
     return {"device": "cpu", "dtype": str(compute_dtype(device)).removeprefix("torch.")}
 

@@ -14,13 +14,14 @@ from pathlib import Path
 from llamalora.batching import Tokenized, TruncationSummary, split_eval
 from llamalora.config import QUANT_CHOICES as QUANTS, TrainConfig
 from llamalora.errors import ConfigError, ModelError
+from llamalora.families import family_of, known_config
+from llamalora.models.names import resolve_model
 from llamalora.parallel import world
+from llamalora.quant import bytes_per_weight, check_packages, plain_activation_factor
 from llamalora.tokenized import Records, tokenize_data
 from llamalora.tokenizer import load_model_tokenizer
 
 GIB = 1024**3
-# Bytes per base weight of a quantized linear layer, scales included.
-_LINEAR_BYTES = {"8bit": 1.0 + 4 / 4096, "4bit": 0.5 + 0.0625 + 4 / 4096, "none": 2.0}
 
 
 @dataclass
@@ -36,7 +37,8 @@ class ParamCounts:
     kv_hidden: int = 0  # key (and value) width: key heads x head width (grouped-query)
     active_layers: int = 0  # layers that run: text-only batches skip cross-attention layers
     cross_layers: int = 0  # cross-attention layers that run (with the vision tower)
-    image_tokens: int = 0  # image states per image the cross-attention reads (tiles x patches)
+    image_states: int = 0  # image states per image the cross-attention reads (tiles x patches)
+    image_tokens: int = 0  # tokens an image adds to the text at most (images inside the text)
     # in + out features summed over the language model's linears of each name ("q_proj": ...):
     # what LoRA of rank r adds is r times this, per adapted name.
     lora_dims: dict[str, int] = field(default_factory=dict)
@@ -46,53 +48,39 @@ class ParamCounts:
         return self.quantizable + self.other
 
 
-def mllama_default_config():
-    """The Llama 3.2 11B Vision architecture (MllamaConfig defaults, 560-pixel tiles)."""
-    from transformers import MllamaConfig
-
-    config = MllamaConfig()
-    config.vision_config.image_size = 560
-    return config
-
-
-def count_params(config, with_vision: bool) -> ParamCounts:
-    """Counts parameters without allocating them (meta device): Mllama (text-only or with its
-    vision tower) or any causal LM config (LlamaConfig: Llama 3.x, SmolLM2)."""
-    import torch
-    from transformers import AutoModelForCausalLM, MllamaForCausalLM, MllamaForConditionalGeneration
-
-    mllama = getattr(config, "model_type", None) == "mllama"
-    with torch.device("meta"):
-        if mllama and with_vision:
-            model = MllamaForConditionalGeneration(config)
-        elif mllama:
-            model = MllamaForCausalLM(config.text_config)
-        else:
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+def count_params(config, with_vision: bool, model_path: str | None = None) -> ParamCounts:
+    """Counts parameters without allocating them (meta device), for any family's config: the
+    text-only model, or the one with its vision tower (`with_vision`). `model_path`: the
+    checkpoint's folder, where a family reads how many tokens an image adds at most."""
+    family = family_of(config)
+    model = family.meta_model(config, with_vision)
     quantizable = 0
     lora_dims: dict[str, int] = {}
     for name, module in model.named_modules():
-        in_text_model = "vision" not in name and "projector" not in name
-        if isinstance(module, torch.nn.Linear) and in_text_model and not name.endswith("lm_head"):
+        if _is_linear(module) and not family.in_vision(name) and not name.endswith("lm_head"):
             quantizable += module.weight.numel()
             short = name.rsplit(".", 1)[-1]
             lora_dims[short] = lora_dims.get(short, 0) + module.in_features + module.out_features
     # parameters() yields a tied embedding / lm_head weight once, as it is stored.
     other = sum(p.numel() for p in model.parameters()) - quantizable
     text = config.get_text_config()
-    cross = len(getattr(text, "cross_attention_layers", None) or [])
-    skipped = 0 if with_vision else cross
-    image_tokens = 0
-    if mllama and with_vision:
-        vision = config.vision_config
-        image_tokens = vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
+    cross = len(family.skipped_layers(text))
     heads = text.num_attention_heads
     kv_hidden = ((getattr(text, "num_key_value_heads", None) or heads)
                  * (getattr(text, "head_dim", None) or text.hidden_size // heads))
     return ParamCounts(quantizable, other, text.hidden_size, text.num_hidden_layers,
                        text.intermediate_size, text.vocab_size, kv_hidden=kv_hidden,
-                       active_layers=text.num_hidden_layers - skipped, lora_dims=lora_dims,
-                       cross_layers=cross if with_vision else 0, image_tokens=image_tokens)
+                       active_layers=text.num_hidden_layers - (0 if with_vision else cross),
+                       lora_dims=lora_dims, cross_layers=cross if with_vision else 0,
+                       image_states=family.image_states(config) if with_vision else 0,
+                       image_tokens=family.image_tokens(config, model_path)
+                       if with_vision else 0)
+
+
+def _is_linear(module) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear)
 
 
 def lora_param_count(counts: ParamCounts, rank: int, targets: list[str]) -> int:
@@ -102,14 +90,14 @@ def lora_param_count(counts: ParamCounts, rank: int, targets: list[str]) -> int:
 
 
 # Bytes a micro-batch keeps per image state, per text hidden width and cross-attention layer:
-# LoRA's dropout copies of the image states for k_proj and v_proj, in bf16 (2 x 2; they were
-# fp32 copies, and 8 fitted the peaks then), and what the cross-attention layers keep beside
-# them. Fitted to the peaks of 8-bit and bf16 runs with 2 and 4 images a micro-batch (H200,
-# 2026-12-02, BENCHMARKS.md: 15.5-26.9 GiB eager, 15.6-27.8 GiB with CUDA graphs, every LoRA
-# layer in bf16), with `layer_activation_bytes` for the text: 4.5 eager puts the estimates
-# 0.1-1.7 GiB over them; CUDA-graph runs peak higher (the static rows' padding and the graphs'
-# pool; not broken down): 5.5 covers them by 0.1-2.0 GiB. Those peaks were measured with the
-# text self-attention on SDPA and a dense mask (not re-measured since).
+# LoRA's dropout copies of the image states for k_proj and v_proj, in bf16 (2 x 2), and what the
+# cross-attention layers keep beside them. Fitted to the measured peaks of 8-bit and bf16 runs of
+# the 11B with 2 and 4 images a micro-batch (15.5-26.9 GiB eager, 15.6-27.8 GiB with CUDA graphs;
+# BENCHMARKS.md, "Records with images"; tests/test_image_packing.py holds the estimates to
+# them), with `layer_activation_bytes` for the text: 4.5 eager puts the estimates 0.1-1.7 GiB
+# over them; CUDA-graph runs peak higher (the static rows' padding and the graphs' pool; not
+# broken down): 5.5 covers them by 0.1-2.0 GiB. Those peaks were measured with the text
+# self-attention on SDPA and a dense mask.
 _IMAGE_STATE_BYTES = {False: 4.5, True: 5.5}  # by CUDA graphs
 
 
@@ -127,7 +115,7 @@ def layer_activation_bytes(counts: ParamCounts) -> int:
 
 def estimate_peak_gib(counts: ParamCounts, *, quant: str, tokens: int,
                       gradient_checkpointing: bool, lora_params: int,
-                      response_share: float = 1.0, bnb_int8_layers: bool = False,
+                      response_share: float = 1.0, plain_kernels: bool = False,
                       images: int = 0, graphs: bool = False, offload: bool = False) -> float:
     """Estimated peak GPU memory in GiB for one pass of `tokens` tokens (a micro-batch, or a
     CUDA graph's fused row).
@@ -140,31 +128,32 @@ def estimate_peak_gib(counts: ParamCounts, *, quant: str, tokens: int,
     backward (its gradients, ~6 intermediate + 8 hidden widths a token; with checkpointing also
     its recomputed activations, and with `offload` its input brought back); for `images` in a
     micro-batch, what cross-attention keeps of their states (`_IMAGE_STATE_BYTES`; one layer's
-    with checkpointing, which recomputes the rest); CUDA context and allocator slack on top.
+    with checkpointing, which recomputes the rest), or for a family that puts an image's tokens
+    in the text, those tokens as more of the pass's (no loss on them); CUDA context and
+    allocator slack on top.
     No term grows with the square of the length: attention is flash's varlen kernel.
-    `bnb_int8_layers`: the 8-bit base runs through bitsandbytes' own layers, which keep more
-    for backward.
+    `plain_kernels`: the base runs through the quantization backend's own layers
+    (`--kernels plain`), which may keep more for backward (`quant.plain_activation_factor`).
     """
     from llamalora.step import LOSS_ROWS
 
     hidden = counts.hidden
-    weights = counts.quantizable * _LINEAR_BYTES[quant] + counts.other * 2
+    answer = math.ceil(tokens * response_share)
+    tokens += images * counts.image_tokens
+    weights = counts.quantizable * bytes_per_weight(quant) + counts.other * 2
     lora = lora_params * 16
     full = layer_activation_bytes(counts)
     kept = 0 if offload and gradient_checkpointing else 2 * hidden if gradient_checkpointing \
         else full
     activations = tokens * (kept * (counts.active_layers or counts.layers) + 4 * hidden)
-    if quant == "8bit" and bnb_int8_layers:
-        # bnb's LLM.int8 (`--kernels plain`) keeps int8 copies and outlier columns of each
-        # input for backward; seen on an H100 as ~2.5x the bf16 activation memory of the step.
-        activations *= 2.5
-    answer = math.ceil(tokens * response_share)
+    if plain_kernels:
+        activations *= plain_activation_factor(quant)
     loss_chunk = min(answer, LOSS_ROWS) * counts.vocab * (4 + 4 + 2)
     backward = tokens * (6 * counts.intermediate + 8 * hidden)
     if gradient_checkpointing:
         backward += tokens * (full + (2 * hidden if offload else 0))
     kept_layers = min(1, counts.cross_layers) if gradient_checkpointing else counts.cross_layers
-    image_states = (images * counts.image_tokens * counts.hidden * kept_layers
+    image_states = (images * counts.image_states * counts.hidden * kept_layers
                     * _IMAGE_STATE_BYTES[graphs])
     peak = (weights + lora + activations + answer * 2 * hidden + max(loss_chunk, backward)
             + image_states)
@@ -286,13 +275,13 @@ class Plan:
 
 
 def load_model_config(model: str):
-    """The model's config, or the 11B architecture's for the default id when offline."""
+    """The model's config, or for an id whose architecture a family knows (the default model's)
+    that architecture's, when its config.json can't be fetched."""
     from pathlib import Path
 
     from transformers import AutoConfig
 
     from llamalora.hub import hub_reachable, unreachable_reason
-    from llamalora.tokenizer import DEFAULT_MODEL
 
     # The cache only when the Hub is unreachable: its retries would take ~25 s to fail.
     local_only = not Path(model).exists() and not hub_reachable()
@@ -300,10 +289,10 @@ def load_model_config(model: str):
         return AutoConfig.from_pretrained(model, trust_remote_code=False,
                                           local_files_only=local_only), ""
     except Exception as exc:
-        if model == DEFAULT_MODEL:
-            return mllama_default_config(), (f"config.json of {model} could not be fetched "
-                                             f"({type(exc).__name__}); the plan uses the 11B "
-                                             "architecture's defaults")
+        known = known_config(model)
+        if known is not None:
+            return known, (f"config.json of {model} could not be fetched "
+                           f"({type(exc).__name__}); the plan uses its architecture's defaults")
         if local_only:
             raise ModelError(f"--model {model}: its config.json is not in the local Hugging Face "
                              f"cache, and {unreachable_reason()}; pass a local folder or `tiny`, "
@@ -320,8 +309,6 @@ def plan_training(config: TrainConfig) -> Plan:
         ConfigError / ModelError: Options or the model can't be used.
         MissingExtraError: A `--report-to` tracker is not installed.
     """
-    from llamalora.models import check_quant_packages, resolve_model
-
     from llamalora.trackers import check_trackers
 
     check_trackers(config.report_to_list())  # a missing extra fails here, before any data work
@@ -336,7 +323,7 @@ def plan_training(config: TrainConfig) -> Plan:
         split=config.split, num_proc=config.num_proc, builder=local_rank == 0,
         on_status=notes.append)
     # After the data's own errors (a bad data file still exits 2 first): --dry-run says so too.
-    check_quant_packages(config.quant)
+    check_packages(config.quant)
     kept = data.kept()
     if not len(kept):
         raise ConfigError(f"no record fits --max-seq-length {config.max_seq_length} with a "
@@ -351,7 +338,7 @@ def plan_training(config: TrainConfig) -> Plan:
     steps = config.max_steps or math.ceil(config.num_train_epochs * batches / per_step)
 
     model_config, cfg_note = load_model_config(model)
-    counts = count_params(model_config, with_vision)
+    counts = count_params(model_config, with_vision, model)
     targets = config.target_module_list()
     lora = lora_param_count(counts, config.lora_rank, targets)
     tokens_per_epoch = sum(train_set.lengths)
@@ -388,7 +375,7 @@ def _memory_estimates(config: TrainConfig, counts: ParamCounts, lora: int, train
         return {q: estimate_peak_gib(counts, quant=q, tokens=tokens,
                                      gradient_checkpointing=checkpointing, lora_params=lora,
                                      response_share=response_share,
-                                     bnb_int8_layers=config.kernels == "plain", images=images,
+                                     plain_kernels=config.kernels == "plain", images=images,
                                      graphs=graphs, offload=offload) for q in QUANTS}
 
     # Unset checkpointing (auto) is planned without; train() turns it on if that won't fit.

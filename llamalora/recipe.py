@@ -21,19 +21,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamalora import __version__, parallel, trackers
-from llamalora.attention import CrossAttentionRuns
-from llamalora.batching import (IGNORE_INDEX, Tokenized, add_vision_inputs, batch_order, collate,
-                                pack, pack_padded, pack_vision, record_lengths, static_shape,
-                                with_loss_index)
-from llamalora.config import TrainConfig
+from llamalora import __version__, parallel, quant, trackers
+from llamalora.batching import batch_order, record_lengths
+from llamalora.config import QUANT_CHOICES, TrainConfig
 from llamalora.errors import LlamaLoraError, ModelError
 from llamalora.events import (CheckpointSaved, EvalDone, ModelReady, OnEvent, PlanReady, Status,
                               StepDone, TrainFinished, TrainResult)
+from llamalora.families import Family, family_of_model
+from llamalora.packing import IGNORE_INDEX, Tokenized, static_shape
 from llamalora.plan import Plan, choose_memory, fits_gpu, plan_training
 from llamalora.rundir import CHECKPOINTS, RunFolder
 from llamalora.step import GraphedStep, TrainStep
-from llamalora.template import PAD
+from llamalora.template import pad_token_id, template_of
 
 
 class TrainingInterrupted(LlamaLoraError):
@@ -138,6 +137,7 @@ class ModelSetup:
     tokenizer: object  # the transformers tokenizer saved next to the adapter
     image_processor: object | None
     pad_id: int
+    batch_maker: object  # the family's batches (`families.base.TextBatches`)
     offload_activations: bool = False  # checkpointed layer inputs in host memory
 
     @property
@@ -167,9 +167,9 @@ def _build_model(config: TrainConfig, plan: Plan, par, device, emit) -> tuple[ob
         # cuDNN's attention builds a plan for every new sequence length, and packed batches
         # bring a new length nearly every step; the other SDPA kernels need no plan.
         torch.backends.cuda.enable_cudnn_sdp(False)
-    from llamalora import fastlinear
-    from llamalora.models import (attach_lora, load_image_processor, load_model_for_training,
-                                  resolve_model)
+    from llamalora.models.loading import load_image_processor, load_model_for_training
+    from llamalora.models.lora import attach_lora
+    from llamalora.models.names import resolve_model
 
     checkpointing, offload, why = _choose_checkpointing(config, plan, device)
     if why:
@@ -186,16 +186,16 @@ def _build_model(config: TrainConfig, plan: Plan, par, device, emit) -> tuple[ob
     # captured before the loop: a graph keeps the mode it was captured in, so a capture in eval
     # mode would replay every step without LoRA's dropout and without checkpointing.
     model.train()
-    kernels = fastlinear.enable(model, config.kernels)
+    kernels = quant.enable_kernels(model, config.kernels)
     if par.prepare(model) is not None:  # FSDP: each GPU keeps its share of every weight
         emit(Status(f"Sharded over {par.world_size} processes (FSDP2)"))
-    graphs, why = _choose_graphs(config, plan, device, checkpointing, par, offload=offload)
+    family = family_of_model(model)
+    graphs, why = _choose_graphs(config, plan, device, checkpointing, par, offload=offload,
+                                 family=family)
     if why:
         emit(Status(why))
-    if plan.with_vision:
-        from llamalora.attention import vision_attention_kernel
-
-        kernels += f"; vision attention: {vision_attention_kernel(device, graphs)}"
+    if plan.with_vision and family.kernel_note is not None:
+        kernels += f"; {family.kernel_note(device, graphs)}"
     compiled, why = _choose_compile(config, plan, device, checkpointing,
                                     sharded=par.shards_weights, graphs=graphs)
     if compiled:
@@ -206,13 +206,14 @@ def _build_model(config: TrainConfig, plan: Plan, par, device, emit) -> tuple[ob
     elif why:
         emit(Status(why))
     tokenizer = _tokenizer_folder(model_path)
+    image_processor = load_image_processor(model_path) if plan.with_vision else None
     return model, ModelSetup(
         model_path=model_path, model_class=info["model_class"], quant=config.quant,
         compute_dtype=info["compute_dtype"], device=str(device), kernels=kernels,
         gradient_checkpointing=checkpointing, compiled=compiled,
         packing=config.packing, graphs=graphs, tokenizer=tokenizer,
-        image_processor=load_image_processor(model_path) if plan.with_vision else None,
-        pad_id=_pad_id(tokenizer), offload_activations=offload)
+        image_processor=image_processor, pad_id=_pad_id(tokenizer, model_path),
+        batch_maker=family.batches(model, image_processor), offload_activations=offload)
 
 
 def _optimizer(config: TrainConfig, plan: Plan, params: list, par, device):
@@ -306,26 +307,17 @@ class StepBatches:
         return [self.make(items, static=True)[0] for items in seen.values()]
 
     def make(self, items: list[Tokenized], static: bool = False) -> tuple[dict, int, int]:
-        """One micro-batch on the device, its count of loss tokens and of real tokens."""
+        """One micro-batch on the device, its count of loss tokens and of real tokens (the
+        records' own, as tokenized)."""
         from llamalora.step import to_device
 
+        maker, pad_id = self.setup.batch_maker, self.setup.pad_id
         if static:
-            batch = pack_padded(items, self.setup.pad_id, self.setup.image_processor)
+            batch = maker.static(items, pad_id)
             n_targets = int((batch["target_ids"] != IGNORE_INDEX).sum())
-            return to_device(batch, self.device, self.dtype), n_targets, sum(map(len, items))
-        images = self.setup.image_processor
-        if self.setup.packing:
-            batch = pack_vision(items, images) if images is not None else pack(items)
-            with_loss_index(batch, [len(t) for t in items])
         else:
-            batch = collate(items, self.setup.pad_id)
-            if images is not None:
-                add_vision_inputs(batch, [t.images for t in items], images)
-            with_loss_index(batch)
-        if "cross_attention_mask" in batch:  # read here on the host, not by the step on the GPU
-            batch["cross_attention_runs"] = CrossAttentionRuns.from_mask(
-                batch["cross_attention_mask"])
-        n_targets = batch["loss_targets"].numel()
+            batch = maker.packed(items) if self.setup.packing else maker.padded(items, pad_id)
+            n_targets = batch["loss_targets"].numel()
         return to_device(batch, self.device, self.dtype), n_targets, sum(map(len, items))
 
     def eval_batches(self) -> list[list[Tokenized]]:
@@ -352,7 +344,7 @@ def _capture_graphs(step: GraphedStep, batches: StepBatches, start: int, emit):
     """Captures the CUDA graphs of the first step's shapes now; returns what captures every
     other shape the run will use, which the loop calls once that step is done. A run then shows
     its first loss without waiting for all of them (13 shapes on data/sample.jsonl at the
-    defaults: 13.8 s on an H200, BENCHMARKS.md), and no later step waits on a capture."""
+    defaults: 13.8 s, BENCHMARKS.md), and no later step waits on a capture."""
     examples = batches.shape_examples(start)  # in the order the steps first use them
     first = len({static_shape(items) for items in batches.rows(start)})
 
@@ -602,13 +594,13 @@ def _gpu_gib(device) -> float:
 
 # CUDA graphs over checkpointed layers: each replay's recompute draws its forward's dropout
 # masks (checkpointing restores the generator's state, which a graph keeps as a seed and an
-# offset; an exact gradient check over 3 replays, H100, BENCHMARKS.md, "Long records").
+# offset; an exact gradient check over 3 replays, BENCHMARKS.md, "Long records").
 # False keeps checkpointed runs eager, as before.
 GRAPHS_WITH_CHECKPOINTING = True
 
 
 def _choose_graphs(config: TrainConfig, plan: Plan, device, checkpointing: bool,
-                   par, offload: bool = False) -> tuple[bool, str]:
+                   par, offload: bool = False, family: Family | None = None) -> tuple[bool, str]:
     """--cuda-graphs as given, else on for packed CUDA runs whose step fits.
 
     A graph needs the step's micro-batches as packed rows (text-only micro-batches fused, so
@@ -618,11 +610,16 @@ def _choose_graphs(config: TrainConfig, plan: Plan, device, checkpointing: bool,
     `GRAPHS_WITH_CHECKPOINTING`, checkpointing; so does an explicit --compile, unless
     --cuda-graphs is asked for too (the two together were not measured). Records with images get
     one graph per micro-batch shape, with cross-attention on the dense mask: 1.8-2.7x the eager
-    step, at 0.2-1.1 GiB more memory (H200, BENCHMARKS.md), which the plan's graphed estimate
-    counts. A capture that fails (`GraphedStep.failure`) leaves the steps eager.
+    step, at 0.2-1.1 GiB more memory (BENCHMARKS.md), which the plan's graphed estimate
+    counts. A capture that fails (`GraphedStep.failure`) leaves the steps eager. A model family
+    whose steps (or steps with images) were never captured stays eager (`Family.cuda_graphs`,
+    `graph_images`).
     """
     asked = config.cuda_graphs
-    unsupported = ("FSDP" if par.shards_weights
+    unsupported = (f"{family.name} models" if family is not None and not family.cuda_graphs
+                   else f"{family.name} models' images" if family is not None
+                   and plan.with_vision and not family.graph_images
+                   else "FSDP" if par.shards_weights
                    else "--offload-activations" if offload
                    else "gradient checkpointing" if checkpointing
                    and not GRAPHS_WITH_CHECKPOINTING
@@ -679,7 +676,7 @@ def _oom_advice(config: TrainConfig, plan: Plan, *, done: int, device,
     total = torch.cuda.get_device_properties(device).total_memory / 2**30 \
         if device.type == "cuda" else None
     est = plan.memory_gib
-    lower = [q for q in ("4bit", "8bit") if est[q] < est[config.quant]]
+    lower = sorted((q for q in QUANT_CHOICES if est[q] < est[config.quant]), key=est.get)
     options = [] if checkpointing else [
         f"--gradient-checkpointing (estimated {plan.memory_gib_checkpointed[config.quant]} GiB)"]
     if not offload:
@@ -731,11 +728,14 @@ def _tokenizer_folder(model_path: str):
         raise ModelError(f"cannot load the tokenizer of {model_path} ({exc})") from exc
 
 
-def _pad_id(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    pad = tokenizer.convert_tokens_to_ids(PAD)
-    return pad if pad is not None and pad != tokenizer.unk_token_id else tokenizer.eos_token_id
+def _pad_id(tokenizer, model_path: str) -> int:
+    """The id padding is written with (`template.pad_token_id`), looked up in the transformers
+    tokenizer's own vocabulary (parsed already) with the chat template the run renders with."""
+    from llamalora.tokenizer import load_model_tokenizer
+
+    template = template_of(load_model_tokenizer(model_path)[0])  # not parsed: files only
+    pad = pad_token_id(tokenizer.backend_tokenizer, template)
+    return pad if pad is not None else 0
 
 
 def _versions() -> dict:

@@ -123,7 +123,8 @@ def open_engine(runs: list[str], *, model: str | None = None, quant: str | None 
     """
     from llamalora.adapters import apply_adapter, find_adapter
     from llamalora.chat import open_chat
-    from llamalora.models import resolve_model
+    from llamalora.families import family_of
+    from llamalora.models.names import resolve_model
     from llamalora.plan import load_model_config
 
     named = adapter_names(runs)
@@ -135,7 +136,7 @@ def open_engine(runs: list[str], *, model: str | None = None, quant: str | None 
                          "pass --model")
     base = bases.pop()
     config, _ = load_model_config(resolve_model(base)) if base else (None, "")
-    vision = getattr(config, "model_type", None) == "mllama" and hasattr(config, "vision_config")
+    vision = family_of(config).takes_images
     first_name, first = infos[0]
     session = open_chat(first.folder, model=model, quant=quant, kernels=kernels, merge=False,
                         with_vision=vision)

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import torch
 
-from llamalora.models import is_vision_name
+from llamalora.families import family_of_model
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The language model's decoder layers (peft-wrapped or not), vision tower excluded."""
+    family = family_of_model(model)
     for name, module in model.named_modules():
         if name.split(".")[-1] == "layers" and isinstance(module, torch.nn.ModuleList) \
-                and not is_vision_name(name):
+                and not family.in_vision(name):
             return list(module)
     return []
 
@@ -34,7 +35,7 @@ def tag_compile_cache() -> None:
     would hand back that version's backward (and fail on its arguments). With the ops' source in
     the key, each version gets its own entries.
     """
-    from llamalora import fastlinear
+    from llamalora.quant import fastlinear
 
     config = getattr(torch.compiler, "config", None)
     if config is None or not hasattr(config, "cache_key_tag"):

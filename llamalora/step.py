@@ -1,18 +1,20 @@
 """One optimizer step as one unit: the loss of its micro-batches, backward, gradient sync, clip,
-update. Its inputs are tensors already on the device (with images, also the host-made runs of
-`attention.CrossAttentionRuns`) and it reads nothing back to the host, so a step can run ahead
-of the Python that queued it.
+update. Its inputs are tensors already on the device (and what a family's batches worked out on
+the host, `packing.FORWARD_CONTEXT`) and it reads nothing back to the host, so a step can run
+ahead of the Python that queued it.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
-from llamalora.attention import (DENSE, cross_attention_runs, graph_kernels, sequence_mask,
+from llamalora.attention import (graph_kernels, sequence_mask, static_forward,
                                  uses_varlen_text_attention, varlen_kwargs)
-from llamalora.batching import IGNORE_INDEX
 from llamalora.errors import first_line
+from llamalora.packing import FORWARD_CONTEXT, IGNORE_INDEX
 
 # Response positions whose logits one pass of `_LinearCrossEntropy` holds: 2,048 x 128,256
 # words in fp32 is 1 GiB (plus as much for logsumexp's scratch), where a 16k-token answer's
@@ -32,9 +34,9 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return _static_loss_sum(base, batch)
     inputs = {k: v for k, v in batch.items() if k not in _HOST_MADE}
     inputs.update(_attention_inputs(base, batch, inputs))
-    with cross_attention_runs(batch.get("cross_attention_runs")):
+    with batch.get(FORWARD_CONTEXT) or contextlib.nullcontext():
         hidden = base.model(**inputs, use_cache=False).last_hidden_state
-    if "loss_index" in batch:  # made on the host (`batching.with_loss_index`): no sync
+    if "loss_index" in batch:  # made on the host (`packing.with_loss_index`): no sync
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch["loss_index"])
         targets = batch["loss_targets"]
     else:
@@ -44,18 +46,18 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return response_loss(base.lm_head, hidden, targets)
 
 
-# Mllama's image inputs, which a static row with images carries.
-_IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
 # Keys of a batch that are not model inputs.
-_HOST_MADE = ("labels", "cross_attention_runs", "loss_index", "loss_targets", "cu_seqlens",
+_HOST_MADE = ("labels", FORWARD_CONTEXT, "loss_index", "loss_targets", "cu_seqlens",
               "max_seqlen")
+# Keys of a static row (`packing.pack_padded`) that are not model inputs.
+_STATIC_MADE = ("cu_seqlens", "target_index", "target_ids")
 
 
 def _attention_inputs(base, batch: dict, inputs: dict) -> dict:
     """What the model's text self-attention needs to keep each record of a row to itself: the
     records' lengths (`attention.varlen_kwargs`), or for a model on SDPA a packed row's mask.
 
-    A row's records come from its `cu_seqlens` (`batching.with_loss_index`, `pack_padded`,
+    A row's records come from its `cu_seqlens` (`packing.with_loss_index`, `pack_padded`,
     whose padded length serves as the longest record, fixed with the shape); a bare `pack` row
     finds them in its position ids, which waits for the GPU; rows without either (one record,
     or records padded on the right) are each causal on their own.
@@ -75,13 +77,13 @@ def _attention_inputs(base, batch: dict, inputs: dict) -> dict:
 
 
 def _static_loss_sum(base, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """`loss_sum` of a `batching.pack_padded` row: every shape is fixed by the padded lengths
-    and nothing reads the data's values back, so the pass can be captured in a CUDA graph."""
-    images = {k: batch[k] for k in _IMAGE_INPUTS if k in batch}
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    """`loss_sum` of a `packing.pack_padded` row (a family's, with its image inputs beside):
+    every shape is fixed by the padded lengths and nothing reads the data's values back, so the
+    pass can be captured in a CUDA graph."""
+    inputs = {k: v for k, v in batch.items() if k not in _STATIC_MADE}
     inputs.update(_attention_inputs(base, batch, inputs))
-    with cross_attention_runs(DENSE):  # runs depend on the data; the mask's shape does not
-        hidden = base.model(**inputs, use_cache=False, **images).last_hidden_state
+    with static_forward():  # what depends on the data (attention runs) stays out
+        hidden = base.model(**inputs, use_cache=False).last_hidden_state
     return response_loss(base.lm_head, hidden[0, batch["target_index"]], batch["target_ids"])
 
 
@@ -229,12 +231,12 @@ class GraphedStep(TrainStep):
     At LoRA batch sizes the eager step is bound by the host: a decoder layer launches ~180
     kernels per forward and backward, each costing more host time than GPU time, so the GPU
     waits. A graph replays the whole pass with one launch. A step takes `pack_padded` rows (its
-    micro-batches fused up to a token budget), whose shapes repeat: each (length, label slots,
-    images) triple is warmed up and captured once (`warm`: the recipe captures the first step's
-    before it and the rest right after it), later passes of that shape only copy their inputs in
-    and replay. A row with images carries no cross-attention runs (they depend on the data, and
-    a graph would replay the first row's): its cross-attention takes the dense mask, whose shape
-    is fixed by the row's.
+    micro-batches fused up to a token budget), whose shapes repeat: each set of input shapes is
+    warmed up and captured once (`warm`: the recipe captures the first step's before it and the
+    rest right after it), later passes of those shapes only copy their inputs in and replay. A
+    static row carries nothing worked out from the data on the host (a graph would replay the
+    first row's): its forward runs under `attention.static_forward`, whose paths are fixed by the
+    row's shapes (a family's attention that picks its work by the data takes its fixed one).
     The optimizer update stays outside the graph (fused AdamW is a few launches), so a graph
     never bakes in a learning rate and the first steps need no special optimizer state.
     """
@@ -243,8 +245,8 @@ class GraphedStep(TrainStep):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # (length, label slots, images, sequence slots)
-        self.graphs: dict[tuple[int, int, int, int], _Graph] = {}
+        # each input's name and shape (`packing.static_shape` fixes them)
+        self.graphs: dict[tuple, _Graph] = {}
         self._sum: list = []  # a step's gradients summed over its rows, per parameter
         self._pool = None  # one memory pool for every graph: they never run at the same time
 
@@ -275,7 +277,7 @@ class GraphedStep(TrainStep):
     def _add_grads(self, index: int, grads: list) -> None:
         """Sums the rows' gradients per parameter. A parameter a pass never reaches has none
         (as in an eager step), and which those are can differ between rows: a text row leaves
-        the cross-attention layers' LoRA out, a row with images does not."""
+        out the LoRA of layers only images run, a row with images does not."""
         if index == 0:
             self._sum = [None if g is None else g.clone() for g in grads]
             return
@@ -305,9 +307,7 @@ class GraphedStep(TrainStep):
             torch.cuda.synchronize()
 
     def _graph_for(self, batch: dict) -> _Graph:
-        images = batch["pixel_values"].shape[1] if "pixel_values" in batch else 0
-        key = (batch["input_ids"].shape[1], batch["target_ids"].shape[0], images,
-               batch["cu_seqlens"].shape[0] - 1)  # as `batching.static_shape`
+        key = tuple((name, tuple(tensor.shape)) for name, tensor in sorted(batch.items()))
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = self._capture(batch)

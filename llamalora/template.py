@@ -29,8 +29,10 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from llamalora.errors import DataError
+from llamalora.bundled import bundled_tokenizer_dir
+from llamalora.errors import DataError, ModelError
 
 BOS = "<|begin_of_text|>"
 EOT = "<|eot_id|>"
@@ -172,15 +174,60 @@ def template_from_config(config: dict, jinja_file_text: str | None = None, sourc
     return ChatTemplate(text, tuple(special), source)
 
 
+def read_template(folder: Path, source: str) -> ChatTemplate | None:
+    """A tokenizer folder's chat template: chat_template.jinja, tokenizer_config.json, or a
+    processor's chat_template.json, in the order transformers prefers them."""
+    config_file, jinja_file = folder / "tokenizer_config.json", folder / "chat_template.jinja"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() \
+            else {}
+        jinja = jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else None
+        if jinja is None and not config.get("chat_template") and (
+                folder / "chat_template.json").is_file():
+            jinja = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")
+                               ).get("chat_template")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelError(f"cannot read the chat template in {folder} ({exc}); fix or remove "
+                         "tokenizer_config.json / chat_template.jinja") from exc
+    return template_from_config(config, jinja, source)
+
+
+@functools.lru_cache(maxsize=1)
+def bundled_template() -> ChatTemplate:
+    """Meta's Llama 3.2 Vision chat template, from the bundled tokenizer_config.json."""
+    folder = bundled_tokenizer_dir()
+    template = read_template(folder, "bundled Llama 3.2 Vision")
+    if template is None:
+        raise ModelError(f"the bundled tokenizer in {folder} has no chat template; "
+                         "reinstall llamalora")
+    return template
+
+
 def template_of(tokenizer) -> ChatTemplate:
     """The chat template a tokenizer was loaded with (`tokenizer.load_tokenizer` attaches it),
     else the bundled Llama 3.2 Vision one."""
     found = getattr(tokenizer, _ATTRIBUTE, None)
-    if found is not None:
-        return found
-    from llamalora.tokenizer import bundled_template
+    return found if found is not None else bundled_template()
 
-    return bundled_template()
+
+def pad_token_id(tokenizer, template: ChatTemplate | None = None) -> int | None:
+    """The id padding is written with: the tokenizer's declared pad token, else Llama 3's
+    padding token, else the first stop token it has (the eos token among them); None if it has
+    none. One rule for training's padded batches and for generation; what stands in padding is
+    never attended to or trained on, so any of them serves.
+
+    Args:
+        tokenizer: Anything with `token_to_id` (a `tokenizers.Tokenizer`, a transformers
+            tokenizer's `backend_tokenizer`).
+        template: Whose special tokens declare the pad and eos tokens; default: the one
+            attached to `tokenizer`.
+    """
+    template = template or template_of(tokenizer)
+    for token in (dict(template.special_tokens).get("pad_token"), PAD, *template.stops):
+        found = tokenizer.token_to_id(token) if token else None
+        if found is not None:
+            return found
+    return None
 
 
 def attach_template(tokenizer, template: ChatTemplate) -> None:

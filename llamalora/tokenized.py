@@ -108,7 +108,7 @@ def _lists(column):
 
 
 def cache_root() -> Path:
-    from llamalora.models import llamalora_home
+    from llamalora.models.home import llamalora_home
 
     return llamalora_home() / "data"
 

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamalora.bundled import BUNDLED_TOKENIZER_DIR, bundled_tokenizer_dir  # noqa: F401
+from llamalora.config import DEFAULT_MODEL
 from llamalora.errors import ModelError, UsageError, first_line
 from llamalora.hub import hub_reachable, unreachable_reason
-from llamalora.template import ChatTemplate, attach_template, template_from_config
+from llamalora.models.names import TINY_MODEL, resolve_model
+from llamalora.template import ChatTemplate, attach_template, bundled_template, read_template
 
-DEFAULT_MODEL = "meta-llama/Llama-3.2-11B-Vision-Instruct"
-BUNDLED_TOKENIZER_DIR = Path(__file__).parent / "assets" / "llama3_2_tokenizer"
-BUNDLED = "bundled"
+BUNDLED = "bundled"  # DEFAULT_MODEL and BUNDLED_TOKENIZER_DIR are importable from here too
 
 
 @dataclass
@@ -85,24 +85,6 @@ def _hub_failure(name: str, exc: Exception) -> str:
             "log in with `hf auth login` for a gated model")
 
 
-def _read_template(folder: Path, source: str) -> ChatTemplate | None:
-    """A tokenizer folder's chat template: chat_template.jinja, tokenizer_config.json, or a
-    processor's chat_template.json, in the order transformers prefers them."""
-    config_file, jinja_file = folder / "tokenizer_config.json", folder / "chat_template.jinja"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() \
-            else {}
-        jinja = jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else None
-        if jinja is None and not config.get("chat_template") and (
-                folder / "chat_template.json").is_file():
-            jinja = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")
-                               ).get("chat_template")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ModelError(f"cannot read the chat template in {folder} ({exc}); fix or remove "
-                         "tokenizer_config.json / chat_template.jinja") from exc
-    return template_from_config(config, jinja, source)
-
-
 def _hub_template(repo_id: str) -> ChatTemplate | None:
     # Each file is optional: a repo may keep its template in either.
     folder = None
@@ -111,7 +93,7 @@ def _hub_template(repo_id: str) -> ChatTemplate | None:
             folder = Path(_hub_tokenizer_file(repo_id, name)).parent
         except Exception:  # missing from the repo (or unreachable): the other may do
             pass
-    return _read_template(folder, f"hub:{repo_id}") if folder is not None else None
+    return read_template(folder, f"hub:{repo_id}") if folder is not None else None
 
 
 def _with_template(tokenizer, template: ChatTemplate | None, where: str):
@@ -124,16 +106,6 @@ def _with_template(tokenizer, template: ChatTemplate | None, where: str):
         template = bundled_template()
     attach_template(tokenizer, template)
     return tokenizer
-
-
-@functools.lru_cache(maxsize=1)
-def bundled_template() -> ChatTemplate:
-    """Meta's Llama 3.2 Vision chat template, from the bundled tokenizer_config.json."""
-    template = _read_template(bundled_tokenizer_dir(), "bundled Llama 3.2 Vision")
-    if template is None:
-        raise ModelError(f"the bundled tokenizer in {BUNDLED_TOKENIZER_DIR} has no chat template; "
-                         "reinstall llamalora")
-    return template
 
 
 class FileTokenizer:
@@ -188,7 +160,8 @@ def _bundled():
 
 
 def load_tokenizer(name: str | None = None) -> TokenizerSource:
-    """Loads a fast tokenizer by hub id, local folder, "bundled" (or "tiny"), or "smollm2".
+    """Loads a fast tokenizer by hub id, local folder, "bundled" (or "tiny"), or another short
+    name of `models.names` ("smollm2", ...: its cached folder, made on first use).
 
     Falls back to the bundled Llama 3.2 tokenizer when a meta-llama Llama 3.x id can't be had
     (offline, gated, not logged in); the reason is returned for the caller to show.
@@ -198,12 +171,9 @@ def load_tokenizer(name: str | None = None) -> TokenizerSource:
         ModelError: The tokenizer can't be loaded and no fallback applies.
     """
     name = name or DEFAULT_MODEL
-    if name in (BUNDLED, "tiny"):
+    if name in (BUNDLED, TINY_MODEL):  # the tiny model's tokenizer is the bundled one
         return TokenizerSource(_bundled(), "bundled Llama 3.2 tokenizer")
-    from llamalora.models import SMOLLM2_MODEL, resolve_model
-
-    if name == SMOLLM2_MODEL:  # its cached folder (fetched and converted on first use)
-        name = resolve_model(name)
+    name = resolve_model(name)
     local = Path(name).expanduser()
     if local.exists():
         file = local / "tokenizer.json" if local.is_dir() else local
@@ -211,7 +181,7 @@ def load_tokenizer(name: str | None = None) -> TokenizerSource:
             raise ModelError(f"{local} has no tokenizer.json; pass a folder saved with "
                              "save_pretrained, or a hub id")
         tokenizer = FileTokenizer(file)
-        return TokenizerSource(_with_template(tokenizer, _read_template(file.parent, str(
+        return TokenizerSource(_with_template(tokenizer, read_template(file.parent, str(
             file.parent)), str(file.parent)), str(file))
     if _is_path(name):
         raise UsageError(f"{name}: no such folder; pass a folder holding tokenizer.json, a hub "
@@ -233,14 +203,6 @@ def load_model_tokenizer(model: str):
     """The model's fast tokenizer (tokenizers.Tokenizer) and a note if a fallback stood in."""
     source = load_tokenizer(model)
     return source.tokenizer, source.fallback_reason or ""
-
-
-def bundled_tokenizer_dir() -> Path:
-    """The folder holding the bundled tokenizer files (loadable with AutoTokenizer)."""
-    if not (BUNDLED_TOKENIZER_DIR / "tokenizer.json").is_file():
-        raise ModelError(f"the bundled tokenizer is missing from {BUNDLED_TOKENIZER_DIR}; "
-                         "reinstall llamalora")
-    return BUNDLED_TOKENIZER_DIR
 
 
 def encode_segments(tokenizer, segment_lists: list[list[tuple[str, bool]]], *,

@@ -177,7 +177,7 @@ def tiny_adapter(tmp_path, run: dict | None = None, cross_b: float = 0.0) -> Pat
     import torch
     from safetensors.torch import save_file
 
-    from llamalora.models import tiny_model_dir
+    from llamalora.models.tiny import tiny_model_dir
 
     folder = tmp_path / "adapter"
     folder.mkdir()
@@ -200,7 +200,9 @@ def tiny_lora_model(dtype=None):
     weight gets a gradient; `dtype` (e.g. torch.float64) converts it."""
     import torch
 
-    from llamalora.models import attach_lora, load_model_for_training
+    from llamalora.models.lora import attach_lora
+
+    from llamalora.models.loading import load_model_for_training
 
     torch.manual_seed(0)
     model, _ = load_model_for_training("tiny", quant="none", device="cpu")

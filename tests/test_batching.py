@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer
 
-from llamalora.batching import IGNORE_INDEX, batch_order, collate, split_eval, tokenize_examples
+from llamalora.batching import IGNORE_INDEX, batch_order, split_eval, tokenize_examples
 from llamalora.data import load_examples
+from llamalora.packing import collate
 from llamalora.tokenizer import BUNDLED_TOKENIZER_DIR
 
 from conftest import write_jsonl

@@ -153,7 +153,8 @@ def test_adapter_state_follows_peft_switching(model):
 @pytest.mark.needs_bnb
 def test_8bit_greedy_tokens_equal_generate():
     pytest.importorskip("bitsandbytes")
-    from llamalora.models import attach_lora, load_model_for_training
+    from llamalora.models.loading import load_model_for_training
+    from llamalora.models.lora import attach_lora
 
     torch.manual_seed(0)
     model, _ = load_model_for_training("tiny", quant="8bit", device="cpu")
@@ -163,7 +164,7 @@ def test_8bit_greedy_tokens_equal_generate():
 
 
 def test_full_vision_model_decodes_text_through_its_language_model():
-    from llamalora.models import load_model_for_inference
+    from llamalora.models.loading import load_model_for_inference
 
     model, _ = load_model_for_inference("tiny", quant="none", with_vision=True)
     assert type(model).__name__ == "MllamaForConditionalGeneration"
@@ -182,8 +183,9 @@ def test_cuda_graph_replay_gives_the_eager_tokens(quant):
     the tokens are the eager step's (the same kernels), and in fp32 also generate's."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from llamalora import fastlinear
-    from llamalora.models import attach_lora, load_model_for_training
+    from llamalora.models.loading import load_model_for_training
+    from llamalora.models.lora import attach_lora
+    from llamalora.quant import fastlinear
 
     torch.manual_seed(0)
     dtype = "float32" if quant == "none" else None
@@ -242,7 +244,8 @@ def test_chat_merges_lora_only_into_an_unquantized_base_on_a_gpu(monkeypatch):
 def test_chat_keeps_lora_apart_from_an_8bit_base(monkeypatch):
     pytest.importorskip("bitsandbytes")
     from llamalora.chat import merge_for_decoding
-    from llamalora.models import attach_lora, load_model_for_training
+    from llamalora.models.loading import load_model_for_training
+    from llamalora.models.lora import attach_lora
 
     model, _ = load_model_for_training("tiny", quant="8bit", device="cpu")
     model = attach_lora(model, r=4, alpha=8, dropout=0.0)

@@ -43,7 +43,9 @@ def make_run(folder: Path, data: Path, lines: list[int] | None, *, scale: float 
              seed: int = 1, model: str = "tiny") -> Path:
     """A finished-run folder: a LoRA adapter (B drawn at `scale`; 0: the zero adapter peft
     starts from) and the llamalora.json fields eval reads, holding out `lines` of `data`."""
-    from llamalora.models import attach_lora, load_model_for_training, resolve_model
+    from llamalora.models.loading import load_model_for_training
+    from llamalora.models.lora import attach_lora
+    from llamalora.models.names import resolve_model
 
     torch.manual_seed(0)
     base, _ = load_model_for_training(model, quant="none", device="cpu")

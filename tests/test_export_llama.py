@@ -26,9 +26,9 @@ runner = CliRunner()
 
 
 def _text_config(**over):
-    from llamalora.models import _tiny_config
+    from llamalora.models.tiny import tiny_config
 
-    config = _tiny_config().text_config
+    config = tiny_config().text_config
     for k, v in over.items():
         setattr(config, k, v)
     return config

@@ -51,12 +51,12 @@ def run(tmp_path) -> Path:
 @pytest.fixture
 def no_loading(monkeypatch):
     """Any attempt to load a model fails the test: a refusal must come first."""
-    import llamalora.models
+    import llamalora.models.loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the target was refused")
 
-    monkeypatch.setattr(llamalora.models, "load_model_for_inference", refuse)
+    monkeypatch.setattr(llamalora.models.loading, "load_model_for_inference", refuse)
 
 
 def test_overwrite_keeps_a_folder_of_the_users_files(run, tmp_path):
@@ -198,7 +198,7 @@ def test_the_cached_base_and_trains_adapter_keep_the_umask(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llamalora.models import tiny_model_dir
+    from llamalora.models.tiny import tiny_model_dir
     from llamalora.rundir import save_adapter
 
     previous = os.umask(0o022)
@@ -225,7 +225,7 @@ def test_the_export_names_the_base_as_the_hub_knows_it(tmp_path):
     from huggingface_hub import ModelCard
 
     from llamalora.adapters import find_adapter
-    from llamalora.models import tiny_model_dir
+    from llamalora.models.tiny import tiny_model_dir
 
     base = tmp_path / "converted"
     shutil.copytree(tiny_model_dir(), base)

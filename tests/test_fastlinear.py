@@ -1,4 +1,4 @@
-"""The fast base-layer paths (llamalora.fastlinear) and padding-free packing.
+"""The fast base-layer paths (llamalora.quant.fastlinear) and padding-free packing.
 
 CPU: the torch int8 and NF4 paths against exact references and against bitsandbytes, packing
 against padding, and the Triton kernels' arithmetic under Triton's interpreter (when triton is
@@ -16,9 +16,9 @@ import textwrap
 import pytest
 import torch
 
-from llamalora import fastlinear
-from llamalora.batching import collate, pack
 from llamalora.config import TrainConfig
+from llamalora.packing import collate, pack
+from llamalora.quant import fastlinear
 from llamalora.recipe import _choose_checkpointing
 from llamalora.step import loss_sum
 
@@ -118,7 +118,8 @@ def test_pack_layout():
 
 
 def test_packed_loss_and_gradients_equal_the_padded_batch():
-    from llamalora.models import attach_lora, load_model_for_training
+    from llamalora.models.loading import load_model_for_training
+    from llamalora.models.lora import attach_lora
 
     model, _ = load_model_for_training("tiny", quant="none", device="cpu")
     model = attach_lora(model, r=4, alpha=8, dropout=0.0)
@@ -199,7 +200,8 @@ _INTERPRETED = textwrap.dedent("""
         _patch(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
     interp._patch_lang_tensor = _fixed
-    from llamalora import _triton_int8 as T
+    from llamalora.quant import triton_int8 as T
+
     torch.manual_seed(0)
     worst = 0.0
     for M, K, N in [(1, 96, 80), (3, 160, 33), (4, 64, 200)]:
@@ -263,13 +265,13 @@ def test_int8_paths_on_gpu_match_the_dequantized_product(tokens, shape):
 @pytest.mark.parametrize("shape", [(14336, 4096), (4096, 14336), (1000, 300)])
 @needs_triton
 def test_triton_dequant_on_gpu_is_torchs_product_bit_for_bit(shape):
-    from llamalora import _triton_int8
+    from llamalora.quant import triton_int8
 
     cb = torch.randint(-127, 128, shape, dtype=torch.int8, device="cuda")
     scale = (torch.rand(shape[0], 1, device="cuda") * 0.2 + 0.01) / 127
     for dtype in (torch.bfloat16, torch.float16):
         want = torch.mul(cb, scale, out=torch.empty(shape, dtype=dtype, device="cuda"))
-        assert torch.equal(_triton_int8.dequant(cb, scale, dtype), want)
+        assert torch.equal(triton_int8.dequant(cb, scale, dtype), want)
 
 
 def test_auto_compile_is_for_long_text_runs_on_cuda():
@@ -326,7 +328,9 @@ def test_compiled_layers_match_eager_and_compile_once_for_every_length():
     """torch.compile on the CPU (inductor builds C++): ~1-2 minutes here."""
     import torch._dynamo
 
-    from llamalora.models import attach_lora, load_model_for_training
+    from llamalora.models.lora import attach_lora
+
+    from llamalora.models.loading import load_model_for_training
     from llamalora.speed import compile_layers
 
     def run(compiled: bool):

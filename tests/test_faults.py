@@ -18,13 +18,13 @@ from typer.testing import CliRunner
 import llamalora.rundir as rundir
 import llamalora.step as step_mod
 from llamalora.adapters import find_adapter
-from llamalora.rundir import checkpoint_dirs
 from llamalora.cli.main import app
 from llamalora.config import TrainConfig
-from llamalora.plan import plan_training
 from llamalora.events import CheckpointSaved
+from llamalora.plan import plan_training
 from llamalora.recipe import OutOfMemory, train
 from llamalora.rundir import SaveError
+from llamalora.rundir import checkpoint_dirs
 
 from conftest import MEMO, needs_bnb, write_jsonl
 
@@ -91,7 +91,7 @@ def test_kill_9_at_random_moments_never_leaves_a_false_good_folder(tmp_path):
            "none", "--max-seq-length", "64", "--max-steps", "40", "--save-steps", "1",
            "--save-total-limit", "1", "--no-gradient-checkpointing"]
     # The tiny model is built once up front so kills land in training and saving.
-    from llamalora.models import tiny_model_dir
+    from llamalora.models.tiny import tiny_model_dir
 
     tiny_model_dir()
     outcomes = []

@@ -99,7 +99,7 @@ def test_quantized_bases_and_images_are_refused(monkeypatch, tmp_path):
 def test_cli_refuses_8bit_under_fsdp_before_loading_a_model(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import llamalora.models as models
+    import llamalora.models.loading as models
     from llamalora.cli.main import app
 
     from conftest import GOOD, write_jsonl
@@ -205,7 +205,7 @@ def _worker(out: str) -> None:
 
 @pytest.mark.multiprocess
 def test_sharded_gradients_and_clipping_match_one_process(tmp_path):
-    from llamalora.models import resolve_model
+    from llamalora.models.names import resolve_model
 
     resolve_model("tiny")  # built once here, not by both processes at the same time
     out = tmp_path / "sharded.pt"

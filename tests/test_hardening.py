@@ -18,11 +18,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llamalora.rundir import FolderLock
 from llamalora.cli.main import app
 from llamalora.config import TrainConfig
 from llamalora.errors import OutputExistsError
 from llamalora.recipe import train
+from llamalora.rundir import FolderLock
 
 from conftest import MEMO, write_jsonl
 
@@ -69,7 +69,7 @@ def test_resume_refuses_a_training_state_that_would_run_code(tmp_path):
 
 
 def _tiny_copy(tmp_path: Path) -> Path:
-    from llamalora.models import tiny_model_dir
+    from llamalora.models.tiny import tiny_model_dir
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir(), folder)
@@ -80,7 +80,7 @@ def test_model_weights_that_would_run_code_are_refused(tmp_path):
     from safetensors.torch import load_file
 
     from llamalora.errors import ModelError
-    from llamalora.models import load_base_model
+    from llamalora.models.loading import load_base_model
 
     folder, marker = _tiny_copy(tmp_path), tmp_path / "ran"
     weights = load_file(str(folder / "model.safetensors"))
@@ -119,7 +119,7 @@ def _edit_json(path: Path, **changes) -> None:
 def test_a_model_folders_own_code_never_runs(tmp_path):
     """A Llama 3.2 Vision folder that also ships code: train, chat and a merged export load it
     with transformers' own classes and never import the folder's module."""
-    from llamalora.models import load_image_processor
+    from llamalora.models.loading import load_image_processor
 
     folder, marker = _tiny_copy(tmp_path), tmp_path / "ran"
     _with_own_code(folder, marker)

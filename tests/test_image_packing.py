@@ -7,9 +7,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from llamalora.batching import (add_vision_inputs, collate, pack, pack_vision,
-                                tokenize_examples)
+from llamalora.batching import tokenize_examples
 from llamalora.data import load_examples
+from llamalora.families.mllama import MllamaBatches
+from llamalora.packing import FORWARD_CONTEXT, collate, pack
 from llamalora.step import loss_sum
 from llamalora.tokenizer import BUNDLED_TOKENIZER_DIR
 
@@ -23,7 +24,8 @@ def _tiny_vision_lora(device="cpu", dtype=None, lora_b_std=0.2):
     """The tiny vision model with LoRA (r 4, no dropout), LoRA's B drawn (`lora_b_std`; 0 keeps
     peft's zeros) and the cross-attention gates opened (zero at init, as in Mllama's
     pretraining start) so that images change the loss."""
-    from llamalora.models import attach_lora, load_model_for_training
+    from llamalora.models.loading import load_model_for_training
+    from llamalora.models.lora import attach_lora
 
     torch.manual_seed(0)
     model, _ = load_model_for_training("tiny", quant="none", with_vision=True, device=device,
@@ -45,9 +47,17 @@ def vision_model():
 
 @pytest.fixture(scope="module")
 def processor():
-    from llamalora.models import load_image_processor
+    from llamalora.models.loading import load_image_processor
 
     return load_image_processor("tiny")
+
+
+def add_vision_inputs(batch, image_lists, processor):
+    return MllamaBatches(image_processor=processor).add_images(batch, image_lists)
+
+
+def pack_vision(items, processor):
+    return MllamaBatches(image_processor=processor).pack_images(items)
 
 
 @pytest.fixture(scope="module")
@@ -136,21 +146,21 @@ def test_a_text_record_beside_images_is_trained_as_alone(vision_model, processor
 
 
 def _with_runs(batch, device="cpu"):
-    from llamalora.attention import CrossAttentionRuns
+    from llamalora.families.mllama_attention import CrossAttentionRuns
 
     runs = CrossAttentionRuns.from_mask(batch["cross_attention_mask"].cpu()).to(device)
-    return {**batch, "cross_attention_runs": runs}
+    return {**batch, FORWARD_CONTEXT: runs}
 
 
 def test_cross_attention_by_runs_is_the_masked_attention(vision_model, processor, records,
                                                           tmp_path):
-    """`attention.CrossAttentionRuns`: runs of tokens attend to just the tiles they see, with no
+    """`mllama_attention.CrossAttentionRuns`: runs of tokens attend to just the tiles they see, with no
     mask; loss and gradients equal transformers' masked SDPA over the whole row (the same batch
     without runs), packed and padded, with two images side by side in one turn (the runs
     after them see tiles that are not consecutive: the index path)."""
     from PIL import Image
 
-    from llamalora.attention import CROSS, VISION
+    from llamalora.families.mllama_attention import CROSS, VISION
 
     layers = {type(m).__name__: m.config._attn_implementation for m in vision_model.modules()
               if type(m).__name__ in ("MllamaVisionAttention", "MllamaTextCrossAttention")}
@@ -167,7 +177,7 @@ def test_cross_attention_by_runs_is_the_masked_attention(vision_model, processor
                   add_vision_inputs(collate(items, pad_id=128004), [t.images for t in items],
                                     processor)):
         fast = _with_runs(batch)
-        runs = fast["cross_attention_runs"].rows
+        runs = fast[FORWARD_CONTEXT].rows
         assert any(isinstance(s, torch.Tensor) for row in runs for _, _, s in row)
         _assert_trains_alike(vision_model, fast, batch, loss_tol=1e-10, grad_rtol=1e-8,
                              grad_atol=1e-10)
@@ -181,13 +191,14 @@ def test_fast_attention_on_the_gpu_is_sdpas(processor, records):
     gradients of transformers' SDPA (memory-efficient kernel, masks), within bf16 rounding."""
     import copy
 
-    from llamalora.attention import DENSE
+    from llamalora.attention import static_forward
     from llamalora.step import to_device
 
     model = _tiny_vision_lora("cuda")
     batch = to_device(pack_vision(records, processor), torch.device("cuda"), torch.bfloat16)
     fast = _loss_and_grads(model, _with_runs(batch, "cuda"))
-    dense = _loss_and_grads(model, {**batch, "cross_attention_runs": DENSE})
+    with static_forward():  # the dense mask, as a static row takes it
+        dense = _loss_and_grads(model, batch)
     for m in model.modules():  # back to transformers' own SDPA everywhere
         if type(m).__name__ in ("MllamaVisionAttention", "MllamaTextCrossAttention"):
             m.config = copy.copy(m.config)
@@ -211,7 +222,7 @@ def _vision_mask(tiles, max_tiles, patches, slot, dtype):
 
 
 def _varlen_reference(q, k, v, cu_q, cu_k, used_k, max_len, scale):
-    """What `attention._flash_varlen` computes, one sequence at a time with plain SDPA."""
+    """What `mllama_attention._flash_varlen` computes, one sequence at a time with plain SDPA."""
     import torch.nn.functional as F
 
     out = torch.zeros_like(q)
@@ -226,13 +237,13 @@ def _varlen_reference(q, k, v, cu_q, cu_k, used_k, max_len, scale):
 
 
 def test_vision_attention_without_its_mask_is_the_masked_attention():
-    """`attention._split_by_padding` (the vision tower's attention on CUDA: tokens reordered,
+    """`mllama_attention._split_by_padding` (the vision tower's attention on CUDA: tokens reordered,
     then real queries over all keys and padding queries over the real keys) equals SDPA with
     Mllama's mask, in fp64, for images of 1, 4 and 2 real tiles out of 4; a padding image slot
     (no real tile) gets zeros."""
     import torch.nn.functional as F
 
-    from llamalora.attention import _split_by_padding
+    from llamalora.families.mllama_attention import _split_by_padding
 
     torch.manual_seed(0)
     tiles, heads, dim, patches, slot = [1, 4, 0, 2], 2, 8, 5, 8
@@ -249,11 +260,11 @@ def test_vision_attention_without_its_mask_is_the_masked_attention():
 
 def test_vision_encoders_in_padding_order_give_the_masked_loss(vision_model, processor, records,
                                                              monkeypatch):
-    """`attention._encoder_in_padding_order` (on CUDA: each vision encoder puts its tokens real
+    """`mllama_attention._encoder_in_padding_order` (on CUDA: each vision encoder puts its tokens real
     first once, and every layer's attention reads them so): the loss and gradients of the
     model's own masked attention, fp64 on the CPU through the reference varlen kernel, the
     intermediate hidden states Mllama reads put back in its order."""
-    from llamalora import attention
+    from llamalora.families import mllama_attention as attention
 
     encoders = [m for m in vision_model.modules() if type(m).__name__ == "MllamaVisionEncoder"]
     assert len(encoders) == 2 and all(e._llamalora_padding_order for e in encoders)
@@ -277,13 +288,13 @@ def test_vision_encoders_in_padding_order_give_the_masked_loss(vision_model, pro
 
 
 def test_an_encoder_reorders_only_where_every_layer_takes_the_flash_path():
-    """`attention._sortable`: the reorder is for CUDA half-precision activations under an
+    """`mllama_attention._sortable`: the reorder is for CUDA half-precision activations under an
     additive mask with no gradient inside, every layer on `_vision_attention`; anything else
     (another attention implementation, a trainable weight, fp32, a boolean mask) runs the
     encoder as transformers wrote it. Tensors are stood in for: only their attributes are read."""
     from types import SimpleNamespace
 
-    from llamalora.attention import VISION, _sortable
+    from llamalora.families.mllama_attention import VISION, _sortable
 
     def tensor(dtype=torch.bfloat16, shape=(2, 8, 4), requires_grad=False):
         return SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=shape,
@@ -323,7 +334,8 @@ def test_vision_attention_on_flash_is_the_masked_attention(graphed):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from llamalora import attention
+    from llamalora.attention import graph_kernels
+    from llamalora.families import mllama_attention as attention
 
     torch.manual_seed(0)
     tiles = [1, 2, 4, 3]
@@ -337,7 +349,7 @@ def test_vision_attention_on_flash_is_the_masked_attention(graphed):
 
     with torch.no_grad():
         if graphed:
-            with attention.graph_kernels():
+            with graph_kernels():
                 expected = (attention._fa4_varlen if attention._fa4_runs_on(q.device)
                             else attention._flash_varlen)
                 assert attention._varlen_kernel(q.device) is expected
@@ -361,22 +373,23 @@ def test_vision_attention_on_flash_is_the_masked_attention(graphed):
 
 
 def test_flash_attention_4_runs_only_in_a_graphs_passes(monkeypatch):
-    """`attention._varlen_kernel`: FlashAttention-4 only inside `graph_kernels` (a graph's
+    """`mllama_attention._varlen_kernel`: FlashAttention-4 only inside `graph_kernels` (a graph's
     warm-up and capture) and only where it runs; else torch's flash attention. The start-of-run
     line says the same."""
-    from llamalora import attention
+    from llamalora.attention import graph_kernels
+    from llamalora.families import mllama_attention as attention
 
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(attention, "_fa4_problem", lambda device: None)
     assert attention._varlen_kernel(cuda) is attention._flash_varlen
-    with attention.graph_kernels():
+    with graph_kernels():
         assert attention._varlen_kernel(cuda) is attention._fa4_varlen
     assert attention._varlen_kernel(cuda) is attention._flash_varlen
     assert attention.vision_attention_kernel(cuda, graphs=True) == \
         "FlashAttention-4 (CUDA graphs)"
     assert attention.vision_attention_kernel(cuda, graphs=False) == "torch flash attention"
     monkeypatch.setattr(attention, "_fa4_problem", lambda device: "not installed")
-    with attention.graph_kernels():
+    with graph_kernels():
         assert attention._varlen_kernel(cuda) is attention._flash_varlen
     assert attention.vision_attention_kernel(cuda, graphs=True) == \
         "torch flash attention (FlashAttention-4: not installed)"
@@ -389,7 +402,8 @@ def test_a_flash_attention_4_that_does_not_import_leaves_torchs_kernel(tmp_path,
     """An installed FlashAttention-4 whose import fails (here an OSError, as a missing native
     library gives) is not used, and the start-of-run line says why, instead of the run
     stopping."""
-    from llamalora import attention
+    from llamalora.attention import graph_kernels
+    from llamalora.families import mllama_attention as attention
 
     (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
     (tmp_path / "flash_attn" / "__init__.py").write_text("")
@@ -409,7 +423,7 @@ def test_a_flash_attention_4_that_does_not_import_leaves_torchs_kernel(tmp_path,
     try:
         cuda = torch.device("cuda", 0)
         assert not attention._fa4_runs_on(cuda)
-        with attention.graph_kernels():
+        with graph_kernels():
             assert attention._varlen_kernel(cuda) is attention._flash_varlen
         line = attention.vision_attention_kernel(cuda, graphs=True)
         assert line == ("torch flash attention (FlashAttention-4: flash_attn.cute did not "
@@ -463,10 +477,9 @@ def test_lora_runs_in_the_activation_dtype(processor, records):
 def test_a_static_row_sends_cross_attention_to_cudnn_with_its_dense_mask(vision_model, processor,
                                                                          records, monkeypatch):
     """A CUDA-graph row (`step._static_loss_sum`) carries no runs: its cross-attention layers
-    take the dense mask through `attention._dense_cross` (cuDNN's kernel on a GPU, key and value
-    heads shared); an eager packed row with runs never goes there."""
-    from llamalora import attention
-    from llamalora.batching import pack_padded
+    take the dense mask through `mllama_attention._dense_cross` (cuDNN's kernel on a GPU, key
+    and value heads shared); an eager packed row with runs never goes there."""
+    from llamalora.families import mllama_attention as attention
 
     seen, original = [], attention._dense_cross
 
@@ -476,7 +489,7 @@ def test_a_static_row_sends_cross_attention_to_cudnn_with_its_dense_mask(vision_
 
     monkeypatch.setattr(attention, "_dense_cross", recorded)
     with torch.no_grad():
-        loss_sum(vision_model, pack_padded(records, pad_id=128004, image_processor=processor))
+        loss_sum(vision_model, MllamaBatches(image_processor=processor).static(records, 128004))
         assert seen and set(seen) == {("MllamaTextCrossAttention", True)}
         seen.clear()
         loss_sum(vision_model, _with_runs(pack_vision(records, processor)))
@@ -492,27 +505,28 @@ def test_training_batches_carry_their_runs(processor, records):
 
     for packing in (True, False):
         setup = SimpleNamespace(compute_dtype="float32", graphs=False, packing=packing,
-                                pad_id=128004, image_processor=processor)
+                                pad_id=128004, image_processor=processor,
+                                batch_maker=MllamaBatches(image_processor=processor))
         batches = StepBatches(SimpleNamespace(batch_size=5, gradient_accumulation_steps=1,
                                               max_seq_length=512, max_steps=1,
                                               num_train_epochs=1, seed=0),
                               SimpleNamespace(train=records, steps=1),
                               SimpleNamespace(world_size=1, rank=0), setup, torch.device("cpu"))
         made, _, _ = batches.make(records)
-        runs = made["cross_attention_runs"]
+        runs = made[FORWARD_CONTEXT]
         assert len(runs.rows) == made["input_ids"].shape[0]
         assert all(not isinstance(s, list) for row in runs.rows for _, _, s in row)  # moved
         assert any(isinstance(s, slice) for row in runs.rows for _, _, s in row)
     text_only, _, _ = batches.make([records[0], records[3]])
-    assert "cross_attention_runs" not in text_only
+    assert FORWARD_CONTEXT not in text_only
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded", "one record"])
 def test_host_made_loss_index_and_mask_change_nothing(vision_model, processor, records, layout):
-    """`batching.with_loss_index` (what training's batches carry, so the step never waits on the
+    """`packing.with_loss_index` (what training's batches carry, so the step never waits on the
     GPU) gives the loss and gradients of the boolean-mask gather and of the records found in
     the position ids."""
-    from llamalora.batching import with_loss_index
+    from llamalora.packing import with_loss_index
 
     def make(items):
         if layout == "padded":
@@ -532,13 +546,13 @@ def test_host_made_loss_index_and_mask_change_nothing(vision_model, processor, r
 
 def test_static_rows_with_images_give_the_packed_loss_and_gradients(vision_model, processor,
                                                                     records):
-    """`pack_padded` with images (what a CUDA graph of an image micro-batch replays): padded
+    """`MllamaBatches.static` (what a CUDA graph of an image micro-batch replays): padded
     text, the row's images, the cross-attention mask with the padding seeing no image; the
     packed row's loss and gradients, and shapes fixed by `static_shape` alone."""
-    from llamalora.batching import pack_padded, static_shape
+    from llamalora.packing import static_shape
 
     for items in (records, records[1:3], [records[0], records[3]]):
-        row = pack_padded(items, pad_id=128004, image_processor=processor)
+        row = MllamaBatches(image_processor=processor).static(items, pad_id=128004)
         length, slots, images, records = static_shape(items)
         assert row["input_ids"].shape == (1, length) and row["target_ids"].shape == (slots,)
         assert row["cu_seqlens"].shape == (records + 1,)
@@ -558,11 +572,12 @@ def test_graphed_image_steps_are_one_row_per_micro_batch(processor, records):
     with no runs, and the rows made to capture before the first step cover every shape used."""
     from types import SimpleNamespace
 
-    from llamalora.batching import static_shape
+    from llamalora.packing import static_shape
     from llamalora.recipe import StepBatches
 
     setup = SimpleNamespace(compute_dtype="float32", graphs=True, packing=True, pad_id=128004,
-                            image_processor=processor)
+                            image_processor=processor,
+                            batch_maker=MllamaBatches(image_processor=processor))
     config = SimpleNamespace(batch_size=2, gradient_accumulation_steps=2, max_seq_length=512,
                              max_steps=2, num_train_epochs=1, seed=0)
     train = records * 2
@@ -574,7 +589,7 @@ def test_graphed_image_steps_are_one_row_per_micro_batch(processor, records):
         assert len(rows) == 2 and all(len(r) == 2 for r in rows)  # the micro-batches as they are
         made, n_targets, _ = batches(step)
         for items, row in zip(rows, made):
-            assert "cross_attention_runs" not in row and "target_index" in row
+            assert FORWARD_CONTEXT not in row and "target_index" in row
             assert ("pixel_values" in row) == any(t.images for t in items)
             used.add(static_shape(items))
         assert n_targets == sum(int((r["target_ids"] != -100).sum()) for r in made)
@@ -589,7 +604,6 @@ def test_graphed_image_steps_are_one_row_per_micro_batch(processor, records):
 def test_graphed_image_steps_equal_eager_steps(processor, records):
     """Three steps of image micro-batches (two rows in some, a text-only row among them)
     replayed from CUDA graphs: the losses and LoRA weights of eager steps, in fp32."""
-    from llamalora.batching import pack_padded
     from llamalora.step import GraphedStep, TrainStep, to_device
 
     class Alone:  # one process: nothing to even out or sync
@@ -610,14 +624,15 @@ def test_graphed_image_steps_equal_eager_steps(processor, records):
         step = cls(model, opt, sched, params, Alone(), max_grad_norm=1.0)
         losses = []
         for rows in plan:
-            batches = [to_device(pack_padded(r, 128004, processor), cuda, torch.float32)
-                       for r in rows]
+            maker = MllamaBatches(model, processor)
+            batches = [to_device(maker.static(r, 128004), cuda, torch.float32) for r in rows]
             n = float(sum((b["target_ids"] != -100).sum() for b in batches))
             losses.append(step(batches, n)[0].item() / n)
         runs.append((losses, {k: v.detach().cpu() for k, v in model.named_parameters()
                               if v.requires_grad}, step))
     (eager, w_eager, _), (graphed, w_graphed, step) = runs
-    assert not step.failure and any(images for _, _, images in step.graphs)
+    assert not step.failure and any(name == "pixel_values" for key in step.graphs
+                                    for name, _ in key)
     torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w_graphed, w_eager, rtol=1e-3, atol=1e-5)
 
@@ -643,11 +658,12 @@ def test_the_plan_estimates_image_runs_at_or_above_their_measured_peaks(tmp_path
     from transformers import AutoTokenizer
 
     from llamalora.config import TrainConfig
-    from llamalora.plan import mllama_default_config, plan_training
+    from llamalora.families.mllama import default_config
+    from llamalora.plan import plan_training
 
     root = Path(__file__).resolve().parents[1]
     model = tmp_path / "11b"  # the architecture's config and the tokenizer; no weights
-    mllama_default_config().save_pretrained(model)
+    default_config().save_pretrained(model)
     AutoTokenizer.from_pretrained(BUNDLED_TOKENIZER_DIR).save_pretrained(model)
     for name, flags in (("mixed", ["--mixed"]), ("single", [])):
         subprocess.run([sys.executable, str(root / "benchmarks" / "make_image_data.py"),

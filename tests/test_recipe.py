@@ -6,7 +6,9 @@ from types import SimpleNamespace
 
 import torch
 
-from llamalora.batching import Tokenized, padded_length
+from llamalora.batching import Tokenized
+from llamalora.families.base import TextBatches
+from llamalora.packing import padded_length
 from llamalora.recipe import StepBatches
 
 
@@ -18,7 +20,7 @@ def _batches(lengths: list[int], graphs: bool, steps: int = 3) -> StepBatches:
     plan = SimpleNamespace(train=train, steps=steps)
     par = SimpleNamespace(world_size=1, rank=0)
     setup = SimpleNamespace(compute_dtype="float32", graphs=graphs, packing=True, pad_id=0,
-                            image_processor=None)
+                            image_processor=None, batch_maker=TextBatches())
     return StepBatches(config, plan, par, setup, torch.device("cpu"))
 
 

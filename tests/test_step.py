@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamalora.batching import pack, pack_padded, padded_length
+from llamalora.packing import pack, pack_padded, padded_length
 from llamalora.step import GraphedStep, TrainStep, loss_sum
 
 from conftest import make_records, tiny_lora_model
@@ -69,7 +69,8 @@ class _Null:
 def test_graphed_steps_equal_eager_steps():
     """Five steps, two of them of two rows, in two padded shapes (graphs are replayed): the
     same losses and LoRA weights as eager steps, in fp32 so only summation order differs."""
-    from llamalora.models import attach_lora, load_model_for_training
+    from llamalora.models.loading import load_model_for_training
+    from llamalora.models.lora import attach_lora
 
     runs = []
     for cls in (TrainStep, GraphedStep):

@@ -58,7 +58,7 @@ def test_default_model_dry_run_works_offline(repo_root):
 
 
 def test_bad_data_refused_before_any_model_loads(tmp_path, monkeypatch):
-    import llamalora.models as models
+    import llamalora.models.loading as models
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded")

@@ -12,7 +12,8 @@ pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file
 
-from llamalora import models, weights
+from llamalora import weights
+from llamalora.models import loading, tiny
 
 from conftest import needs_bnb
 
@@ -22,7 +23,7 @@ GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return models.tiny_model_dir(tmp_path_factory.mktemp("tiny-cache"))
+    return tiny.tiny_model_dir(tmp_path_factory.mktemp("tiny-cache"))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
@@ -69,7 +70,7 @@ def _load(tiny_dir, monkeypatch, quant: str, device: str, reads: list):
 
     with monkeypatch.context() as patch:
         patch.setattr(weights, "fast_reads", counted)
-        return models.load_base_model(str(tiny_dir), quant=quant, device=device)[0]
+        return loading.load_base_model(str(tiny_dir), quant=quant, device=device)[0]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
@@ -79,7 +80,7 @@ def test_the_loaded_model_equals_transformers_own_load(tiny_dir, monkeypatch, qu
     path (8bit, read ahead here). Every weight, int8 values and scales included, is the same."""
     reads: list[int] = []
     ours = _load(tiny_dir, monkeypatch, quant, device, reads)
-    stock, _ = models.load_base_model(str(tiny_dir), quant=quant, device=device)
+    stock, _ = loading.load_base_model(str(tiny_dir), quant=quant, device=device)
     assert reads and reads[0] > 0, "transformers' loader did not take the pread path"
     a, b = ours.state_dict(), stock.state_dict()
     assert a.keys() == b.keys()

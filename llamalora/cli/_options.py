@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from llamalora.config import QUANT_CHOICES
+
 DataPathArg = Annotated[str, typer.Argument(
     help="Training data: JSONL, a JSON array, parquet, CSV or Arrow file, a dataset folder, or "
          "a Hub dataset id (ORG/NAME).", show_default=False)]
@@ -30,7 +32,8 @@ BaseModelOpt = Annotated[str | None, typer.Option(
     "--model", help="Base model (default: the one the adapter was trained on).",
     show_default=False)]
 InferenceQuantOpt = Annotated[str | None, typer.Option(
-    "--quant", help="8bit, 4bit or none (default: what the run trained with).",
+    "--quant", help=f"{', '.join(QUANT_CHOICES[:-1])} or {QUANT_CHOICES[-1]} (default: what the "
+                    "run trained with).",
     show_default=False)]
 KernelsOpt = Annotated[str, typer.Option(
     "--kernels", help="Base-layer matmuls: fast, plain (bitsandbytes') or auto (fast on CUDA "

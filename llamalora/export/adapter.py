@@ -47,9 +47,9 @@ def write_adapter(source: ExportSource, targets: Targets, *, dtype: str, gguf_ty
 
 
 def _verify_adapter(source: ExportSource, folder: Target, dtype: str) -> Check:
-    from llamalora.models import preload_bitsandbytes
+    from llamalora.quant import preload
 
-    preload_bitsandbytes()
+    preload()  # before peft, which imports bitsandbytes
     from peft import PeftModel
 
     base, device = source.load_base(DTYPES[dtype], source.trained_with_vision)

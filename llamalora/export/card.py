@@ -35,11 +35,13 @@ def _save(folder: Path, source: ExportSource, library: str, lines: list[str], **
 
 
 def _load_lines(source: ExportSource, where: str) -> list[str]:
-    load = [f'model = AutoModelForCausalLM.from_pretrained("{where}")']
-    if source.mllama:  # text-only class, or the vision one
-        load = ["from transformers import MllamaForConditionalGeneration",
-                load[0] + "  # text only, or:",
-                f'# model = MllamaForConditionalGeneration.from_pretrained("{where}")']
+    # The classes the family's merged model loads with: the text-only one first, or the others.
+    first, *others = source.family.merged_classes
+    load = [f"from transformers import {first}", f'model = {first}.from_pretrained("{where}")']
+    if others:
+        load = [load[0], f"from transformers import {', '.join(others)}",
+                load[1] + "  # text only, or:",
+                *(f'# model = {name}.from_pretrained("{where}")' for name in others)]
     return load
 
 
@@ -47,13 +49,12 @@ def write_adapter_card(folder: Path, source: ExportSource) -> None:
     load = _load_lines(source, source.base_name)
     lines = ["# LoRA adapter trained with llamalora", "", *_run_lines(source), "",
              "## Load it", "", "```python", "from peft import PeftModel",
-             "from transformers import AutoModelForCausalLM",
              *[line.replace("model = ", "base = ", 1) for line in load],
              'model = PeftModel.from_pretrained(base, "<this folder>")', "```", "",
              "Prompts use the chat template of the tokenizer saved here, the one the adapter was "
              "trained on (`apply_chat_template` builds them; so does `llamalora chat --adapter "
              "<this folder>`)."]
-    if source.mllama:
+    if source.family.adapter_prefixes:
         lines += ["", "The weights file holds each LoRA weight under both layer names "
                   "(`model.layers.*` of the text-only model and "
                   "`model.language_model.layers.*` of the vision model), so it loads onto "
@@ -64,7 +65,6 @@ def write_adapter_card(folder: Path, source: ExportSource) -> None:
 def write_merged_card(folder: Path, source: ExportSource, gguf_name: str | None) -> None:
     lines = ["# Model fine-tuned with llamalora", "", *_run_lines(source), "", "## Load it", "",
              "A standalone model with the LoRA merged in; no peft needed:", "", "```python",
-             "from transformers import AutoModelForCausalLM",
              *_load_lines(source, "<this folder>"), "```", *_gguf_lines(gguf_name)]
     _save(folder, source, "transformers", lines)
 

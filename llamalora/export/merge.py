@@ -107,12 +107,10 @@ def _verify_merged(source: ExportSource, merged: Merged, folder: Target, dtype: 
     """Reloads the folder with plain transformers; records how far the merge itself moved the
     logits (rounding W + BA to `dtype`: reported, not refused; --dtype fp32 keeps it exact)."""
     import torch
-    from transformers import AutoModelForCausalLM, MllamaForConditionalGeneration
 
     result.note_drift(merged.drift)
     emit(Status("Checking the export: reloading with plain transformers"))
-    cls = (MllamaForConditionalGeneration if source.trained_with_vision
-           else AutoModelForCausalLM)
+    cls = source.merged_class()
     check = verify("the merged model", lambda: cls.from_pretrained(
         str(folder.staging), dtype=getattr(torch, DTYPES[dtype]), trust_remote_code=False).to(
             merged.probe.device), merged.expected, merged.probe, share=TOLERANCE[dtype])

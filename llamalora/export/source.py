@@ -1,8 +1,9 @@
 """What an export reads: the run's adapter and its base, read once and without weights.
 
-The facts about the base's model family that the export turns on are here and nowhere else in
-the package: whether it is Llama 3.2 Vision (Mllama), whose language model sits beside a vision
-tower and has cross-attention layers that text input never runs, or a plain Llama.
+What the export turns on about the base is its model family's (`llamalora.families`): whether
+its language model can be written as a plain Llama (Mllama's, whose cross-attention layers text
+input never runs), whether its merged model is GGUF-able, which class a merge goes into, and how
+its adapter's keys are named.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamalora.adapters import ADAPTER_WEIGHTS, AdapterInfo, find_adapter, rename_keys
+from llamalora.adapters import ADAPTER_WEIGHTS, AdapterInfo, find_adapter
 from llamalora.errors import UsageError
-from llamalora.models import hub_id_of, resolve_model
+from llamalora.families import Family, family_of
+from llamalora.models.names import hub_id_of, resolve_model
 from llamalora.plan import load_model_config
 
 
@@ -33,36 +35,44 @@ class ExportSource:
                 "base_model_local": self.base_path}
 
     def export_kind(self, *, merge: bool, text_only: bool, gguf: bool, state_dict: bool) -> str:
-        """state_dict, adapter, merged, or llama (an Mllama's language model as a Llama). A
-        plain Llama has no layers for --text-only to drop: its merged model is the Llama one,
-        and its GGUF needs no --text-only.
+        """state_dict, adapter, merged, or llama (a family's language model as a plain Llama,
+        `Family.text_only_export`). A plain Llama has no layers for --text-only to drop: its
+        merged model is the Llama one, and its GGUF needs no --text-only.
 
         Raises:
-            UsageError: --gguf of an Mllama run without --text-only.
+            UsageError: --gguf of a family whose merged model isn't GGUF-able (Mllama's without
+                --text-only), or --text-only of one whose vision tower can't be dropped.
         """
         if state_dict:
             return "state_dict"
         if not merge:
             return "adapter"
-        if self.mllama and text_only:
+        family = self.family
+        if family.text_only_export and text_only:
             return "llama"
-        if self.mllama and gguf:
-            raise UsageError("--gguf converts the text-only Llama model of a Llama 3.2 Vision "
-                             "run: pass --merge --text-only --gguf FILE")
+        if text_only and family.takes_images:
+            raise UsageError(f"--text-only: the language model of a {family.name} run can't be "
+                             "written on its own; pass --merge for the whole model")
+        if gguf and not family.gguf:
+            raise UsageError(f"--gguf converts the text-only Llama model of a {family.name} run: "
+                             "pass --merge --text-only --gguf FILE" if family.text_only_export
+                             else f"--gguf: llama.cpp's llama architecture can't hold a "
+                             f"{family.name} model; pass --merge without --gguf")
         return "merged"
 
     @property
-    def mllama(self) -> bool:
-        return getattr(self.config, "model_type", None) == "mllama"
+    def family(self) -> Family:
+        return family_of(self.config)
 
     @property
     def text_config(self):
         """The language model's config (an Mllama's text_config; a Llama's own)."""
-        return self.config.text_config if self.mllama else self.config
+        return self.config.get_text_config()
 
     @property
-    def cross_attention_layers(self) -> list[int]:
-        return sorted(set(getattr(self.text_config, "cross_attention_layers", None) or []))
+    def skipped_layers(self) -> list[int]:
+        """The layers a text forward skips (Mllama's cross-attention layers)."""
+        return self.family.skipped_layers(self.text_config)
 
     @property
     def trained_with_vision(self) -> bool:
@@ -87,10 +97,14 @@ class ExportSource:
 
     @property
     def merges_with_vision(self) -> bool:
-        """An Mllama run is merged into the full vision model, text-only runs too: the result
-        is a complete Mllama checkpoint that AutoModelForCausalLM (text) and
-        MllamaForConditionalGeneration (images) both load, like the original."""
-        return self.mllama
+        """A run of a family with a vision side is merged into the whole model, text-only runs
+        too (`Family.merge_with_vision`): the result is a complete checkpoint that the family's
+        classes all load (Mllama's text-only and vision ones), like the original."""
+        return self.family.merge_with_vision
+
+    def merged_class(self):
+        """The class that loads the merged model back for its check: the one the run trained."""
+        return self.family.load_class(self.trained_with_vision)
 
     def adapter_weights(self) -> dict:
         from safetensors.torch import load_file
@@ -98,36 +112,30 @@ class ExportSource:
         return load_file(str(self.info.folder / ADAPTER_WEIGHTS))
 
     def adapter_weights_for_peft(self) -> dict:
-        """The adapter's weights for a PEFT folder: on an Mllama base each under both layer
-        names (the text-only class's and the vision class's), each with its own storage as
-        safetensors wants, so it loads onto either; a Llama's as they are."""
+        """The adapter's weights for a PEFT folder: where the family's two classes name the
+        layers differently (Mllama), each under both names, each with its own storage as
+        safetensors wants, so it loads onto either; otherwise as they are."""
         weights = self.adapter_weights()
         out = dict(weights)
-        for to_vision in (True, False) if self.mllama else ():
-            out.update({k: v.clone() for k, v in rename_keys(weights, to_vision).items()
-                        if k not in out})
+        for to_vision in (True, False) if self.family.adapter_prefixes else ():
+            out.update({k: v.clone() for k, v in
+                        self.family.adapter_keys(weights, to_vision).items() if k not in out})
         return out
 
     def save_processor(self, folder: Path) -> None:
-        """An Mllama's image processor, beside a merged model (a Llama has none)."""
-        if self.mllama:
-            from llamalora.models import load_image_processor
+        """The image processor beside a merged model, for a family that takes images."""
+        if self.family.takes_images:
+            from llamalora.models.loading import load_image_processor
 
             load_image_processor(self.base_path).save_pretrained(str(folder))
 
     def meta_text_weights(self) -> dict:
-        """The language model's weights on the meta device: names and shapes, no memory."""
-        import torch
-        from transformers import AutoModelForCausalLM, MllamaForCausalLM
-
-        with torch.device("meta"):
-            model = (MllamaForCausalLM(self.text_config) if self.mllama else
-                     AutoModelForCausalLM.from_config(self.config, trust_remote_code=False))
-        return model.state_dict()
+        """The text-only model's weights on the meta device: names and shapes, no memory."""
+        return self.family.meta_model(self.config, with_vision=False).state_dict()
 
     def load_base(self, dtype: str, with_vision: bool):
         """The base in `dtype` ("bfloat16", ...), never quantized: (model, device)."""
-        from llamalora.models import load_model_for_inference
+        from llamalora.models.loading import load_model_for_inference
 
         model, info = load_model_for_inference(self.base_path, quant="none",
                                                with_vision=with_vision, dtype=dtype)
@@ -144,7 +152,7 @@ class ExportSource:
         if self.trained_with_vision:
             raise UsageError(f"{self.info.run_dir} was trained with images: its answers depend "
                              f"on the cross-attention layers that --text-only drops; {fix}")
-        cross = set(self.cross_attention_layers)
+        cross = set(self.skipped_layers)
         if not cross:
             return
         from safetensors import safe_open

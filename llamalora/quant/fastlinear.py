@@ -1,9 +1,10 @@
 """Fast matmuls for the frozen 8-bit and 4-bit base layers, on the weights bitsandbytes stores.
 
 bitsandbytes' LLM.int8 layer rounds every input to int8 and sends outlier columns through fp16; at
-LoRA batch sizes that costs ~5x a bf16 matmul per layer (issue 5's measurements), most of it host
-time. The base is frozen, so only `x @ W^T` and the gradient to `x` are needed, and both can run in
-the activations' dtype on the int8 weight as stored (`CB` int8 [out, in], `SCB` fp32 row absmax):
+LoRA batch sizes that costs ~5x a bf16 matmul per layer (BENCHMARKS.md, "Training speed"), most
+of it host time. The base is frozen, so only `x @ W^T` and the gradient to `x` are needed, and
+both can run in the activations' dtype on the int8 weight as stored (`CB` int8 [out, in], `SCB`
+fp32 row absmax):
 
 - `int8-dequant`: dequantize to the activations' dtype in one pass, then `F.linear` (any device);
 - `+triton`: on CUDA GPUs that pass is a Triton kernel running at memory speed, and decoding (a
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from llamalora.config import KERNEL_CHOICES, check_choice
-from llamalora.models import is_bnb_layer
+from llamalora.quant.bitsandbytes import is_quantized_layer as is_bnb_layer
 
 _PATCHED = "_llamalora_kernel"
 _GEMV_MAX_ROWS = 4  # up to here (decoding one or a few sequences) the GEMV wins
@@ -35,9 +36,9 @@ def _dequant_int8(cb: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
                   use_triton: bool) -> torch.Tensor:
     """cb * scale (scale = SCB / 127, fp32 [out, 1]) in one pass: fp32 math, `dtype` out."""
     if use_triton and dtype in (torch.bfloat16, torch.float16):
-        from llamalora import _triton_int8
+        from llamalora.quant import triton_int8
 
-        return _triton_int8.dequant(cb, scale, dtype)
+        return triton_int8.dequant(cb, scale, dtype)
     out = torch.empty(cb.shape, dtype=dtype, device=cb.device)
     return torch.mul(cb, scale, out=out)
 
@@ -65,15 +66,15 @@ def int8_linear(x: torch.Tensor, cb: torch.Tensor, scale: torch.Tensor,
     """x [M, K] @ (cb * scale)^T; cb int8 [N, K] as bitsandbytes stores it, scale = SCB / 127.
 
     Many rows (training, prefill): dequantize the weight to x's dtype in one pass, then cuBLAS;
-    on an H200 that beat a Triton GEMM that converts int8 tiles in registers, at 700 and 2,048
-    tokens, and again at 128-2,048 rows timed as CUDA-graph replays (BENCHMARKS.md). A few rows
+    that beat a Triton GEMM that converts int8 tiles in registers, at 700 and 2,048 tokens, and
+    again at 128-2,048 rows timed as CUDA-graph replays (BENCHMARKS.md). A few rows
     with `use_triton` (decoding on CUDA): a Triton GEMV that streams the int8 weight once and
     writes no dequantized copy.
     """
     if use_triton and x.shape[0] <= _GEMV_MAX_ROWS:
-        from llamalora import _triton_int8
+        from llamalora.quant import triton_int8
 
-        return _triton_int8.gemv(x.contiguous(), cb, scale)
+        return triton_int8.gemv(x.contiguous(), cb, scale)
     return F.linear(x, _dequant_int8(cb, scale, x.dtype, use_triton))
 
 
@@ -248,6 +249,11 @@ def enable(model: torch.nn.Module, mode: str = "auto") -> str:
             names.add("nf4-dequant")
         setattr(module, _PATCHED, True)
     return f"{'+'.join(sorted(names))} ({len(layers)} layers)"
+
+
+def is_patched(module) -> bool:
+    """Whether `enable` gave `module` one of llamalora's paths."""
+    return getattr(module, _PATCHED, False)
 
 
 def disable(model: torch.nn.Module) -> None:

@@ -9,10 +9,10 @@ the result is closer to the unquantized layer.
   registers and accumulates in fp32.
 - `dequant`: for training and prefill, `CB * scale` in fp32, rounded once to bf16/fp16, in one
   pass at memory speed. torch's `mul` on int8 and fp32 inputs with a bf16 output takes its
-  per-element casting loop: on an H100 it ran at about a quarter of memory bandwidth and was half
-  of a compiled 8-bit step's GPU time (BENCHMARKS.md).
+  per-element casting loop: it ran at about a quarter of memory bandwidth and was half of a
+  compiled 8-bit step's GPU time (BENCHMARKS.md).
 
-This module imports triton; `llamalora.fastlinear` imports it only on CUDA GPUs (or in tests under
+This module imports triton; `quant.fastlinear` imports it only on CUDA GPUs (or in tests under
 TRITON_INTERPRET=1).
 """
 
