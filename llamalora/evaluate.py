@@ -34,11 +34,13 @@ from llamalora.adapters import AdapterInfo, find_adapter
 from llamalora.data import Example, load_examples, open_source
 from llamalora.errors import ConfigError, OutputExistsError, UsageError
 from llamalora.events import EvalProgress, OnEvent, Status
+from llamalora.provenance import package_versions
 from llamalora.rundir import write_atomic
 
 EVAL_DIR = "eval"  # RUN/eval unless --out
 EVAL_FILES = ("eval.json", "predictions.jsonl")
 MODELS = ("tuned", "base")
+_VERSIONED = ("torch", "transformers", "peft", "sacrebleu", "rouge-score")  # eval.json records
 TOKENIZATION = {
     "exact_match": "the whole answer, after Unicode NFC and collapsing runs of whitespace; "
                    "case-sensitive",
@@ -276,7 +278,7 @@ def evaluate(run: str | Path, *, data: str | Path | None = None, out: str | Path
         timings={"load_s": round(loaded - started, 2), "answers_s": round(answer_s, 2),
                  "generated_tokens": generated,
                  "tokens_per_s": round(generated / answer_s, 1) if answer_s else None},
-        versions=_versions(), out=str(out_dir), records=rows)
+        versions=package_versions(_VERSIONED), out=str(out_dir), records=rows)
     result.timings["wall_s"] = round(time.perf_counter() - started, 2)
     _write(out_dir, result, overwrite)
     return result
@@ -417,18 +419,6 @@ def _row(record: EvalRecord, answers: dict, losses: dict, loss_tokens: int, scor
                loss_tokens=loss_tokens,
                answer_tokens={m: sum(t not in stops for t in ids) for m, ids in answers.items()})
     return row
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("torch", "transformers", "peft", "sacrebleu", "rouge-score"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def _write(out_dir: Path, result: EvalResult, overwrite: bool) -> None:

@@ -30,9 +30,13 @@ from llamalora.events import (CheckpointSaved, EvalDone, ModelReady, OnEvent, Pl
 from llamalora.families import Family, family_of_model
 from llamalora.packing import IGNORE_INDEX, Tokenized, static_shape
 from llamalora.plan import Plan, choose_memory, fits_gpu, plan_training
+from llamalora.provenance import package_versions
 from llamalora.rundir import CHECKPOINTS, RunFolder
 from llamalora.step import GraphedStep, TrainStep
 from llamalora.template import pad_token_id, template_of
+
+# The packages a run's llamalora.json records.
+_VERSIONED = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers")
 
 
 class TrainingInterrupted(LlamaLoraError):
@@ -491,7 +495,7 @@ def _result(config: TrainConfig, plan: Plan, setup: ModelSetup, losses: _Losses,
         steps_run=losses.steps_run, wall_time_s=round(time.perf_counter() - started, 2),
         peak_gpu_mem_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if device.type == "cuda" else None,
-        device=str(device), world_size=par.world_size, versions=_versions(),
+        device=str(device), world_size=par.world_size, versions=package_versions(_VERSIONED),
         trackers=config.report_to_list(), offload_activations=setup.offload_activations)
 
 
@@ -736,15 +740,3 @@ def _pad_id(tokenizer, model_path: str) -> int:
     template = template_of(load_model_tokenizer(model_path)[0])  # not parsed: files only
     pad = pad_token_id(tokenizer.backend_tokenizer, template)
     return pad if pad is not None else 0
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out

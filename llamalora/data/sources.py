@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from pathlib import Path
 from llamalora.data.readers import Item, Warn, iter_json_file, open_checked
 from llamalora.data.tables import TABLE_FILES, iter_rows, load_table
 from llamalora.errors import UsageError
+from llamalora.provenance import sha256_of
 
 _DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", *TABLE_FILES)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -54,11 +54,8 @@ class Source:
     def fingerprint(self) -> str:
         """What identifies the data: the file's SHA-256, or the dataset's fingerprint."""
         if self.kind == "json":
-            h = hashlib.sha256()
             with open_checked(self.path) as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            return h.hexdigest()
+                return sha256_of(f)
         return f"{self.table()._fingerprint}"
 
 

