@@ -45,6 +45,7 @@ def make_run(out: Path, model: str, records: int, rank: int = 8, seed: int = 0) 
     from transformers import AutoConfig, AutoModelForCausalLM, MllamaForCausalLM
 
     from llamalora.data import open_source
+    from llamalora.families import family_of
     from llamalora.models.lora import lora_target_pattern
     from llamalora.models.names import resolve_model
 
@@ -55,7 +56,7 @@ def make_run(out: Path, model: str, records: int, rank: int = 8, seed: int = 0) 
                 else AutoModelForCausalLM.from_config(config))
     # train's pattern: the language model's projections, never the vision tower's
     lora = LoraConfig(r=rank, lora_alpha=32, lora_dropout=0.0, target_modules=lora_target_pattern(
-        ["q_proj", "k_proj", "v_proj", "o_proj"]))
+        ["q_proj", "k_proj", "v_proj", "o_proj"], family_of(config).vision_parts))
     shapes = {k: v.shape for k, v in get_peft_model_state_dict(get_peft_model(base, lora)).items()}
     g = torch.Generator().manual_seed(seed)
     state = {k: (torch.randn(s, generator=g) * (0.02 if "lora_A" in k else 0.01)).to(
