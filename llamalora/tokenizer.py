@@ -113,7 +113,7 @@ class FileTokenizer:
 
     A run whose data is already tokenized needs only the file's digest (the token cache's key)
     and the chat template, and parsing Llama 3's 9 MB file (and serializing it again for a key)
-    took most of a second run's plan (BENCHMARKS.md, "A second run's start, old against new").
+    took most of a second run's plan (BENCHMARKS.md, "The start of a run and a second run").
     Every other attribute is the parsed Tokenizer's.
     """
 

@@ -4,9 +4,9 @@ transformers reads each tensor through safetensors' memory map and copies it to 
 pageable memory; with on-the-fly 8-bit or 4-bit quantization it does so one tensor at a time in
 its main thread, so that full-precision tensors don't pile up ahead of the quantizer. Threads
 reading (pread) into pinned buffers and copying asynchronously move the same bytes about three
-times as fast (BENCHMARKS.md, "A second run's start"; `benchmarks/read_speed.py` measures both
-paths). safetensors has no call that reads into a buffer of ours or says where a tensor's
-bytes lie, hence the small header reader here.
+times as fast (BENCHMARKS.md, "The start of a run and a second run"; `benchmarks/read_speed.py`
+measures both paths). safetensors has no call that reads into a buffer of ours or says where a
+tensor's bytes lie, hence the small header reader here.
 
 `fast_reads()` gives transformers' loader that second path: its tensors, in the order it asks
 for them, read by `READERS` threads at most `LOOKAHEAD` tensors ahead of it (bounded GPU memory:

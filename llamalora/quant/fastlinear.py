@@ -1,10 +1,10 @@
 """Fast matmuls for the frozen 8-bit and 4-bit base layers, on the weights bitsandbytes stores.
 
 bitsandbytes' LLM.int8 layer rounds every input to int8 and sends outlier columns through fp16; at
-LoRA batch sizes that costs ~5x a bf16 matmul per layer (BENCHMARKS.md, "Training speed"), most
-of it host time. The base is frozen, so only `x @ W^T` and the gradient to `x` are needed, and
-both can run in the activations' dtype on the int8 weight as stored (`CB` int8 [out, in], `SCB`
-fp32 row absmax):
+LoRA batch sizes that costs ~5x a bf16 matmul per layer (benchmarks/HISTORY.md, "Training
+speed"), most of it host time. The base is frozen, so only `x @ W^T` and the gradient to `x` are
+needed, and both can run in the activations' dtype on the int8 weight as stored (`CB` int8
+[out, in], `SCB` fp32 row absmax):
 
 - `int8-dequant`: dequantize to the activations' dtype in one pass, then `F.linear` (any device);
 - `+triton`: on CUDA GPUs that pass is a Triton kernel running at memory speed, and decoding (a
