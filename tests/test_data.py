@@ -432,12 +432,20 @@ def test_wrong_layouts_get_a_hint(tmp_path, record, code, field, words):
     assert words in p.text, p.text
 
 
-def test_missing_image_names_the_path_tried_and_the_option(tmp_path):
+def test_missing_image_names_the_path_tried_and_the_option(tmp_path, monkeypatch):
     _png(tmp_path / "images" / "a.png")
-    _, p = _check(tmp_path, '{"instruction": "a", "output": "b", "image": "a.png"}',
-                  "image_missing", field="image")
+    record = '{"instruction": "a", "output": "b", "image": "a.png"}'
+    # The folder to pass is shown as the user would type it: relative to the current folder
+    # when near it, whole when far (where the suite runs from must not matter).
+    monkeypatch.chdir(tmp_path)
+    _, p = _check(tmp_path, record, "image_missing", field="image")
     assert str(tmp_path / "a.png") in p.text
-    assert f"--image-root {tmp_path / 'images'}" in p.text
+    assert "pass --image-root images" in p.text
+    far = tmp_path / "w" / "x" / "y"
+    far.mkdir(parents=True)
+    monkeypatch.chdir(far)
+    _, p = _check(tmp_path, record, "image_missing", field="image")
+    assert f"pass --image-root {tmp_path / 'images'}" in p.text
     _, p = _check(tmp_path, '{"instruction": "a", "output": "b", "image": "zz.png"}',
                   "image_missing", field="image")
     assert "--image-root DIR" in p.text
