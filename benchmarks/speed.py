@@ -626,9 +626,10 @@ def run_plain_eval(spec: dict) -> dict:
 
 
 def _versions() -> dict:
-    from llamalora.recipe import _versions as versions  # the list llamalora.json records
+    from llamalora.provenance import package_versions
+    from llamalora.recipe import RUN_VERSIONS  # the list llamalora.json records
 
-    return versions()
+    return package_versions(RUN_VERSIONS)
 
 
 def run_unsloth(spec: dict) -> dict:

@@ -36,7 +36,7 @@ from llamalora.step import GraphedStep, TrainStep
 from llamalora.template import pad_token_id, template_of
 
 # The packages a run's llamalora.json records.
-_VERSIONED = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers")
+RUN_VERSIONS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers")
 
 
 class TrainingInterrupted(LlamaLoraError):
@@ -495,7 +495,7 @@ def _result(config: TrainConfig, plan: Plan, setup: ModelSetup, losses: _Losses,
         steps_run=losses.steps_run, wall_time_s=round(time.perf_counter() - started, 2),
         peak_gpu_mem_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if device.type == "cuda" else None,
-        device=str(device), world_size=par.world_size, versions=package_versions(_VERSIONED),
+        device=str(device), world_size=par.world_size, versions=package_versions(RUN_VERSIONS),
         trackers=config.report_to_list(), offload_activations=setup.offload_activations)
 
 
