@@ -157,7 +157,7 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model, "device": args.device, "code_sha256": speed.code_sha256(),
               "seed": args.seed, "memory_cap_gib": args.memory_cap_gib,
-              "sizes": {k: list(v) for k, v in SIZES.items()}, "versions": speed._versions(),
+              "sizes": {k: list(v) for k, v in SIZES.items()}, "versions": speed.versions(),
               "runs": {}, "summary": {}}
     if args.device == "cuda":
         import torch

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import random
 import statistics
@@ -57,6 +56,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # harness.py, also when this file is loaded by path
+
+from harness import (LEARNING_RATE, LORA, RECORDS_PER_STEP, load_records,  # noqa: E402
+                     peak_gib, step_batches, step_clock, versions)
 
 SPEED_RECIPES = {
     "old": "HF Trainer, 8-bit, fp16, 2x2, padded to max length, checkpointing",
@@ -80,9 +83,6 @@ EVAL_LOSS_TARGET = 0.01  # and the adapter's eval loss on plain transformers + p
 # A --resume keeps earlier runs only when these match.
 RESUME_KEYS = ("mode", "model", "device", "data_sha256", "code_sha256", "steps",
                "max_seq_length", "seed", "memory_cap_gib")
-LORA = {"r": 8, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-LEARNING_RATE = 2e-4
-RECORDS_PER_STEP = 4
 PAD_ID = 128004  # <|finetune_right_pad_id|>, what llamalora pads with
 # The old script's int8 layers skip lm_head and the vision parts (llamalora/models.py keeps the
 # same list: transformers 5 matches dotted prefixes, older versions bare names).
@@ -338,37 +338,7 @@ def data_stats(lengths: list[int], max_length: int = 512) -> dict:
             "over_max_length": sum(n > max_length for n in lengths)}
 
 
-# --- what every recipe shares: the records and their order -----------------------------------
-
-def load_records(spec: dict, *, train_on_prompt: bool):
-    """The data tokenized exactly as llamalora tokenizes it (template, truncation, labels)."""
-    from llamalora.batching import tokenize_examples
-    from llamalora.data import load_examples
-    from llamalora.models.names import resolve_model
-    from llamalora.tokenizer import load_model_tokenizer
-
-    examples, _ = load_examples(spec["data"])
-    tokenizer, _ = load_model_tokenizer(resolve_model(spec["model"]))
-    records, _ = tokenize_examples(tokenizer, examples, max_seq_length=spec["max_seq_length"],
-                                   train_on_prompt=train_on_prompt)
-    return records
-
-
-def step_batches(lengths: list[int], steps: int, seed: int) -> list[list[int]]:
-    """The records of each optimizer step as a one-GPU llamalora run at batch 4 x 1 takes them:
-    step s is batch s of the epoch stream, each epoch in `batch_order`'s seeded order."""
-    from llamalora.batching import batch_order
-
-    per_epoch = math.ceil(len(lengths) / RECORDS_PER_STEP)
-    orders: dict[int, list[list[int]]] = {}
-    out = []
-    for s in range(steps):
-        epoch = s // per_epoch
-        if epoch not in orders:
-            orders[epoch] = batch_order(lengths, RECORDS_PER_STEP, seed, epoch)
-        out.append(orders[epoch][s % per_epoch])
-    return out
-
+# --- the plain transformers models of the HF recipes (the shared parts: harness.py) -----------
 
 def bnb_config(quant: str, dtype, *, old: bool = False):
     """A plain transformers quantization config (None for bf16), written here, not llamalora's."""
@@ -397,14 +367,6 @@ def load_plain_model(spec: dict, quant: str, dtype, *, old: bool = False):
     if config is not None:
         kwargs["quantization_config"] = config
     return AutoModelForCausalLM.from_pretrained(resolve_model(spec["model"]), **kwargs)
-
-
-def _peak_gib(spec: dict) -> float | None:
-    import torch
-
-    if spec["device"] != "cuda":
-        return None
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
 # --- recipe: HF Trainer (the old script, and the plain HF + PEFT counterparts) ----------------
@@ -462,7 +424,7 @@ def run_trainer(spec: dict) -> dict:
         r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
         target_modules=LORA["targets"], bias="none", task_type="CAUSAL_LM"))
 
-    clock = _step_clock(cuda)
+    clock = step_clock(cuda)
     # Real tokens are counted where the model consumes a micro-batch (a forward pre-hook), not in
     # the collator, which the data loader runs ahead of the step. The sums stay on the device
     # until the step ends, so counting adds no synchronization inside a step.
@@ -483,54 +445,9 @@ def run_trainer(spec: dict) -> dict:
     trainer = Trainer(model=model, args=args, train_dataset=feed, data_collator=collate,
                       callbacks=[clock])
     trainer.train()
-    return {"rows": clock.rows, "peak_gpu_mem_gib": _peak_gib(spec),
+    return {"rows": clock.rows, "peak_gpu_mem_gib": peak_gib(spec),
             "kernels": "bitsandbytes" if quant != "none" else None,
-            "gradient_checkpointing": checkpointing, "versions": _versions()}
-
-
-def _step_clock(cuda: bool):
-    """A Trainer callback that times each optimizer step with the GPU synchronized at its edges.
-
-    A step is timed from the end of the previous one (the start of training for the first), so
-    it includes fetching and collating its micro-batches, as llamalora's step_time_s does: HF
-    Trainer fetches a step's micro-batches before on_step_begin. The begin-to-end time is kept
-    as compute_time_s.
-    """
-    import torch
-    from transformers import TrainerCallback
-
-    def now() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.rows: list[dict] = []
-            self.masks: list = []  # attention-mask sums of this step's micro-batches
-            self.last = self.begin = 0.0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.last = now()
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.begin = now()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            end = now()
-            tokens = int(sum(m.item() for m in self.masks))
-            self.masks.clear()
-            self.rows.append({"step": state.global_step, "step_time_s": round(end - self.last, 4),
-                              "compute_time_s": round(end - self.begin, 4), "tokens": tokens})
-            self.last = end
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            # Logged right after on_step_end of the same step (logging_steps=1).
-            last = self.rows[-1] if self.rows else {}
-            if logs and "loss" in logs and last.get("step") == state.global_step:
-                last["loss"] = float(logs["loss"])
-
-    return StepClock()
+            "gradient_checkpointing": checkpointing, "versions": versions()}
 
 
 # --- recipe: llamalora ------------------------------------------------------------------------
@@ -622,14 +539,7 @@ def run_plain_eval(spec: dict) -> dict:
                                         reduction="sum").item()
             count += int(keep.sum())
     return {"eval_loss": loss_sum / max(count, 1), "eval_records": len(plan.eval),
-            "eval_tokens": count, "peak_gpu_mem_gib": _peak_gib(spec)}
-
-
-def _versions() -> dict:
-    from llamalora.provenance import package_versions
-    from llamalora.recipe import RUN_VERSIONS  # the list llamalora.json records
-
-    return package_versions(RUN_VERSIONS)
+            "eval_tokens": count, "peak_gpu_mem_gib": peak_gib(spec)}
 
 
 def run_unsloth(spec: dict) -> dict:
@@ -961,7 +871,7 @@ def main() -> None:
               "steps": args.numerics_steps if args.numerics else args.steps, "skip": args.skip,
               "max_seq_length": args.max_seq_length, "seed": args.seed,
               "memory_cap_gib": args.memory_cap_gib,
-              "records_per_step": RECORDS_PER_STEP, "lora": LORA, "versions": _versions()}
+              "records_per_step": RECORDS_PER_STEP, "lora": LORA, "versions": versions()}
     if args.device == "cuda":
         import torch
 

@@ -67,7 +67,8 @@ def run(spec: dict) -> dict:
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from speed import LEARNING_RATE, LORA, _peak_gib, _step_clock, load_records, step_batches
+    from harness import (LEARNING_RATE, LORA, load_records, peak_gib, step_batches, step_clock,
+                         versions)
 
     records = load_records(spec, train_on_prompt=False)
     rows = sft_rows(records, step_batches([len(r) for r in records], spec["steps"], spec["seed"]))
@@ -82,7 +83,7 @@ def run(spec: dict) -> dict:
         lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], bias="none",
         use_gradient_checkpointing="unsloth", random_state=spec["seed"])
     FastVisionModel.for_training(model)
-    clock = _step_clock(cuda=True)
+    clock = step_clock(cuda=True)
     model.register_forward_pre_hook(lambda module, args, kwargs: clock.masks.append(
         kwargs["attention_mask"].sum() if kwargs.get("attention_mask") is not None
         else kwargs["input_ids"].new_tensor(kwargs["input_ids"].numel())), with_kwargs=True)
@@ -97,16 +98,10 @@ def run(spec: dict) -> dict:
     trainer = SFTTrainer(model=model, processing_class=tokenizer,
                          train_dataset=Dataset.from_list(rows), args=config, callbacks=[clock])
     trainer.train()
-    return {"rows": clock.rows, "peak_gpu_mem_gib": _peak_gib(spec), "kernels": "unsloth",
+    return {"rows": clock.rows, "peak_gpu_mem_gib": peak_gib(spec), "kernels": "unsloth",
             "gradient_checkpointing": True, "batches": "padding-free (TRL / Unsloth)",
-            "versions": {**_versions(), "unsloth": _version("unsloth"),
+            "versions": {**versions(), "unsloth": _version("unsloth"),
                          "unsloth_zoo": _version("unsloth_zoo"), "trl": _version("trl")}}
-
-
-def _versions() -> dict:
-    from speed import _versions as versions
-
-    return versions()
 
 
 def _version(name: str) -> str | None:
