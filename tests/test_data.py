@@ -190,6 +190,61 @@ def test_fix_refuses_the_input_as_output(tmp_path, good_file):
         validate_file(good_file, fix_out=good_file)
 
 
+def test_fix_never_replaces_or_removes_what_is_there(tmp_path, good_file):
+    """An existing file (even one no record would be written to) and a folder under the
+    name are refused and left as they were."""
+    mine = tmp_path / "mine.txt"
+    mine.write_text("the user's notes")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": ["x"]}])
+    for data in (good_file, bad):
+        with pytest.raises(UsageError) as caught:
+            validate_file(data, fix_out=mine)
+        assert str(caught.value) == (f"--fix {mine} already exists; name a new file (or move "
+                                     "that one away first)")
+        assert mine.read_text() == "the user's notes"
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(UsageError, match="already exists"):
+        validate_file(good_file, fix_out=tmp_path / "folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "folder", "good.jsonl",
+                                                          "mine.txt"]
+
+
+def test_fix_writes_the_copy_whole_or_not_at_all(tmp_path, good_file, monkeypatch):
+    """The copy is renamed into place once complete: a run that fails midway leaves neither
+    the copy nor its temporary sibling; one that writes no record leaves no file."""
+    from llamalora.data import scan
+
+    out = tmp_path / "out.jsonl"
+    monkeypatch.setattr(scan._Scan, "run", lambda self: (_ for _ in ()).throw(OSError("boom")))
+    with pytest.raises(OSError, match="boom"):
+        validate_file(good_file, fix_out=out)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.jsonl"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": ["x"]}])
+    report = validate_file(bad, fix_out=out)
+    assert report.fixed_records == 0 and report.fixed_path is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl"]
+    assert validate_file(good_file, fix_out=out).fixed_path == str(out) and out.is_file()
+
+
+def test_fix_into_a_folder_that_cannot_be_written_names_the_option(tmp_path, good_file,
+                                                                    monkeypatch):
+    import pathlib
+
+    real = pathlib.Path.open
+
+    def refuse(self, mode="r", *args, **kwargs):
+        if "x" in mode:
+            raise PermissionError(13, "Permission denied")
+        return real(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", refuse)
+    with pytest.raises(UsageError) as caught:
+        validate_file(good_file, fix_out=tmp_path / "out.jsonl")
+    assert str(caught.value) == (f"--fix {tmp_path / 'out.jsonl'}: cannot write there "
+                                 "(Permission denied); name a new file in a writable folder")
+
+
 def test_load_examples_refuses_with_line_numbers(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", GOOD + [{"instruction": "x", "output": 1}])
     with pytest.raises(DataError, match="line 4"):

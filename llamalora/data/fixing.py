@@ -4,12 +4,14 @@ out, each with its reason."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from llamalora.data.example import Example
 from llamalora.data.layouts import CheckOptions, check_record, fix_record, layout_of
 from llamalora.data.problems import Problem
 from llamalora.data.report import ValidationReport
+from llamalora.errors import UsageError
 
 REWROTE_IMAGES = "rewrote relative image paths to start from the copy's folder"
 
@@ -26,10 +28,24 @@ class FixWriter:
         self.folder = path.parent
         self.limit = track_limit
         self.written: dict[int, int] = {}  # hash of a written line -> the input line it is from
-        self.out = path.open("w", encoding="utf-8", newline="\n")
+        # The copy is written under a temporary sibling and renamed into place when complete:
+        # an interrupted or failed run leaves no half copy under the user's name.
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            self.out = self.tmp.open("x", encoding="utf-8", newline="\n")
+        except OSError as exc:
+            raise UsageError(f"--fix {path}: cannot write there ({exc.strerror}); name a new "
+                             "file in a writable folder") from exc
 
-    def close(self) -> None:
+    def close(self, keep: bool) -> bool:
+        """Closes the copy and renames it to its name if `keep` and the name is still free
+        (True), else removes it (False)."""
         self.out.close()
+        if keep and not (self.path.exists() or self.path.is_symlink()):
+            os.replace(self.tmp, self.path)
+            return True
+        self.tmp.unlink(missing_ok=True)
+        return False
 
     def _leave_out(self, line: int, reason: str, note: str = "") -> None:
         self.report.left_out.add(reason, line, note)

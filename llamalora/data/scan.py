@@ -148,15 +148,16 @@ def validate_file(path: str | os.PathLike, *, max_problems: int | None = None,
             stay complete).
         fix_out: Write a cleaned JSONL copy here (see `fixing.FixWriter` and each layout's
             `fix`): what it changed is in `changes`, what it left out, by reason, in
-            `left_out` (and `dropped_lines`). Must not be the input. When no record is left,
-            the file is removed and `fixed_path` stays None.
+            `left_out` (and `dropped_lines`). Must not exist: nothing is ever replaced. The
+            copy is renamed into place once complete; when no record is left, none is written
+            and `fixed_path` stays None.
         check_images: Open referenced images to check they exist and are readable.
         on_progress: Called with the count of records read so far, every 10,000 records.
         image_root: Where relative image paths start (default: the data file's folder).
         split: The split of a dataset folder or Hub dataset.
 
     Raises:
-        UsageError: The data can't be read, or `fix_out` is the input.
+        UsageError: The data can't be read, or `fix_out` exists or can't be written.
     """
     source = open_source(path, split)
     fix_path = Path(fix_out) if fix_out is not None else None
@@ -166,20 +167,26 @@ def validate_file(path: str | os.PathLike, *, max_problems: int | None = None,
     if fix_path is not None and not fix_path.parent.is_dir():
         raise UsageError(f"--fix {fix_path}: no such folder {fix_path.parent}; create it or "
                          "name a file in an existing one")
+    if fix_path is not None and (fix_path.exists() or fix_path.is_symlink()):
+        # The copy never replaces anything: the name may be the user's own file (or folder).
+        raise UsageError(f"--fix {fix_path} already exists; name a new file (or move that one "
+                         "away first)")
     scan = _Scan(source, check_options(source, image_root, check_images=check_images),
                  max_problems=max_problems, on_example=None, on_progress=on_progress,
                  count_fixable=fix_path is None)
     if fix_path is None:
         return scan.run()
     scan.fixer = FixWriter(fix_path, scan.report, scan.options, DUPLICATE_TRACK_LIMIT)
+    report = None
     try:
         report = scan.run()
     finally:
-        scan.fixer.close()
+        published = scan.fixer.close(keep=report is not None and report.fixed_records > 0)
     if report.fixed_records:
+        if not published:
+            raise UsageError(f"--fix {fix_path} appeared while the copy was written; name a "
+                             "new file")
         report.fixed_path = str(fix_path)
-    else:
-        fix_path.unlink(missing_ok=True)
     return report
 
 
