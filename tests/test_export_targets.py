@@ -92,6 +92,16 @@ def test_no_file_is_written_into_the_run(run, tmp_path, args):
     assert _snapshot(run) == before and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("out, gguf", [("out", "out/sub/m.gguf"), ("m.gguf", "m.gguf")])
+def test_a_gguf_below_the_out_folders_top_is_refused(run, tmp_path, out, gguf):
+    """Only the top of --out moves with it; a GGUF deeper down (or at --out itself) would be
+    lost when the published folder replaces the old one."""
+    out, gguf = tmp_path / out, tmp_path / gguf
+    r = _export(run, "--out", out, "--merge", "--text-only", "--gguf", gguf)
+    _refused(r, 2, f"--gguf {gguf} is inside --out {out} but not at its top")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [run])
+
+
 def test_overwrite_replaces_an_earlier_export_and_nothing_else(run, tmp_path):
     out = tmp_path / "exported"
     assert _export(run, "--out", out, "--no-verify").exit_code == 0

@@ -130,8 +130,15 @@ def check_file(path: str | Path, *, flag: str, suffix: str | None, overwrite: bo
         raise UsageError(f"{flag} takes a file name ending in {suffix}, got {path}")
     if path.is_dir():
         raise UsageError(f"{path} is a folder; {flag} takes a file path")
-    if folder is not None and path.resolve().parent == folder.path.resolve():
-        return Target(path, folder.staging / path.name, False, flag, in_folder=True)
+    if folder is not None:
+        top, where = folder.path.resolve(), path.resolve()
+        if where.parent == top:
+            return Target(path, folder.staging / path.name, False, flag, in_folder=True)
+        if where == top or top in where.parents:
+            # Only the folder's own top level moves with it: a file deeper down would be
+            # written into the folder that the published one replaces.
+            raise UsageError(f"{flag} {path} is inside --out {folder.path} but not at its top; "
+                             "name a file directly in that folder, or one outside it")
     _refuse_overlap(path, flag, sources)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists; pass --overwrite to replace it, or another "
