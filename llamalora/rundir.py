@@ -31,6 +31,9 @@ RUN_FILES = {RUN_MARKER, CHECKPOINTS, "adapter_model.safetensors", "adapter_conf
              "metrics.jsonl", "loss.png", "README.md", "tensorboard", "wandb", "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
              "preprocessor_config.json", "processor_config.json", ".final.tmp", "eval"}
+# What only a run writes: a folder of RUN_FILES' common names (README.md, eval/, tokenizer
+# files) without one of these may be the user's, and --overwrite leaves it alone.
+RUN_EVIDENCE = {RUN_MARKER, CHECKPOINTS, "metrics.jsonl", ".final.tmp"}
 
 
 def fsync_dir(path: Path) -> None:
@@ -114,11 +117,13 @@ def _refuse_existing(output_dir: Path, *, overwrite: bool, resume: bool) -> None
                                 "--output-dir")
     if existing and overwrite and not resume:
         # --overwrite replaces a run, never a folder of the user's own files.
-        foreign = sorted(p.name for p in existing if p.name not in RUN_FILES)
-        if foreign:
+        names = sorted(p.name for p in existing)
+        foreign = [n for n in names if n not in RUN_FILES]
+        if foreign or not RUN_EVIDENCE.intersection(names):
+            shown = foreign or names
             raise OutputExistsError(
-                f"{output_dir} holds files llamalora did not write ({', '.join(foreign[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}); --overwrite only replaces a run "
+                f"{output_dir} holds files llamalora did not write ({', '.join(shown[:3])}"
+                f"{', ...' if len(shown) > 3 else ''}); --overwrite only replaces a run "
                 "folder: pick another --output-dir")
 
 

@@ -60,6 +60,24 @@ def test_overwrite_replaces_only_a_run(tmp_path):
     assert (run / "notes.txt").read_text() == "mine"
 
 
+def test_overwrite_leaves_a_folder_of_common_names_without_a_runs_own_files(tmp_path):
+    """README.md and eval/ are names a run writes, but also a user's: without a file only a run
+    writes (llamalora.json, checkpoints/, metrics.jsonl) the folder is not taken for a run."""
+    folder = tmp_path / "mine"
+    (folder / "eval").mkdir(parents=True)
+    (folder / "eval" / "results.csv").write_text("mine")
+    (folder / "README.md").write_text("mine")
+    with pytest.raises(OutputExistsError) as caught:
+        prepare_output_dir(folder, overwrite=True, resume=False)
+    assert str(caught.value) == (f"{folder} holds files llamalora did not write (README.md, "
+                                 "eval); --overwrite only replaces a run folder: pick another "
+                                 "--output-dir")
+    assert (folder / "eval" / "results.csv").read_text() == "mine"
+    (folder / "metrics.jsonl").write_text("")  # a run that stopped before its first checkpoint
+    prepare_output_dir(folder, overwrite=True, resume=False)
+    assert list(folder.iterdir()) == []
+
+
 def test_half_written_checkpoints_do_not_count(tmp_path):
     root = tmp_path / "checkpoints"
     (root / ".tmp-step-000009").mkdir(parents=True)  # a save that died before its rename
