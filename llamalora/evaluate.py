@@ -172,6 +172,15 @@ def held_out_records(info: AdapterInfo) -> tuple[list[Example], str]:
     return picked, path
 
 
+def _written_by_eval(path: Path) -> bool:
+    """An eval.json that llamalora's eval wrote (it records the version that wrote it)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and "llamalora_version" in data and "summary" in data
+
+
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuses a folder that holds anything but an earlier eval's files, and those without
     `overwrite`.
@@ -185,6 +194,8 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"{out} is a file; --out takes a folder")
     existing = sorted(p.name for p in out.iterdir())
     foreign = [name for name in existing if name not in EVAL_FILES]
+    if existing and not foreign and not _written_by_eval(out / "eval.json"):
+        foreign = existing  # the names are eval's, the files may not be
     if foreign:
         raise OutputExistsError(f"{out} holds files eval did not write ({', '.join(foreign[:3])}"
                                 "); pass another --out")

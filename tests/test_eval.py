@@ -233,6 +233,13 @@ def test_an_earlier_eval_is_replaced_only_with_overwrite(data, tmp_path):
     r = _eval(run, "--out", mine, "--overwrite")
     assert r.exit_code == 1 and "notes.txt" in r.stderr
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    # eval's file names are not enough: a user's own eval.json is not eval's
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "eval.json").write_text('{"accuracy": 0.9}')
+    r = _eval(run, "--out", theirs, "--overwrite")
+    assert r.exit_code == 1 and "holds files eval did not write (eval.json)" in r.stderr
+    assert (theirs / "eval.json").read_text() == '{"accuracy": 0.9}'
 
 
 def test_rouge_words_in_any_script():
