@@ -7,7 +7,9 @@ a model of where memory goes, not a measurement: llamalora.json records the meas
 
 from __future__ import annotations
 
+import heapq
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,19 +164,23 @@ def estimate_peak_gib(counts: ParamCounts, *, quant: str, tokens: int,
 
 def heaviest(lengths: list[int], records: int, budget: int | None = None) -> int:
     """The most tokens `records` records of these lengths can put in one pass: the longest
-    ones; with `budget` (a fused row's token budget, `recipe.StepBatches.rows`), the records a
-    row can hold, filled longest first as long as each fits (a row holds whole records, so two
-    records of 3,200 tokens fill 6,400 of a budget of 8,192, not 8,192)."""
-    ordered = sorted(lengths, reverse=True)
-    if budget is None or not ordered:
-        return sum(ordered[:records])
-    total, taken = ordered[0], 1
-    for n in ordered[1:]:
-        if taken == records or total == budget:
-            break
-        if total + n <= budget:
-            total, taken = total + n, taken + 1
-    return total
+    ones; with `budget` (a fused row's token budget, `recipe.StepBatches.rows`), the largest
+    total of at most `records` whole records that fits the budget (two records of 3,200 tokens
+    fill 6,400 of a budget of 8,192, not 8,192), or the longest record where none fits.
+
+    A row takes records in the step's order, so any of them may share one: the bound is a
+    subset sum, found with one bitset of reachable totals per record count."""
+    if budget is None or not lengths:
+        return sum(heapq.nlargest(records, lengths))
+    counts = {n: c for n, c in Counter(lengths).items() if n <= budget}
+    mask = (1 << (budget + 1)) - 1
+    reach = [1] + [0] * records  # reach[k]: bit t set when k records can total t tokens
+    for n, count in counts.items():
+        for _ in range(min(count, records, budget // n)):
+            for k in range(records, 0, -1):
+                reach[k] |= (reach[k - 1] << n) & mask
+    best = max(bits.bit_length() - 1 for bits in reach)
+    return max(best, max(lengths))
 
 
 @dataclass

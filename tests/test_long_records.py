@@ -361,7 +361,7 @@ def test_graphed_checkpointed_steps_equal_eager_steps():
 
 
 def test_a_fused_row_is_planned_at_the_whole_records_it_can_hold():
-    """`plan.heaviest` with a row budget: whole records, longest first while each fits (what
+    """`plan.heaviest` with a row budget: the most whole records can fill (what
     `recipe.StepBatches.rows` can put in one row); at most the step's records."""
     from llamalora.plan import heaviest
 
@@ -369,3 +369,6 @@ def test_a_fused_row_is_planned_at_the_whole_records_it_can_hold():
     assert heaviest([5000, 3000, 190, 100], 4, budget=8192) == 8190
     assert heaviest([100] * 10, 4, budget=8192) == 400  # the step's 4 records
     assert heaviest([3200] * 4, 2) == 6400  # a micro-batch: its longest records
+    # Not longest first: 5,000 leaves no room for a 4,000, but two 4,000s share a row
+    assert heaviest([5000, 4000, 4000], 3, budget=8192) == 8000
+    assert heaviest([9000, 100], 4, budget=8192) == 9000  # a record over the budget, alone
