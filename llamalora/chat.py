@@ -251,7 +251,7 @@ class ChatSession:
             "length" if len(new) >= options.max_new_tokens else "interrupted")
         return Reply(text, len(new), first,
                      (len(new) - 1) / decode_s if decode_s > 0 and len(new) > 1 else 0.0,
-                     prompt_tokens=len(ids), finish_reason=finish)
+                     prompt_tokens=prompt_length, finish_reason=finish)
 
 
 class _StopWhen:

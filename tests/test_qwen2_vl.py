@@ -333,6 +333,37 @@ def test_the_plan_counts_an_images_tokens_at_the_processors_largest(folder, imag
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_chat_counts_the_prompt_tokens_the_model_saw(images):
+    """An image is one <|image_pad|> in the prompt's ids and its merged patches in the model's
+    input: usage (serve's prompt_tokens) counts the latter. The model is freed with the
+    session (no cache keeps it)."""
+    import gc
+    import weakref
+
+    from transformers import AutoImageProcessor
+
+    from llamalora.chat import GenerationOptions, open_chat
+    from llamalora.models.names import resolve_model
+
+    session = open_chat(None, model="tiny-qwen2-vl", quant="none", with_vision=True)
+    options = GenerationOptions(max_new_tokens=2, temperature=0)
+    plain = session.ask("What is shown?", options=options).prompt_tokens
+    session.reset()
+    shown = session.ask("What is shown?", image=images / "wide.png", options=options)
+    from PIL import Image
+
+    grid = AutoImageProcessor.from_pretrained(resolve_model("tiny-qwen2-vl"))(
+        images=[Image.open(images / "wide.png")], return_tensors="pt")["image_grid_thw"][0]
+    patches = int(grid.prod()) // 4  # merged 2 x 2
+    # <|vision_start|>, the image's tokens, <|vision_end|>
+    assert shown.prompt_tokens == plain + 2 + patches
+    model = weakref.ref(session.model)
+    del session
+    gc.collect()
+    assert model() is None
+
+
 def test_train_chat_and_export_tiny_qwen2_vl_on_the_cpu(images, tmp_path):
     """`llamalora train` with text and image records (packed, 8-bit), chat with an image and
     without, and export-adapter: the PEFT folder and --merge reloaded and compared by the

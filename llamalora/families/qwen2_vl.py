@@ -140,7 +140,9 @@ def _rope_kwargs(rope_index, ids, image_token_id: int, grid) -> dict:
     """`get_rope_index`'s keywords for one record: its grid, and its tokens' types (image 1)
     where this transformers takes them (5.24 does, earlier 5.x found the images by id)."""
     kwargs = {"image_grid_thw": grid}
-    if "mm_token_type_ids" in _parameters(rope_index):
+    # Keyed on the class's function, not the bound method: a cache holding the method would
+    # keep every model it was called on alive.
+    if "mm_token_type_ids" in _parameters(getattr(rope_index, "__func__", rope_index)):
         kwargs["mm_token_type_ids"] = (ids == image_token_id).int()
     return kwargs
 
