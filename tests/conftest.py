@@ -88,6 +88,11 @@ def _isolated_home(_session_home, monkeypatch):
     monkeypatch.setenv("LLAMALORA_HOME", str(home / "llamalora"))
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE once, when it is imported: a suite started without
+    # it set would otherwise ask the Hub (and what a test sees would depend on the network).
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("COLUMNS", "200")
 
 
