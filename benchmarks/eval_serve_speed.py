@@ -2,8 +2,8 @@
 transformers' `generate`, and serve's first token and decode speed over HTTP against `chat`'s in
 the same process.
 
-    python3 benchmarks/eval_serve_speed.py make-run RUN --model /tmp/m11b     # random LoRA
-    python3 benchmarks/eval_serve_speed.py eval RUN --records 100 --max-new-tokens 128
+    python3 benchmarks/eval_serve_speed.py make-run RUN --model /tmp/m11b --records 100
+    python3 benchmarks/eval_serve_speed.py eval RUN --max-new-tokens 128
     python3 benchmarks/eval_serve_speed.py serve RUN --max-new-tokens 128 --repeat 5
 
 `make-run` writes a run folder with a random LoRA adapter (r 8 on q/k/v/o, B drawn so that the
@@ -37,7 +37,7 @@ PROMPTS = ["다음 건설 용어를 설명하세요.\n거푸집", "Define the co
 # --- the run ---------------------------------------------------------------------------------
 
 def make_run(out: Path, model: str, records: int, rank: int = 8, seed: int = 0) -> None:
-    """A finished run on `records` generated records (the last tenth held out), with a random
+    """A finished run on `records` generated records (every one of them held out), with a random
     adapter for `model`'s text layers (shapes from its config on the meta device)."""
     import torch
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
