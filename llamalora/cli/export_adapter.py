@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from llamalora.export import exporter
 from llamalora.cli._console import info, out, print_json, quiet_libraries
 from llamalora.cli._errors import handle_errors
 from llamalora.cli._options import JsonOpt
@@ -68,6 +67,8 @@ def export_adapter(
     if state_dict is not None and (merge or out_dir is not None):
         raise UsageError("--state-dict writes one file; use it without --out and --merge")
     quiet_libraries()
+    from llamalora.export import exporter  # not at import: every command's start reads this file
+
     result = exporter.export_adapter(run, out_dir, merge=merge, dtype=dtype, state_dict=state_dict,
                                    overwrite=overwrite, verify=not no_verify,
                                    on_event=lambda event: info(event.message),
