@@ -35,6 +35,8 @@ from llamalora.export.result import ExportResult
 from llamalora.export.source import ExportSource
 from llamalora.export.target import Target, Targets, check_room, format_size
 from llamalora.export.verify import DTYPES, TOLERANCE, Check, logit_diff, verify
+from llamalora.families.mllama import MLLAMA
+from llamalora.template import BOS, EOT, PAD
 from llamalora.tokenizer import load_tokenizer
 
 SHARD_BYTES = 5 * 2**30  # safetensors shards of at most 5 GiB, as transformers writes them
@@ -42,7 +44,6 @@ SHARD_BYTES = 5 * 2**30  # safetensors shards of at most 5 GiB, as transformers 
 # ends with: <|end_of_text|>, <|eom_id|>, <|eot_id|>.
 LLAMA3_BOS_ID = 128000
 LLAMA3_STOP_IDS = (128001, 128008, 128009)
-EOT = "<|eot_id|>"
 # Meta's chat template of Llama 3.1 Instruct (tokenizer_config.json of
 # meta-llama/Llama-3.1-8B-Instruct, Llama 3.1 Community License), unchanged. It is the text-only
 # form of the Llama 3.2 Vision template: a system block with "Cutting Knowledge Date: December
@@ -70,7 +71,7 @@ class LlamaLayout:
 
 
 def llama_layout(text_config, embedding_rows: int) -> LlamaLayout:
-    cross = sorted(set(getattr(text_config, "cross_attention_layers", None) or []))
+    cross = MLLAMA.skipped_layers(text_config)
     kept = [i for i in range(text_config.num_hidden_layers) if i not in cross]
     return LlamaLayout(kept, cross, embedding_rows, text_config.vocab_size)
 
@@ -231,13 +232,13 @@ def write_tokenizer(folder: Path, base_model: str, vocab_size: int, max_length: 
     (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False) + "\n",
                                            encoding="utf-8")
     contents = {t["content"] for t in added}
-    for needed in ("<|begin_of_text|>", EOT):
+    for needed in (BOS, EOT):
         if needed not in contents:
             raise ModelError(f"the base's tokenizer has no {needed}; --text-only needs a Llama 3 "
                              "tokenizer")
-    special = {"bos_token": "<|begin_of_text|>", "eos_token": EOT}
-    if "<|finetune_right_pad_id|>" in contents:
-        special["pad_token"] = "<|finetune_right_pad_id|>"
+    special = {"bos_token": BOS, "eos_token": EOT}
+    if PAD in contents:
+        special["pad_token"] = PAD
     config = {
         "added_tokens_decoder": {
             str(t["id"]): {"content": t["content"], "lstrip": t.get("lstrip", False),

@@ -27,7 +27,7 @@ from pathlib import Path
 from llamalora import __version__
 from llamalora.adapters import EXPORT_MARKER
 from llamalora.errors import OutputExistsError, UsageError
-from llamalora.rundir import apply_umask
+from llamalora.rundir import apply_umask, write_json_atomic
 
 # Each disk must keep this share of what is written free beyond it.
 ROOM_MARGIN = 0.05
@@ -193,7 +193,7 @@ def publish(targets: Targets, record: dict) -> None:
             _publish_folder(target, record)
         else:
             stat = target.staging.stat()
-            _write_json(_record_path(target.path), {**record, "file": target.flag[2:],
+            write_json_atomic(_record_path(target.path), {**record, "file": target.flag[2:],
                                                     "bytes": stat.st_size,
                                                     "mtime_ns": stat.st_mtime_ns})
             os.replace(target.staging, target.path)
@@ -201,7 +201,7 @@ def publish(targets: Targets, record: dict) -> None:
 
 def _publish_folder(target: Target, record: dict) -> None:
     target.files = sorted(p.name for p in target.staging.iterdir()) + [EXPORT_MARKER]
-    _write_json(target.staging / EXPORT_MARKER, {**record, "files": target.files})
+    write_json_atomic(target.staging / EXPORT_MARKER, {**record, "files": target.files})
     old = target.path.with_name(f".{target.path.name}.old")
     _clear(old)
     if target.path.exists():
@@ -245,10 +245,6 @@ def _is_ours(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return record.get("bytes") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _clear(path: Path) -> None:
