@@ -19,6 +19,7 @@ from llamalora.bundled import BUNDLED_TOKENIZER_DIR, bundled_tokenizer_dir  # no
 from llamalora.config import DEFAULT_MODEL
 from llamalora.errors import ModelError, UsageError, first_line
 from llamalora.hub import hub_reachable, unreachable_reason
+from llamalora.provenance import sha256_of
 from llamalora.models.names import TINY_MODEL, resolve_model
 from llamalora.template import ChatTemplate, attach_template, bundled_template, read_template
 
@@ -133,7 +134,8 @@ class FileTokenizer:
         return self._parsed
 
     def digest(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        with self.path.open("rb") as f:
+            return sha256_of(f)
 
     def __getattr__(self, name: str):
         if name.startswith("__") or name in ("path", "_parsed"):  # unpickling, half-built

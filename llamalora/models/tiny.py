@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from llamalora.bundled import bundled_tokenizer_dir
+from llamalora.families.mllama import IMAGE_TOKEN_ID
 from llamalora.models.home import cached_folder
 
 TINY_MODEL = "tiny"
@@ -88,7 +89,7 @@ def tiny_config():
     from transformers import MllamaConfig
 
     return MllamaConfig(text_config=dict(_TEXT), vision_config=dict(_VISION),
-                        image_token_index=128256)
+                        image_token_index=IMAGE_TOKEN_ID)
 
 
 @contextlib.contextmanager
