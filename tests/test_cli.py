@@ -688,6 +688,8 @@ def test_chat_passes_its_options_to_the_core(monkeypatch):
     seen.clear()
     r = run("chat", "--model", "tiny", "--no-adapter", "--prompt", "?", "--image-root", "nope/")
     assert r.exit_code == 2 and "--image-root nope: no such folder" in r.stderr and not seen
+    r = run("serve", "run", "--image-root", "nope/")  # the same check, before any import
+    assert r.exit_code == 2 and r.stderr == "Error: --image-root nope: no such folder\n"
 
 
 def test_another_librarys_error_is_one_line_of_it():

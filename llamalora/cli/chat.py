@@ -12,7 +12,7 @@ from llamalora.cli._console import err, info, out, quiet_libraries, spinner
 from llamalora.cli._errors import handle_errors
 from llamalora.cli._options import BaseModelOpt, InferenceQuantOpt, KernelsOpt
 from llamalora.config import KERNEL_CHOICES, QUANT_CHOICES, check_choice
-from llamalora.data import resolve_image
+from llamalora.data import image_root_folder, resolve_image
 from llamalora.errors import UsageError
 
 EXAMPLES = """Examples:
@@ -100,11 +100,7 @@ def chat(
 
 def _image_root(image_root: Path | None) -> Path:
     """Where relative --image and /image paths start: --image-root, else the current folder."""
-    if image_root is None:
-        return Path.cwd()
-    if not image_root.is_dir():
-        raise UsageError(f"--image-root {image_root}: no such folder")
-    return image_root
+    return Path.cwd() if image_root is None else image_root_folder(image_root)
 
 
 def _stats(reply, verbose: bool) -> None:

@@ -11,7 +11,8 @@ from llamalora.cli._console import info, quiet_libraries, spinner
 from llamalora.cli._errors import handle_errors
 from llamalora.cli._options import BaseModelOpt, InferenceQuantOpt, KernelsOpt
 from llamalora.config import KERNEL_CHOICES, QUANT_CHOICES, check_choice
-from llamalora.errors import MissingExtraError, UsageError
+from llamalora.data import image_root_folder
+from llamalora.errors import MissingExtraError
 
 EXAMPLES = """Examples:
 
@@ -62,8 +63,8 @@ def serve(
     if quant is not None:
         check_choice("quant", quant, QUANT_CHOICES)
     check_choice("kernels", kernels, KERNEL_CHOICES)
-    if image_root is not None and not image_root.is_dir():
-        raise UsageError(f"--image-root {image_root}: no such folder")
+    if image_root is not None:
+        image_root = image_root_folder(image_root)
     from llamalora.serve import Limits, check_host, create_app, open_engine
 
     check_host(host, api_key)

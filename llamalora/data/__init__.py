@@ -18,7 +18,8 @@ problems. No torch here, and `datasets` only for the formats that need it: the `
 """
 
 from llamalora.data.example import Example
-from llamalora.data.images import MAX_IMAGE_PIXELS, image_error, read_image, resolve_image
+from llamalora.data.images import (MAX_IMAGE_PIXELS, image_error, image_root_folder, read_image,
+                                   resolve_image)
 from llamalora.data.layouts import LAYOUTS, CheckOptions, check_record
 from llamalora.data.problems import ERROR_CODES, WARNING_CODES, Problem
 from llamalora.data.readers import MAX_RECORD_BYTES
@@ -31,7 +32,7 @@ from llamalora.data.tables import TABLE_FILES
 __all__ = [
     "DUPLICATE_TRACK_LIMIT", "ERROR_CODES", "LAYOUTS", "MAX_IMAGE_PIXELS", "MAX_RECORD_BYTES",
     "TABLE_FILES", "WARNING_CODES", "CheckOptions", "Example", "Problem", "Source", "Tally",
-    "ValidationReport", "check_record", "image_error", "left_out_note", "load_examples",
+    "ValidationReport", "check_record", "image_error", "image_root_folder", "left_out_note", "load_examples",
     "open_source", "read_image", "require_valid", "resolve_image", "scan_examples",
     "unreadable_report", "validate_file",
 ]

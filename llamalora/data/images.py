@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from llamalora.data.problems import Problem, excerpt
-from llamalora.errors import first_line
+from llamalora.errors import UsageError, first_line
 
 # Larger images are refused unread (a decompression bomb decodes to gigabytes). Mllama resizes
 # every image to at most 4 tiles of 560x560 anyway.
@@ -24,6 +24,18 @@ def resolve_image(name: str | os.PathLike, root: Path) -> Path:
     """Where an image path of a record (or chat's --image) points: absolute as given, relative
     under `root` (--image-root, by default the data file's folder)."""
     return Path(name) if os.path.isabs(name) else root / name
+
+
+def image_root_folder(image_root: str | os.PathLike) -> Path:
+    """`--image-root` as a folder that exists (`~` expanded).
+
+    Raises:
+        UsageError: It is not a folder.
+    """
+    folder = Path(image_root).expanduser()
+    if not folder.is_dir():
+        raise UsageError(f"--image-root {image_root}: no such folder")
+    return folder
 
 
 def read_image(path: Path) -> None:

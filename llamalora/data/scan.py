@@ -10,7 +10,7 @@ from pathlib import Path
 
 from llamalora.data.example import Example
 from llamalora.data.fixing import FixWriter, fixable
-from llamalora.data.images import ImageRoot
+from llamalora.data.images import ImageRoot, image_root_folder
 from llamalora.data.layouts import CheckOptions, alpaca, check_record
 from llamalora.data.problems import Problem
 from llamalora.data.report import ValidationReport
@@ -127,10 +127,7 @@ def check_options(source: Source, image_root: str | os.PathLike | None, *,
     if image_root is None:
         root = ImageRoot(source.folder, given=False, open_images=check_images)
     else:
-        folder = Path(image_root).expanduser()
-        if not folder.is_dir():
-            raise UsageError(f"--image-root {image_root}: no such folder")
-        root = ImageRoot(folder, given=True, open_images=check_images)
+        root = ImageRoot(image_root_folder(image_root), given=True, open_images=check_images)
     return CheckOptions(root, system_with_images)
 
 
