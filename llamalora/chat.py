@@ -120,7 +120,7 @@ class ChatSession:
         return family_of_model(self.model).batches(self.model, self.image_processor)
 
     @functools.cached_property
-    def pad_id(self) -> int | None:
+    def pad_id(self) -> int:
         return pad_token_id(self.tokenizer)
 
     @functools.cached_property
@@ -231,7 +231,7 @@ class ChatSession:
         through `on_text`; `should_stop()`, asked after each token, ends it early."""
         from llamalora.step import to_device
 
-        batch = self.batches.prompt([ids], self.pad_id or 0, images)
+        batch = self.batches.prompt([ids], self.pad_id, images)
         prompt_length = batch["input_ids"].shape[1]  # a family may put images' tokens in it
         dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
         batch = to_device(batch, self.device, dtype)

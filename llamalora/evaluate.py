@@ -326,9 +326,8 @@ def _prepare(info: AdapterInfo, records: list[EvalRecord], model: str | None) ->
         tokenizer, [r.example for r in records], max_seq_length=config["max_seq_length"],
         train_on_prompt=config["train_on_prompt"], truncation=config["truncation"])]
     counts = [sum(x != IGNORE_INDEX for x in t.labels[1:]) if t else 0 for t in tokenized]
-    pad = pad_token_id(tokenizer)
     return _Prepared(prompts, tokenized, counts, config["max_seq_length"],
-                     pad if pad is not None else 0)
+                     pad_token_id(tokenizer))
 
 
 def _decoding(session, options: EvalOptions) -> str:
@@ -396,15 +395,14 @@ def _generate(session, prompts: list[list[int]], images: list[Path], options: Ev
 
     from llamalora.step import to_device
 
-    pad = session.pad_id if session.pad_id is not None else 0
-    batch = session.batches.prompt(prompts, pad, images)
+    batch = session.batches.prompt(prompts, session.pad_id, images)
     longest = batch["input_ids"].shape[1]  # with a family's image tokens, where it has them
     dtype = next(p.dtype for p in session.model.parameters() if p.is_floating_point())
     with torch.inference_mode():
         out = session.model.generate(
             **to_device(batch, session.device, dtype), do_sample=False, temperature=None,
             top_p=None, top_k=None, max_new_tokens=options.max_new_tokens,
-            eos_token_id=session.stop_ids, pad_token_id=pad)
+            eos_token_id=session.stop_ids, pad_token_id=session.pad_id)
     answers = []
     for row in out[:, longest:].tolist():
         cut = next((k + 1 for k, t in enumerate(row) if t in session.stop_ids), len(row))

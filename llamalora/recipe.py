@@ -738,5 +738,4 @@ def _pad_id(tokenizer, model_path: str) -> int:
     from llamalora.tokenizer import load_model_tokenizer
 
     template = template_of(load_model_tokenizer(model_path)[0])  # not parsed: files only
-    pad = pad_token_id(tokenizer.backend_tokenizer, template)
-    return pad if pad is not None else 0
+    return pad_token_id(tokenizer.backend_tokenizer, template)

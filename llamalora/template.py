@@ -210,11 +210,11 @@ def template_of(tokenizer) -> ChatTemplate:
     return found if found is not None else bundled_template()
 
 
-def pad_token_id(tokenizer, template: ChatTemplate | None = None) -> int | None:
+def pad_token_id(tokenizer, template: ChatTemplate | None = None) -> int:
     """The id padding is written with: the tokenizer's declared pad token, else Llama 3's
-    padding token, else the first stop token it has (the eos token among them); None if it has
-    none. One rule for training's padded batches and for generation; what stands in padding is
-    never attended to or trained on, so any of them serves.
+    padding token, else the first stop token it has (the eos token among them), else 0. One rule for
+    training's padded batches, eval and generation; what stands in padding is never attended to
+    or trained on, so any id serves.
 
     Args:
         tokenizer: Anything with `token_to_id` (a `tokenizers.Tokenizer`, a transformers
@@ -227,7 +227,7 @@ def pad_token_id(tokenizer, template: ChatTemplate | None = None) -> int | None:
         found = tokenizer.token_to_id(token) if token else None
         if found is not None:
             return found
-    return None
+    return 0
 
 
 def attach_template(tokenizer, template: ChatTemplate) -> None:

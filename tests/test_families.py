@@ -98,7 +98,7 @@ def test_one_pad_rule_the_declared_pad_then_llama3s_then_a_stop_token():
     assert pad_token_id(tok, declared) == 1  # no <pad> in the vocabulary: Llama 3's
     tok = _tokenizer(["a", "<eos>"])
     assert pad_token_id(tok, declared) == 2  # neither: the eos token, a stop token
-    assert pad_token_id(_tokenizer(["a"]), declared) is None
+    assert pad_token_id(_tokenizer(["a"]), declared) == 0  # none of them: any id serves
 
 
 def test_the_bundled_tokenizer_pads_with_llama3s_padding_token():
