@@ -480,7 +480,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits | N
             return StreamingResponse(_stream(job, head), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            reply = await asyncio.wrap_future(future)
+            reply = await _reply_unless_gone(future, request, job)
         except LlamaLoraError as exc:
             raise _bad(str(exc)) from None
         return {**head, "object": "chat.completion",
@@ -489,6 +489,22 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits | N
                 "usage": _usage(reply)}
 
     return app
+
+
+async def _reply_unless_gone(future, request, job):
+    """The reply; a client that leaves before it frees its slot, as a stream's does: the device
+    thread stops at its next token (the reply, cut, goes nowhere)."""
+    waiting = asyncio.wrap_future(future)
+    try:
+        while not waiting.done():
+            await asyncio.wait({waiting}, timeout=0.25)
+            if not waiting.done() and await request.is_disconnected():
+                job.cancel.set()
+                break
+        return await waiting
+    finally:
+        if not waiting.done():  # cancelled itself (the server stops)
+            job.cancel.set()
 
 
 def _errors_as_openai(app) -> None:

@@ -357,6 +357,32 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client, e
 
 
 @pytest.mark.slow
+def test_a_client_that_leaves_before_a_whole_reply_frees_its_slot(server, client):
+    """Not streamed: the connection closes while the answer is made; the generation stops at
+    its next token, long before its 1,000 tokens."""
+    port = server
+    body = json.dumps({"model": "a", "max_tokens": 1000, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Tell me everything."}]})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/v1/chat/completions", body=body,
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    started = time.monotonic()
+    while _http(port, "GET", "/health")[2]["queued"] == 0:  # it has been taken
+        assert time.monotonic() - started < 60
+        time.sleep(0.05)
+    conn.close()
+    left = time.monotonic()
+    while _http(port, "GET", "/health")[2]["queued"] != 0:
+        assert time.monotonic() - left < 60
+        time.sleep(0.1)
+    freed = time.monotonic() - left
+    t0 = time.monotonic()
+    _ask(client, "a", PROMPTS[0])
+    per_token = (time.monotonic() - t0) / 12
+    assert freed < 1000 * per_token / 4, (freed, per_token)
+
+
+@pytest.mark.slow
 def test_clients_that_leave_free_their_slots_and_a_full_queue_gets_503(server, client,
                                                                       expected):
     """Long streams are cut after their first chunks; the ones past the queue get 503 with
