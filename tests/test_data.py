@@ -487,6 +487,21 @@ def test_wrong_layouts_get_a_hint(tmp_path, record, code, field, words):
     assert words in p.text, p.text
 
 
+def test_a_record_no_fix_rule_changes_is_checked_once(tmp_path, monkeypatch):
+    """validate asks whether --fix would mend an invalid record; where the fix rules change
+    nothing it does not check the record again (a missing image's folder search, twice)."""
+    from llamalora.data import images
+
+    calls = []
+    real = images.ImageRoot.missing_fix
+    monkeypatch.setattr(images.ImageRoot, "missing_fix",
+                        lambda self, name: calls.append(name) or real(self, name))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b",
+                                               "image": "zz.png"}])
+    report = validate_file(path)
+    assert not report.ok and report.fixable == 0 and calls == ["zz.png"]
+
+
 def test_missing_image_names_the_path_tried_and_the_option(tmp_path, monkeypatch):
     _png(tmp_path / "images" / "a.png")
     record = '{"instruction": "a", "output": "b", "image": "a.png"}'

@@ -87,7 +87,7 @@ class FixWriter:
             return
         fixed = fix_record(obj)
         written = duplicate = 0
-        for record in fixed.records:
+        for record in fixed.records if fixed.changes else ():  # unchanged: still invalid
             example = check_record(record, line, [], self.options)
             if example is None:
                 continue
@@ -105,5 +105,7 @@ class FixWriter:
 
 def fixable(obj: object, options: CheckOptions) -> bool:
     """Whether the fix rules turn an invalid record into a valid one (for validate's hint)."""
-    return any(check_record(record, 0, [], options) is not None
-               for record in fix_record(obj).records)
+    fixed = fix_record(obj)
+    # No change made: the record is as invalid as before (and not checked again, images and all).
+    return bool(fixed.changes) and any(check_record(record, 0, [], options) is not None
+                                       for record in fixed.records)
