@@ -133,11 +133,7 @@ def load_model_for_inference(name_or_path: str, *, quant: str = "8bit",
     """
     model, info = load_base_model(name_or_path, quant=quant, with_vision=with_vision,
                                   device=device, dtype=dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for config in (model.config, getattr(model.config, "text_config", None)):
-        if config is not None:
-            config.use_cache = True
+    _freeze(model, use_cache=True)
     model.eval()
     return model, info
 
@@ -276,12 +272,18 @@ def _count_params(model) -> int:
     return total
 
 
-def _prepare_for_training(model, gradient_checkpointing: bool, offload: bool = False) -> None:
+def _freeze(model, *, use_cache: bool) -> None:
+    """No base weight trains; the KV cache is on for generation, off for training (where it
+    only costs memory)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for config in (model.config, getattr(model.config, "text_config", None)):
         if config is not None:
-            config.use_cache = False  # the KV cache is for generation; it only costs memory here
+            config.use_cache = use_cache
+
+
+def _prepare_for_training(model, gradient_checkpointing: bool, offload: bool = False) -> None:
+    _freeze(model, use_cache=False)
     use_varlen_text_attention(model)
     if gradient_checkpointing:
         # Checkpointed blocks need an input that requires grad, or nothing reaches LoRA.
