@@ -347,8 +347,9 @@ class _Losses:
 def _capture_graphs(step: GraphedStep, batches: StepBatches, start: int, emit):
     """Captures the CUDA graphs of the first step's shapes now; returns what captures every
     other shape the run will use, which the loop calls once that step is done. A run then shows
-    its first loss without waiting for all of them (13 shapes on data/sample.jsonl at the
-    defaults: 13.8 s, BENCHMARKS.md), and no later step waits on a capture."""
+    its first loss without waiting for all of them (each shape's capture takes about a second;
+    benchmarks/HISTORY.md, "`llamalora train` at the default flags"), and no later step waits on
+    a capture."""
     examples = batches.shape_examples(start)  # in the order the steps first use them
     first = len({static_shape(items) for items in batches.rows(start)})
 
@@ -388,8 +389,8 @@ def _run_steps(config: TrainConfig, plan: Plan, run: RunFolder, par, step, batch
             try:
                 loss, norm = step(micro, n_targets)
                 # The step is queued, not done: the next one's batch is made on the host while
-                # the GPU runs it (an image step's pictures took ~44 ms of host time a step,
-                # which the GPU waited for when the batch was made after the sync below).
+                # the GPU runs it (an image step's pictures take tens of ms of host time, which
+                # the GPU would wait for if the batch were made after the sync below).
                 upcoming = batches(index + 1) if index + 1 < plan.steps else None
             except torch.OutOfMemoryError as exc:
                 raise OutOfMemory(_oom_advice(config, plan, done=index, device=device,

@@ -260,7 +260,7 @@ def gguf_tensor(weights: dict, shape: LlamaShape, name: str | None):
 
 def quantize_q8_0(tensor):
     """gguf.quants.quantize(x, Q8_0), bit for bit (ggml's reference rounding), computed by torch
-    on the tensor's device: gguf-py's numpy takes ~4 minutes for 8B parameters on one core.
+    on the tensor's device: gguf-py's numpy runs on one core, minutes for an 8B model.
 
     Each block of 32 weights along a row becomes an f16 scale (its largest |weight| / 127) and 32
     int8s, rounded half away from zero.

@@ -34,7 +34,7 @@ Both plug into transformers' attention interface under their own names, set on t
 tower's config and on copies of the text config held by the cross-attention layers only.
 Training's batches carry their runs (made with the batch, `families.mllama.MllamaBatches`), which
 are entered around the forward; without runs (chat's `generate`, whose text grows)
-cross-attention is transformers' SDPA as before.
+cross-attention is transformers' SDPA.
 """
 
 from __future__ import annotations
@@ -384,7 +384,7 @@ def _varlen_kernel(device):
     """The vision attention's varlen kernel: in a graph's passes (`attention.graph_kernels`),
     FlashAttention-4's where it runs (`_fa4_runs_on`), else torch's. Eager steps and chat keep
     torch's: on eager padded image steps FlashAttention-4 measured no faster, and they would pay
-    its import (8.8 s on a fresh machine) and first compile (~2 s) for nothing."""
+    its import (seconds: it loads a compiler) and first compile for nothing."""
     return _fa4_varlen if in_graph_capture() and _fa4_runs_on(device) else _flash_varlen
 
 
@@ -398,7 +398,7 @@ def _fa4_problem(device) -> str | None:
     """Why FlashAttention-4 does not run on `device`, or None where it does: CUDA of compute
     capability 9 (Hopper) or newer, the package installed (`pip install 'llamalora[fa4]'`) and
     importable, LLAMALORA_NO_FA4 unset. Read once a device: the import loads its compiler
-    (8.8 s on a fresh machine)."""
+    (seconds)."""
     import importlib.util
     import os
     import warnings
